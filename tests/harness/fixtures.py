@@ -1,0 +1,54 @@
+"""pytest fixtures for tests that need the local control plane.
+
+Enable with `pytest_plugins = ["tests.harness.fixtures"]` in tests/conftest.py, and mark
+such tests `@pytest.mark.cluster`. Set VLLM_OPERATOR_REUSE_CLUSTER=1 to use a cluster
+already started with `make cluster-up` (it is then left running).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness.cluster import LocalCluster, wait_until
+
+
+def reuse_requested() -> bool:
+    """True when the developer asked to reuse a running cluster."""
+    return os.environ.get("VLLM_OPERATOR_REUSE_CLUSTER", "") not in ("", "0", "false")
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    """A running control plane for the whole session, stopped (and wiped) at the end."""
+    if reuse_requested():
+        running = LocalCluster.load()
+        if running.status().get("readyz", "").endswith(" ok"):
+            yield running
+            return
+    local = LocalCluster()
+    local.start()
+    print(f"\n[harness] cluster up in {local.started_seconds:.1f}s", file=sys.stderr)
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture
+def namespace(cluster: LocalCluster) -> Iterator[str]:
+    """A fresh namespace per test (with its default ServiceAccount), deleted afterwards."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    cluster.kubectl("create", "namespace", name, check=True)
+    # Pods are refused until the controller-manager has created the default ServiceAccount.
+    wait_until(
+        lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name).returncode == 0,
+        f"ServiceAccount default in {name}",
+        timeout=30,
+    )
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false")
