@@ -1,0 +1,5 @@
+"""`python -m vllm_operator` is the console script."""
+
+from vllm_operator.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""The `vllm-operator` command: crd, render, docs, run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vllm_operator import api, crd, docs, render
+from vllm_operator.settings import OperatorSettings
+
+EXIT_INVALID = 2
+
+
+def _load_models(path: str) -> list[dict[str, Any]]:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def render_documents(documents: Sequence[dict[str, Any]], settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Manifests for every VLLMModel in `documents`; raises SpecError naming the bad one."""
+    manifests: list[dict[str, Any]] = []
+    for doc in documents:
+        if doc.get("apiVersion") != api.API_VERSION or doc.get("kind") != api.KIND:
+            raise api.SpecError(
+                [
+                    f"{doc.get('kind')} {doc.get('apiVersion')}: "
+                    f"expected kind {api.KIND} apiVersion {api.API_VERSION}"
+                ]
+            )
+        meta = doc.get("metadata") or {}
+        name = meta.get("name")
+        if not name:
+            raise api.SpecError(["metadata.name is required"])
+        try:
+            spec = api.parse_spec(doc.get("spec"))
+        except api.SpecError as error:
+            raise api.SpecError([f"{api.KIND}/{name}: {p}" for p in error.problems]) from None
+        ref = render.ModelRef(name=name, namespace=meta.get("namespace", "default"), uid=meta.get("uid", ""))
+        manifests.extend(render.children(ref, spec, settings))
+    return manifests
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    settings = OperatorSettings.from_env()
+    try:
+        manifests = render_documents(_load_models(args.filename), settings)
+    except api.SpecError as error:
+        for problem in error.problems:
+            print(f"error: {args.filename}: {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    except (OSError, yaml.YAMLError) as error:
+        print(f"error: {args.filename}: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    sys.stdout.write(yaml.safe_dump_all(manifests, sort_keys=False))
+    return 0
+
+
+def cmd_crd(_: argparse.Namespace) -> int:
+    sys.stdout.write(crd.crd_yaml())
+    return 0
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    if args.readme:
+        path = Path(args.readme)
+        path.write_text(docs.splice(path.read_text()))
+    else:
+        print(docs.field_table())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import kopf
+
+    import vllm_operator.handlers  # noqa: F401 - registers the handlers
+
+    if not args.all_namespaces and not args.namespace:
+        print("error: give --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
+        return EXIT_INVALID
+    kopf.configure(verbose=args.verbose)
+    kopf.run(
+        standalone=True,
+        clusterwide=args.all_namespaces,
+        namespaces=args.namespace or (),
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="vllm-operator", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the operator against KUBECONFIG or the in-cluster config")
+    p.add_argument("--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable)")
+    p.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL")
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("render", help="print the manifests of VLLMModels, like `helm template`")
+    p.add_argument("-f", "--filename", required=True, help="a YAML file of VLLMModels, or - for stdin")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("crd", help="print the CustomResourceDefinition")
+    p.set_defaults(func=cmd_crd)
+
+    p = sub.add_parser("docs", help="print the resource field table (or update a README with --readme)")
+    p.add_argument("--readme", help="README file whose generated table to rewrite")
+    p.set_defaults(func=cmd_docs)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args))

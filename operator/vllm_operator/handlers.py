@@ -1,0 +1,56 @@
+"""kopf registration only: every handler delegates to the Controller."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from vllm_operator import k8s
+from vllm_operator.api import GROUP, PLURAL, VERSION
+from vllm_operator.controller import Controller
+from vllm_operator.render import MANAGED_BY_LABEL
+from vllm_operator.settings import OperatorSettings
+
+OURS = {MANAGED_BY_LABEL: "vllm-operator"}
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    # Our own Events say what happened; kopf's per-handler chatter would only add API writes.
+    settings.posting.level = logging.WARNING
+    settings.networking.error_backoffs = [1, 2, 5, 10, 30, 60]
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.execution.max_workers = 8
+    memo.controller = Controller(k8s.KubeCluster(k8s.load_config()), OperatorSettings.from_env())
+
+
+def _run(memo: kopf.Memo, namespace: str, name: str) -> None:
+    try:
+        memo.controller.on_model(namespace, name)
+    except k8s.TransientError as exc:
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def model_changed(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    _run(memo, namespace or "", name)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=OURS)
+@kopf.on.event("v1", "services", labels=OURS)
+@kopf.on.event("v1", "pods", labels=OURS)
+def child_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    try:
+        memo.controller.on_child(body)
+    except Exception as exc:
+        logger.warning("reconcile after a change of %s failed: %s", body.get("kind"), exc)

@@ -1,0 +1,186 @@
+"""The only module that talks to the Kubernetes API server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import kubernetes
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from vllm_operator.api import FIELD_MANAGER, GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Obj = Mapping[str, Any]
+
+RETRYABLE_STATUS = {409, 429, 500, 502, 503, 504}
+APPLY = "application/apply-patch+yaml"
+MERGE = "application/merge-patch+json"
+
+
+class TransientError(Exception):
+    """The API server could not do it now; try again later."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+def load_config() -> kubernetes.client.ApiClient:
+    """An API client from KUBECONFIG, or the in-cluster service account."""
+    try:
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+    return kubernetes.client.ApiClient()
+
+
+def retry_after(exc: ApiException) -> float | None:
+    header = (exc.headers or {}).get("Retry-After") if exc.headers else None
+    try:
+        return float(header) if header else None
+    except ValueError:
+        return None
+
+
+def with_retries(call: Callable[[], T], attempts: int = 5, base: float = 0.2) -> T:
+    """Run an API call, retrying conflicts, throttling, 5xx and lost connections with backoff."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except ApiException as exc:
+            if exc.status not in RETRYABLE_STATUS:
+                raise
+            delay = retry_after(exc) or base * 2**attempt
+            reason = f"HTTP {exc.status} {exc.reason}"
+        except (urllib3.exceptions.HTTPError, ConnectionError) as exc:
+            delay, reason = base * 2**attempt, f"connection: {exc.__class__.__name__}"
+        delay *= 1 + random.random() / 2  # jitter, so that many workers do not retry in step
+        if attempt == attempts - 1:
+            raise TransientError(f"API server unavailable after {attempts} attempts ({reason})", delay)
+        log.info("retrying in %.2fs after %s", delay, reason)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+PATHS = {
+    "Deployment": "/apis/apps/v1/namespaces/{namespace}/deployments",
+    "Service": "/api/v1/namespaces/{namespace}/services",
+    "Pod": "/api/v1/namespaces/{namespace}/pods",
+    "Event": "/api/v1/namespaces/{namespace}/events",
+    "VLLMModel": f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}",
+}
+
+
+class KubeCluster:
+    """`reconcile.Cluster` over the client's HTTP layer: plain dicts in, plain dicts out."""
+
+    def __init__(self, api: kubernetes.client.ApiClient) -> None:
+        self.api = api
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        """One API call with retries; raises ApiException on an HTTP error."""
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        payload = json.dumps(body) if body is not None else None
+
+        def call() -> Any:
+            _, url, signed, _, _ = self.api.param_serialize(
+                method,
+                path,
+                query_params=list((query or {}).items()),
+                header_params=dict(headers),
+                auth_settings=["BearerToken"],
+            )
+            response = self.api.call_api(method, url, header_params=signed, body=payload)
+            response.read()  # type: ignore[no-untyped-call]
+            text = response.data.decode() if response.data else ""
+            if not 200 <= response.status <= 299:
+                raise ApiException.from_response(http_resp=response, body=text, data=None)
+            return json.loads(text) if text else None
+
+        return with_retries(call)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self.request("GET", f"{PATHS[kind].format(namespace=namespace)}/{name}")
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return result
+
+    def apply(self, manifest: Obj) -> dict[str, Any]:
+        kind, meta = manifest["kind"], manifest["metadata"]
+        log.info("applying %s %s/%s", kind, meta["namespace"], meta["name"])
+        result: dict[str, Any] = self.request(
+            "PATCH",
+            f"{PATHS[kind].format(namespace=meta['namespace'])}/{meta['name']}",
+            query={"fieldManager": FIELD_MANAGER, "force": "true"},
+            body=manifest,
+            content_type=APPLY,
+        )
+        return result
+
+    def list_pods(self, namespace: str, selector: str) -> Sequence[dict[str, Any]]:
+        result = self.request(
+            "GET", PATHS["Pod"].format(namespace=namespace), query={"labelSelector": selector}
+        )
+        return result.get("items", [])  # type: ignore[no-any-return]
+
+    def write_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        current = self.get("VLLMModel", namespace, name) or {}
+        # A merge patch keeps keys it does not mention: null out the ones we dropped.
+        body = {key: None for key in (current.get("status") or {}) if key not in status}
+        body.update(status)
+        log.info("writing status of %s/%s: phase %s", namespace, name, status.get("phase"))
+        self.request(
+            "PATCH",
+            f"{PATHS['VLLMModel'].format(namespace=namespace)}/{name}/status",
+            body={"status": body},
+            content_type=MERGE,
+        )
+
+    def event(self, owner: Obj, kind: str, reason: str, message: str) -> None:
+        meta = owner["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": owner.get("apiVersion", f"{GROUP}/{VERSION}"),
+                "kind": owner.get("kind", "VLLMModel"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "reportingInstance": FIELD_MANAGER,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.request("POST", PATHS["Event"].format(namespace=meta["namespace"]), body=body)
+        except (ApiException, TransientError) as exc:
+            # An event is a courtesy: losing one must not fail the reconcile.
+            log.warning("could not post event %s on %s: %s", reason, meta["name"], exc)

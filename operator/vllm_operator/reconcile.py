@@ -1,0 +1,144 @@
+"""One reconcile of a VLLMModel: plan from what is observed, then execute the few writes needed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from vllm_operator import render, status
+from vllm_operator.api import SpecError, VLLMModelStatus, dump, parse_spec, parse_status
+from vllm_operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+Obj = Mapping[str, Any]
+
+
+class Cluster(Protocol):
+    """The I/O a reconcile needs; `vllm_operator.k8s` implements it against the API server."""
+
+    def get(self, kind: str, namespace: str, name: str) -> Obj | None: ...
+
+    def apply(self, manifest: Obj) -> Obj: ...
+
+    def list_pods(self, namespace: str, selector: str) -> Sequence[Obj]: ...
+
+    def write_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
+
+    def event(self, owner: Obj, kind: str, reason: str, message: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one reconcile will do."""
+
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    status: VLLMModelStatus | None = None
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def ref_of(obj: Obj) -> render.ModelRef:
+    meta = obj["metadata"]
+    return render.ModelRef(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+
+
+def plan_children(desired: Sequence[dict[str, Any]], observed: Sequence[Obj | None]) -> Plan:
+    """Children to apply: those missing or drifted from what we render."""
+    apply, events = [], []
+    for manifest, current in zip(desired, observed, strict=True):
+        if current is None:
+            apply.append(manifest)
+            events.append(("Normal", "Created", f"created {manifest['kind']} {manifest['metadata']['name']}"))
+        elif not render.is_subset(manifest, current):
+            apply.append(manifest)
+            events.append(("Normal", "Updated", f"updated {manifest['kind']} {manifest['metadata']['name']}"))
+    return Plan(apply=apply, events=events)
+
+
+def plan_invalid(obj: Obj, error: SpecError, now: str) -> Plan:
+    """Record a refused spec once: a condition, and an Event only when the message is new."""
+    previous = parse_status(obj.get("status"))
+    generation = int(obj["metadata"].get("generation") or 0)
+    new = status.invalid(previous, generation=generation, problems=error.problems, now=now)
+    before = status.condition(previous, "SpecValid")
+    after = status.condition(new, "SpecValid")
+    events = []
+    if before is None or after is None or (before.status, before.message) != (after.status, after.message):
+        events.append(("Warning", "InvalidSpec", str(error)))
+    return Plan(status=None if status.same(previous, new) else new, events=events)
+
+
+def reconcile(
+    cluster: Cluster,
+    obj: Obj,
+    settings: OperatorSettings,
+    now: Callable[[], str] = utcnow,
+) -> Plan:
+    """Bring the children in line with the spec and the status in line with the children."""
+    meta = obj["metadata"]
+    if meta.get("deletionTimestamp"):
+        return Plan()
+    try:
+        spec = parse_spec(obj.get("spec"))
+    except SpecError as error:
+        plan = plan_invalid(obj, error, now())
+        execute(cluster, obj, plan)
+        return plan
+
+    ref = ref_of(obj)
+    desired = render.children(ref, spec, settings)
+    current = [cluster.get(m["kind"], ref.namespace, ref.name) for m in desired]
+    children_plan = plan_children(desired, current)
+    applied = {m["kind"]: cluster.apply(m) for m in children_plan.apply}
+    deployment = applied.get("Deployment") or current[[m["kind"] for m in desired].index("Deployment")]
+    pods = cluster.list_pods(ref.namespace, render.selector_string(ref.name))
+
+    previous = parse_status(obj.get("status"))
+    new = status.observed(
+        previous,
+        generation=int(meta.get("generation") or 0),
+        desired_replicas=spec.replicas,
+        deployment=deployment,
+        pods=pods,
+        endpoint=render.endpoint(ref, settings),
+        selector=render.selector_string(ref.name),
+        now=now(),
+    )
+    plan = Plan(
+        apply=children_plan.apply,
+        status=None if status.same(previous, new) else new,
+        events=children_plan.events + transition_events(previous, new),
+    )
+    execute(cluster, obj, plan, already_applied=True)
+    return plan
+
+
+def transition_events(previous: VLLMModelStatus, new: VLLMModelStatus) -> list[tuple[str, str, str]]:
+    """Events for phase changes users care about."""
+    if previous.phase == new.phase or new.phase is None:
+        return []
+    ready = status.condition(new, "Ready")
+    degraded = status.condition(new, "Degraded")
+    if new.phase == "Ready":
+        return [("Normal", "Ready", ready.message if ready else "ready")]
+    if new.phase in ("Degraded", "Pending") and degraded is not None and degraded.status == "True":
+        return [("Warning", degraded.reason, degraded.message)]
+    return []
+
+
+def execute(cluster: Cluster, obj: Obj, plan: Plan, already_applied: bool = False) -> None:
+    """Carry out a plan; status last, so that it describes what was applied."""
+    meta = obj["metadata"]
+    if not already_applied:
+        for manifest in plan.apply:
+            cluster.apply(manifest)
+    if plan.status is not None:
+        cluster.write_status(meta["namespace"], meta["name"], dump(plan.status))
+    for kind, reason, message in plan.events:
+        cluster.event(obj, kind, reason, message)

@@ -1,0 +1,387 @@
+"""Pure rendering: a validated VLLMModel and operator settings become the desired children."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_operator.api import (
+    API_VERSION,
+    KIND,
+    SERVER_PORT,
+    Quantization,
+    VLLMModelSpec,
+)
+from vllm_operator.settings import OperatorSettings
+
+Manifest = dict[str, Any]
+
+NAME_LABEL = "app.kubernetes.io/name"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+POD_SPEC_HASH = "serving.vllm-operator.io/pod-spec-hash"
+CONTAINER_NAME = "vllm"
+CACHE_MOUNT = "/cache"
+MODELS_MOUNT = "/models"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Identity of the resource being rendered (what owner references need)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    """Labels that select a model's pods."""
+    return {NAME_LABEL: "vllm", INSTANCE_LABEL: name}
+
+
+def common_labels(name: str) -> dict[str, str]:
+    """Labels on every child of a model."""
+    return {**selector_labels(name), MANAGED_BY_LABEL: "vllm-operator"}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{key}={value}" for key, value in selector_labels(name).items())
+
+
+def endpoint(ref: ModelRef, settings: OperatorSettings) -> str:
+    return f"http://{ref.name}.{ref.namespace}.{settings.cluster_domain}:{SERVER_PORT}/v1"
+
+
+def owner_references(ref: ModelRef) -> dict[str, Any]:
+    """ownerReferences metadata, so that deleting the model deletes its children (none offline)."""
+    if not ref.uid:
+        return {}
+    owner = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": ref.name,
+        "uid": ref.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    return {"ownerReferences": [owner]}
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where the server finds a model or adapter, and what the pod needs for that."""
+
+    path: str
+    pvc_claim: str = ""
+    download_uri: str = ""
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "model"
+
+
+def resolve_source(source: str, slot: str) -> ResolvedSource:
+    """Map a source URI to the path the server reads; `slot` names its download folder."""
+    if source.startswith("hf://"):
+        return ResolvedSource(path=source.removeprefix("hf://"))
+    if source.startswith("pvc://"):
+        claim, _, rest = source.removeprefix("pvc://").partition("/")
+        return ResolvedSource(path=f"{MODELS_MOUNT}/{claim}/{rest}".rstrip("/"), pvc_claim=claim)
+    if source.startswith(("s3://", "gs://")):
+        return ResolvedSource(path=f"{CACHE_MOUNT}/sources/{_slug(slot)}", download_uri=source)
+    return ResolvedSource(path=source)
+
+
+def server_args(spec: VLLMModelSpec, served_name: str) -> list[str]:
+    """vLLM-style command line; the bundled server and upstream vLLM both accept it."""
+    args = [
+        "--model", resolve_source(spec.model, "model").path,
+        "--served-model-name", served_name,
+        "--host", "0.0.0.0",
+        "--port", str(SERVER_PORT),
+        "--tensor-parallel-size", str(spec.tensor_parallel_size),
+        "--pipeline-parallel-size", str(spec.pipeline_parallel_size),
+        "--dtype", spec.dtype,
+        "--gpu-memory-utilization", str(spec.gpu_memory_utilization),
+    ]  # fmt: skip
+    if spec.revision:
+        args += ["--revision", spec.revision]
+    if spec.max_model_len is not None:
+        args += ["--max-model-len", str(spec.max_model_len)]
+    args += _quantization_args(spec.quantization)
+    if spec.lora is not None:
+        args += [
+            "--enable-lora",
+            "--max-loras", str(spec.lora.max_loras),
+            "--max-lora-rank", str(spec.lora.max_lora_rank),
+        ]  # fmt: skip
+        if spec.lora.adapters:
+            args.append("--lora-modules")
+            args += [
+                f"{a.name}={resolve_source(a.source, 'lora-' + a.name).path}" for a in spec.lora.adapters
+            ]
+    return args + list(spec.engine_args)
+
+
+def _quantization_args(quantization: Quantization | None) -> list[str]:
+    if quantization is None:
+        return []
+    args = ["--quantization", quantization.method]
+    if quantization.kv_cache_dtype != "auto":
+        args += ["--kv-cache-dtype", quantization.kv_cache_dtype]
+    return args
+
+
+def _secret_env(name: str, ref: Any) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def _env(spec: VLLMModelSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"},
+        {"name": "HOME", "value": CACHE_MOUNT},
+    ]
+    if spec.hf_token_secret_ref is not None:
+        env.append(_secret_env("HF_TOKEN", spec.hf_token_secret_ref))
+    if spec.api_key_secret_ref is not None:
+        # Both servers read VLLM_API_KEY, so the key never appears in args or the pod spec.
+        env.append(_secret_env("VLLM_API_KEY", spec.api_key_secret_ref))
+    return env + [copy.deepcopy(item) for item in spec.env]
+
+
+def _resources(spec: VLLMModelSpec, settings: OperatorSettings) -> dict[str, Any]:
+    resources: dict[str, Any] = copy.deepcopy(settings.default_resources)
+    for section, values in spec.resources.items():
+        if isinstance(values, dict) and isinstance(resources.get(section), dict):
+            resources[section] = {**resources[section], **values}
+        else:
+            resources[section] = copy.deepcopy(values)
+    for section in ("requests", "limits"):
+        resources.setdefault(section, {})
+        resources[section].pop(spec.gpu_resource_name, None)
+    resources["limits"][spec.gpu_resource_name] = str(spec.gpus_per_pod)
+    if not resources["requests"]:
+        del resources["requests"]
+    return resources
+
+
+def shm_size(spec: VLLMModelSpec, settings: OperatorSettings) -> str | None:
+    """Size of the in-memory /dev/shm, or None when the pod needs none."""
+    if spec.shm_size is not None:
+        return spec.shm_size
+    return settings.default_shm_size if spec.gpus_per_pod > 1 else None
+
+
+def _probes(spec: VLLMModelSpec) -> dict[str, Any]:
+    def health() -> dict[str, Any]:
+        return {"path": "/health", "port": "http"}
+
+    startup_period = 10
+    return {
+        # The startup probe owns the slow model load; liveness only starts after it succeeds.
+        "startupProbe": {
+            "httpGet": health(),
+            "periodSeconds": startup_period,
+            "timeoutSeconds": 5,
+            "failureThreshold": math.ceil(spec.startup_timeout_seconds / startup_period),
+        },
+        "readinessProbe": {
+            "httpGet": health(),
+            "periodSeconds": 5,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": health(),
+            "periodSeconds": 15,
+            "timeoutSeconds": 10,
+            "failureThreshold": 4,
+        },
+    }
+
+
+def _volumes(spec: VLLMModelSpec, settings: OperatorSettings) -> tuple[list[Any], list[Any]]:
+    if spec.cache.pvc_name:
+        cache: dict[str, Any] = {"persistentVolumeClaim": {"claimName": spec.cache.pvc_name}}
+    else:
+        cache = {"emptyDir": {}}
+    volumes: list[dict[str, Any]] = [{"name": "cache", **cache}]
+    mounts: list[dict[str, Any]] = [{"name": "cache", "mountPath": CACHE_MOUNT}]
+    claims = [resolve_source(spec.model, "model").pvc_claim]
+    if spec.lora is not None:
+        claims += [resolve_source(a.source, a.name).pvc_claim for a in spec.lora.adapters]
+    for claim in sorted({c for c in claims if c}):
+        volumes.append(
+            {
+                "name": f"pvc-{claim}"[:63],
+                "persistentVolumeClaim": {"claimName": claim, "readOnly": True},
+            }
+        )
+        mounts.append({"name": f"pvc-{claim}"[:63], "mountPath": f"{MODELS_MOUNT}/{claim}", "readOnly": True})
+    shm = shm_size(spec, settings)
+    if shm is not None:
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
+        mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+    return volumes, mounts
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _downloads(spec: VLLMModelSpec, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Init containers that fetch s3:// and gs:// sources into the cache volume."""
+    sources = [("model", spec.model)]
+    if spec.lora is not None:
+        sources += [("lora-" + a.name, a.source) for a in spec.lora.adapters]
+    containers = []
+    for slot, source in sources:
+        resolved = resolve_source(source, slot)
+        if not resolved.download_uri:
+            continue
+        containers.append(
+            {
+                "name": f"fetch-{_slug(slot)}"[:63],
+                "image": settings.storage_initializer_image,
+                "imagePullPolicy": settings.image_pull_policy,
+                "args": [resolved.download_uri, resolved.path],
+                "env": [
+                    {"name": "HOME", "value": CACHE_MOUNT},
+                    *[copy.deepcopy(e) for e in spec.env],
+                ],
+                "volumeMounts": [{"name": "cache", "mountPath": CACHE_MOUNT}],
+                "securityContext": _container_security(),
+            }
+        )
+    return containers
+
+
+def pod_spec(spec: VLLMModelSpec, served_name: str, settings: OperatorSettings) -> dict[str, Any]:
+    volumes, mounts = _volumes(spec, settings)
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.image or settings.server_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": server_args(spec, served_name),
+        "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
+        "env": _env(spec),
+        "resources": _resources(spec, settings),
+        "volumeMounts": mounts,
+        "securityContext": _container_security(),
+        **_probes(spec),
+    }
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.run_as_user,
+            "runAsGroup": settings.run_as_user,
+            "fsGroup": settings.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        # In-flight streams get time to finish after SIGTERM.
+        "terminationGracePeriodSeconds": 60,
+    }
+    downloads = _downloads(spec, settings)
+    if downloads:
+        pod["initContainers"] = downloads
+    optional = {
+        "nodeSelector": dict(spec.node_selector),
+        "tolerations": copy.deepcopy(spec.tolerations),
+        "affinity": copy.deepcopy(spec.affinity),
+        "priorityClassName": spec.priority_class_name,
+        "runtimeClassName": spec.runtime_class_name,
+    }
+    pod.update({key: value for key, value in optional.items() if value})
+    return pod
+
+
+def spec_hash(value: Any) -> str:
+    """Short stable hash of a JSON-able value."""
+    encoded = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+def deployment(ref: ModelRef, spec: VLLMModelSpec, settings: OperatorSettings) -> Manifest:
+    served_name = spec.served_model_name or ref.name
+    pod = pod_spec(spec, served_name, settings)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": ref.name,
+            "namespace": ref.namespace,
+            "labels": common_labels(ref.name),
+            **owner_references(ref),
+        },
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(ref.name)},
+            # A surge pod needs spare GPUs; zero unavailable keeps serving during rollouts.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "revisionHistoryLimit": 3,
+            # Loading a big model is slow: the rollout is not "stuck" before the startup budget.
+            "progressDeadlineSeconds": spec.startup_timeout_seconds + 600,
+            "template": {
+                "metadata": {
+                    "labels": common_labels(ref.name),
+                    "annotations": {POD_SPEC_HASH: spec_hash(pod)},
+                },
+                "spec": pod,
+            },
+        },
+    }
+
+
+def service(ref: ModelRef) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": ref.name,
+            "namespace": ref.namespace,
+            "labels": common_labels(ref.name),
+            **owner_references(ref),
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(ref.name),
+            "ports": [{"name": "http", "port": SERVER_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def children(ref: ModelRef, spec: VLLMModelSpec, settings: OperatorSettings) -> list[Manifest]:
+    """Every object the operator keeps for one model, in apply order."""
+    return [service(ref), deployment(ref, spec, settings)]
+
+
+def is_subset(desired: Any, observed: Any) -> bool:
+    """True when every value we set is present in what the server holds (defaults may be added)."""
+    if isinstance(desired, dict):
+        return isinstance(observed, dict) and all(
+            key in observed and is_subset(value, observed[key]) for key, value in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(observed, list)
+            and len(desired) == len(observed)
+            and all(is_subset(d, o) for d, o in zip(desired, observed, strict=True))
+        )
+    return bool(desired == observed or str(desired) == str(observed))

@@ -1,0 +1,44 @@
+"""Operator-wide settings: defaults for every model, read from the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_PREFIX = "VLLM_OPERATOR_"
+
+
+class OperatorSettings(BaseModel):
+    """What the platform team sets once (Helm values) and every VLLMModel inherits."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    server_image: str = "ghcr.io/vllm-operator/vllm-server:0.1.0"
+    """Image of the bundled server, used when a resource sets no `spec.image`."""
+    image_pull_policy: str = "IfNotPresent"
+    default_resources: dict[str, Any] = Field(default_factory=dict)
+    """Container resources every model gets unless its spec overrides them."""
+    storage_initializer_image: str = "kserve/storage-initializer:v0.14.0"
+    """Init image that downloads s3:// and gs:// sources into the cache volume."""
+    run_as_user: int = 1000
+    """UID the server runs as (the bundled image's non-root user)."""
+    default_shm_size: str = "8Gi"
+    """/dev/shm size for pods with more than one GPU when the spec sets none."""
+    cluster_domain: str = "svc"
+    """Suffix of the endpoint host: NAME.NAMESPACE.<this>."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
+        """Read VLLM_OPERATOR_<FIELD> variables; dicts are given as JSON."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is None:
+                continue
+            values[name] = json.loads(raw) if field.annotation is not str else raw
+        return cls.model_validate(values)

@@ -1,0 +1,67 @@
+"""Every example renders, and every rendered manifest is valid for the pinned Kubernetes release."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from tests import kubeschema
+from vllm_operator.cli import main, render_documents
+from vllm_operator.settings import OperatorSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def test_there_are_examples() -> None:
+    assert {p.name for p in EXAMPLES} >= {"model.yaml", "model-lora.yaml", "model-quantized.yaml"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_renders_valid_manifests(path: Path) -> None:
+    documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    manifests = render_documents(documents, OperatorSettings())
+    assert {m["kind"] for m in manifests} == {"Deployment", "Service"}
+    for manifest in manifests:
+        kubeschema.validate(manifest)
+
+
+def test_validator_refuses_a_broken_manifest() -> None:
+    documents = [d for d in yaml.safe_load_all((ROOT / "examples" / "model.yaml").read_text()) if d]
+    deployment = next(m for m in render_documents(documents, OperatorSettings()) if m["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicie"] = "Always"
+    with pytest.raises(jsonschema.ValidationError):
+        kubeschema.validate(deployment)
+    deployment["spec"]["template"]["spec"]["containers"][0].pop("imagePullPolicie")
+    deployment["spec"]["replicas"] = "two"
+    with pytest.raises(jsonschema.ValidationError):
+        kubeschema.validate(deployment)
+
+
+def test_cli_render_prints_yaml(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", "-f", str(ROOT / "examples" / "model.yaml")]) == 0
+    kinds = [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)]
+    assert kinds == ["Service", "Deployment"]
+
+
+def test_cli_render_invalid_exits_2_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: serving.vllm-operator.io/v1alpha1\nkind: VLLMModel\nmetadata: {name: m}\n"
+        "spec: {model: org/m, tensorParallelSize: 0}\n"
+    )
+    assert main(["render", "-f", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "VLLMModel/m: spec.tensorParallelSize" in err
+
+
+def test_cli_render_wrong_kind_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: m}\n")
+    assert main(["render", "-f", str(bad)]) == 2
+    assert "expected kind VLLMModel" in capsys.readouterr().err

@@ -1,0 +1,57 @@
+"""Generated files are committed exactly as the code generates them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from vllm_operator import crd, docs
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "serving.vllm-operator.io_vllmmodels.yaml"
+
+
+def test_committed_crd_matches_models() -> None:
+    assert CRD_FILE.read_text() == crd.crd_yaml(), (
+        "run: vllm-operator crd > crds/serving.vllm-operator.io_vllmmodels.yaml"
+    )
+
+
+def test_readme_field_table_matches_models() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert docs.splice(readme) == readme, "run: vllm-operator docs --readme README.md"
+
+
+def test_crd_is_structural() -> None:
+    """No $ref, no anyOf without types, every property typed or explicitly free-form."""
+    text = CRD_FILE.read_text()
+    assert "$ref" not in text and "anyOf" not in text
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            if "properties" in node or "items" in node:
+                assert "type" in node, path
+            for key, value in node.get("properties", {}).items():
+                assert "type" in value or value.get("x-kubernetes-preserve-unknown-fields"), f"{path}.{key}"
+                walk(value, f"{path}.{key}")
+            if "items" in node:
+                walk(node["items"], path + "[]")
+
+    schema = yaml.safe_load(text)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    walk(schema, "")
+
+
+def test_crd_has_printer_columns_and_subresources() -> None:
+    version = yaml.safe_load(CRD_FILE.read_text())["spec"]["versions"][0]
+    names = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
+    assert names == ["Ready", "Phase", "Tokens/s", "Endpoint", "Age"]
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+    assert "status" in version["subresources"]
+
+
+def test_every_spec_field_documented() -> None:
+    table = docs.field_table()
+    for row in docs.rows(__import__("vllm_operator.api", fromlist=["VLLMModelSpec"]).VLLMModelSpec):
+        assert row.rstrip(" |").split("|")[-1].strip(), f"undocumented: {row}"
+    assert "`spec.lora.adapters[].name`" in table

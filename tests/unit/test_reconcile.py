@@ -1,0 +1,169 @@
+"""A reconcile against a recording fake cluster: what gets written, and when nothing does."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from vllm_operator import reconcile
+from vllm_operator.api import API_VERSION, KIND
+from vllm_operator.settings import OperatorSettings
+
+SETTINGS = OperatorSettings()
+
+
+class FakeCluster:
+    """Stores what is applied (merging like a server that adds defaults) and records every write."""
+
+    def __init__(self, model: dict[str, Any]) -> None:
+        self.model = model
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.applied: list[str] = []
+        self.status_writes: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.pods: list[dict[str, Any]] = []
+
+    def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
+        return self.objects.get(kind)
+
+    def apply(self, manifest: Mapping[str, Any]) -> Mapping[str, Any]:
+        stored = copy.deepcopy(dict(manifest))
+        stored["metadata"]["uid"] = "child-uid"  # server-added fields must not look like drift
+        if stored["kind"] == "Deployment":
+            stored["metadata"]["generation"] = 1
+            stored["status"] = {"observedGeneration": 1, "replicas": 0}
+        self.objects[stored["kind"]] = stored
+        self.applied.append(stored["kind"])
+        return stored
+
+    def list_pods(self, namespace: str, selector: str) -> Sequence[Mapping[str, Any]]:
+        return self.pods
+
+    def write_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.status_writes.append(status)
+        self.model["status"] = status
+
+    def event(self, owner: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+        self.events.append((kind, reason, message))
+
+
+def model(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": "llama", "namespace": "team-a", "uid": "model-uid", "generation": 1},
+        "spec": {"model": "org/model", **spec},
+    }
+
+
+def test_first_reconcile_applies_children_with_owner_and_writes_status() -> None:
+    cluster = FakeCluster(model())
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert cluster.applied == ["Service", "Deployment"]
+    for child in cluster.objects.values():
+        owner = child["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["uid"], owner["controller"]) == (
+            "VLLMModel",
+            "model-uid",
+            True,
+        )
+    assert len(cluster.status_writes) == 1
+    written = cluster.status_writes[0]
+    assert written["observedGeneration"] == 1
+    assert written["endpoint"] == "http://llama.team-a.svc:8000/v1"
+    assert ("Normal", "Created", "created Deployment llama") in cluster.events
+
+
+def test_noop_reconcile_writes_nothing() -> None:
+    cluster = FakeCluster(model())
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    writes = (len(cluster.applied), len(cluster.status_writes), len(cluster.events))
+    plan = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert plan.apply == [] and plan.status is None and plan.events == []
+    assert (len(cluster.applied), len(cluster.status_writes), len(cluster.events)) == writes
+
+
+def test_status_written_once_per_change() -> None:
+    cluster = FakeCluster(model())
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    cluster.objects["Deployment"]["status"] = {
+        "observedGeneration": 1,
+        "replicas": 1,
+        "updatedReplicas": 1,
+        "readyReplicas": 1,
+    }
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert len(cluster.status_writes) == 2
+    assert cluster.status_writes[-1]["phase"] == "Ready"
+    assert ("Normal", "Ready", "1/1 replicas ready") in cluster.events
+
+
+def test_deleted_child_comes_back() -> None:
+    cluster = FakeCluster(model())
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    del cluster.objects["Service"]
+    plan = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert [m["kind"] for m in plan.apply] == ["Service"]
+
+
+def test_hand_edited_child_is_repaired() -> None:
+    cluster = FakeCluster(model())
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    cluster.objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:latest"
+    plan = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert [m["kind"] for m in plan.apply] == ["Deployment"]
+    assert (
+        cluster.objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"] != "evil:latest"
+    )
+
+
+def test_spec_change_reapplies_deployment() -> None:
+    cluster = FakeCluster(model())
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    cluster.model["spec"]["maxModelLen"] = 4096
+    cluster.model["metadata"]["generation"] = 2
+    plan = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert [m["kind"] for m in plan.apply] == ["Deployment"]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"resources": {"limits": {"nvidia.com/gpu": 8}}},
+        {"engineArgs": ["--port=1"]},
+    ],
+)
+def test_invalid_spec_recorded_once_as_condition_and_event(spec: dict[str, Any]) -> None:
+    cluster = FakeCluster(model(**spec))
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert cluster.applied == []
+    assert len(cluster.status_writes) == 1
+    conditions = {c["type"]: c for c in cluster.status_writes[0]["conditions"]}
+    assert conditions["SpecValid"]["status"] == "False"
+    assert conditions["SpecValid"]["reason"] == "InvalidSpec"
+    assert "spec" in conditions["SpecValid"]["message"]
+    assert cluster.status_writes[0]["phase"] == "Failed"
+    warnings = [e for e in cluster.events if e[0] == "Warning"]
+    assert len(warnings) == 1 and warnings[0][1] == "InvalidSpec"
+
+
+def test_fixing_an_invalid_spec_recovers() -> None:
+    cluster = FakeCluster(model(engineArgs=["--port=1"]))
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    cluster.model["spec"]["engineArgs"] = []
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    conditions = {c["type"]: c for c in cluster.status_writes[-1]["conditions"]}
+    assert conditions["SpecValid"]["status"] == "True"
+    assert cluster.applied == ["Service", "Deployment"]
+
+
+def test_deleting_model_is_left_to_garbage_collection() -> None:
+    cluster = FakeCluster(model())
+    cluster.model["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    plan = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert plan == reconcile.Plan() and cluster.applied == [] and cluster.status_writes == []
