@@ -83,6 +83,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("error: give --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
         return EXIT_INVALID
     kopf.configure(verbose=args.verbose)
+    if args.metrics_port:
+        from vllm_operator import metrics
+
+        metrics.serve(args.metrics_port)
     kopf.run(
         standalone=True,
         clusterwide=args.all_namespaces,
@@ -100,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable)")
     p.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: off)")
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=cmd_run)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import defaultdict
@@ -10,7 +11,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from vllm_operator import reconcile
+from vllm_operator import metrics, reconcile
 from vllm_operator.api import SpecError
 from vllm_operator.render import INSTANCE_LABEL
 from vllm_operator.settings import OperatorSettings
@@ -34,6 +35,22 @@ class Controller:
 
     def on_model(self, namespace: str, name: str) -> reconcile.Plan | None:
         """Reconcile from a fresh read, so that concurrent triggers never act on stale objects."""
+        with metrics.RECONCILE_SECONDS.time():
+            try:
+                plan = self._reconcile(namespace, name)
+            except Exception:
+                metrics.RECONCILES.labels("error").inc()
+                raise
+        metrics.RECONCILES.labels("ok" if plan is not None else "gone").inc()
+        if plan is not None:
+            for manifest in plan.apply:
+                metrics.APPLIES.labels(manifest["kind"]).inc()
+            metrics.STATUS_WRITES.inc(plan.status is not None)
+            for kind, _, _ in plan.events:
+                metrics.EVENTS.labels(kind).inc()
+        return plan
+
+    def _reconcile(self, namespace: str, name: str) -> reconcile.Plan | None:
         with self._lock(namespace, name):
             obj = self.cluster.get("VLLMModel", namespace, name)
             if obj is None:
@@ -61,8 +78,6 @@ class Controller:
 
 def api_message(exc: ApiException) -> str:
     """The human part of an API server error body."""
-    import json
-
     try:
         return str(json.loads(exc.body or "{}").get("message") or exc.reason)
     except ValueError:

@@ -1,0 +1,20 @@
+"""The operator's own Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+RECONCILES = Counter("vllm_operator_reconciles_total", "Reconciles of VLLMModels, by result.", ["result"])
+RECONCILE_SECONDS = Histogram(
+    "vllm_operator_reconcile_duration_seconds",
+    "Time one reconcile takes, API calls included.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+APPLIES = Counter("vllm_operator_applies_total", "Children server-side applied, by kind.", ["kind"])
+STATUS_WRITES = Counter("vllm_operator_status_writes_total", "Status patches written.")
+EVENTS = Counter("vllm_operator_events_total", "Kubernetes Events posted, by type.", ["type"])
+
+
+def serve(port: int, address: str = "0.0.0.0") -> None:
+    """Serve /metrics from a background thread."""
+    start_http_server(port, addr=address)

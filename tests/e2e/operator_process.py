@@ -1,0 +1,97 @@
+"""The operator as a real process against the local cluster, the way a user runs it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from tests.harness.cluster import LocalCluster, wait_until
+from tests.harness.processes import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "serving.vllm-operator.io_vllmmodels.yaml"
+
+
+def install_crd(cluster: LocalCluster) -> None:
+    """Apply the generated CRD and wait until the API server serves it."""
+    cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE), check=True)
+    cluster.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "crd/vllmmodels.serving.vllm-operator.io",
+        "--timeout=60s",
+        check=True,
+    )
+
+
+class OperatorProcess:
+    """`python -m vllm_operator run --all-namespaces` with its log under .local/."""
+
+    def __init__(self, cluster: LocalCluster, log_name: str = "operator.log") -> None:
+        self.cluster = cluster
+        self.log = cluster.root / log_name
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def liveness(self) -> str:
+        return f"http://127.0.0.1:{self.port}/healthz"
+
+    def start(self) -> None:
+        env = {**self.cluster.env(), "PYTHONUNBUFFERED": "1"}
+        # The demo has no registry: kwok never pulls, so any image name does.
+        env.setdefault("VLLM_OPERATOR_SERVER_IMAGE", "ghcr.io/vllm-operator/vllm-server:0.1.0")
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "vllm_operator",
+                    "run",
+                    "--all-namespaces",
+                    "--liveness",
+                    self.liveness,
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        wait_until(self.healthy, "operator liveness endpoint", timeout=60)
+
+    def healthy(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"operator exited; log:\n{self.tail()}")
+        try:
+            with urllib.request.urlopen(self.liveness, timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """Stop at once, as a crash or an OOM kill would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def tail(self, lines: int = 60) -> str:
+        if not self.log.exists():
+            return ""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])

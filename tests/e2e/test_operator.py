@@ -1,0 +1,280 @@
+"""The operator end to end on a real control plane, driven with kubectl as a user would."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.operator_process import OperatorProcess
+from tests.harness.cluster import LocalCluster, wait_until
+from vllm_operator import render
+from vllm_operator.api import parse_spec
+from vllm_operator.settings import OperatorSettings
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def model(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "serving.vllm-operator.io/v1alpha1",
+        "kind": "VLLMModel",
+        "metadata": {"name": name},
+        "spec": {"model": "org/tiny", **spec},
+    }
+
+
+def apply(cluster: LocalCluster, ns: str, manifest: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(manifest), check=True)
+
+
+def get(cluster: LocalCluster, ns: str, *what: str) -> Any:
+    proc = cluster.kubectl("get", "-n", ns, *what, "-o", "json")
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    found = [c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == kind]
+    return found[0] if found else {}
+
+
+def wait_ready(cluster: LocalCluster, ns: str, name: str, timeout: int = 120) -> None:
+    cluster.kubectl(
+        "wait", "-n", ns, "--for=condition=Ready", f"vllmmodel/{name}", f"--timeout={timeout}s",
+        check=True, timeout=timeout + 10,
+    )  # fmt: skip
+
+
+def eventually(check: Any, what: str, timeout: float = 60) -> None:
+    wait_until(lambda: bool(check()), what, timeout=timeout, interval=0.5)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_examples_accepted_by_the_api_server(crd: LocalCluster, namespace: str, path: Path) -> None:
+    proc = crd.kubectl("apply", "-n", namespace, "--dry-run=server", "-f", str(path))
+    assert proc.returncode == 0, proc.stderr
+
+
+INVALID = [
+    ("bad enum", {"dtype": "fp64"}, "spec.dtype"),
+    ("negative replicas", {"replicas": -1}, "spec.replicas"),
+    ("zero tensor parallel", {"tensorParallelSize": 0}, "spec.tensorParallelSize"),
+    ("gpu memory above one", {"gpuMemoryUtilization": 1.5}, "spec.gpuMemoryUtilization"),
+    ("short context", {"maxModelLen": 4}, "spec.maxModelLen"),
+    ("bad model scheme", {"model": "ftp://x"}, "spec.model"),
+    ("bad adapter name", {"lora": {"adapters": [{"name": "Bad_Name", "source": "hf://a/b"}]}}, "name"),
+    (
+        "duplicate adapter",
+        {"lora": {"adapters": [{"name": "a", "source": "hf://a/b"}, {"name": "a", "source": "hf://a/c"}]}},
+        "spec.lora.adapters",
+    ),
+    ("managed flag", {"engineArgs": ["--port=9000"]}, "spec.engineArgs"),
+    ("managed flag split", {"engineArgs": ["--tensor-parallel-size", "2"]}, "spec.engineArgs"),
+    (
+        "adapter shadows model",
+        {"servedModelName": "a", "lora": {"adapters": [{"name": "a", "source": "/l"}]}},
+        "adapters",
+    ),
+    ("unknown field", {"replica": 2}, "replica"),
+]
+
+
+@pytest.mark.parametrize(("case", "patch", "field"), INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_resources_refused_naming_the_field(
+    crd: LocalCluster, namespace: str, case: str, patch: dict[str, Any], field: str
+) -> None:
+    manifest = model("bad")
+    manifest["spec"].update(patch)
+    proc = crd.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    assert proc.returncode != 0, f"{case} was accepted"
+    assert field in proc.stderr, proc.stderr
+
+
+def test_apply_creates_children_and_becomes_ready(
+    operator: OperatorProcess, cluster: LocalCluster, namespace: str
+) -> None:
+    manifest = model("llama", tensorParallelSize=2, replicas=2, maxModelLen=4096)
+    apply(cluster, namespace, manifest)
+    wait_ready(cluster, namespace, "llama")
+
+    obj = get(cluster, namespace, "vllmmodel", "llama")
+    desired = render.children(
+        render.ModelRef("llama", namespace, obj["metadata"]["uid"]),
+        parse_spec(manifest["spec"]),
+        OperatorSettings.from_env({"VLLM_OPERATOR_SERVER_IMAGE": "ghcr.io/vllm-operator/vllm-server:0.1.0"}),
+    )
+    for child in desired:
+        observed = get(cluster, namespace, child["kind"].lower(), "llama")
+        assert observed is not None, child["kind"]
+        assert render.is_subset(child, observed), f"{child['kind']} differs from the rendered one"
+
+    pods = get(cluster, namespace, "pods", "-l", "app.kubernetes.io/instance=llama")["items"]
+    assert len(pods) == 2
+    assert all(p["spec"]["nodeName"].startswith("kwok-gpu-") for p in pods)
+
+    status = obj["status"]
+    assert status["phase"] == "Ready"
+    assert (status["replicas"], status["readyReplicas"]) == (2, 2)
+    assert status["endpoint"] == f"http://llama.{namespace}.svc:8000/v1"
+    assert status["observedGeneration"] == obj["metadata"]["generation"]
+    assert condition(obj, "SpecValid")["status"] == "True"
+
+    table = cluster.kubectl("get", "-n", namespace, "vllm", "llama", check=True).stdout
+    header, row = table.splitlines()[:2]
+    assert header.split()[:5] == ["NAME", "READY", "PHASE", "TOKENS/S", "ENDPOINT"]
+    assert row.split()[1:3] == ["2/2", "Ready"]
+    assert f"http://llama.{namespace}.svc:8000/v1" in row
+
+    events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json", check=True).stdout
+    reasons = {e["reason"] for e in json.loads(events)["items"] if e["involvedObject"]["name"] == "llama"}
+    assert {"Created", "Ready"} <= reasons
+
+
+def test_model_that_does_not_fit_stays_pending_and_says_why(
+    operator: OperatorProcess, cluster: LocalCluster, namespace: str
+) -> None:
+    apply(cluster, namespace, model("huge", tensorParallelSize=16))
+
+    def explained() -> bool:
+        obj = get(cluster, namespace, "vllmmodel", "huge")
+        return bool(obj) and "Insufficient nvidia.com/gpu" in condition(obj, "Ready").get("message", "")
+
+    eventually(explained, "the Ready condition to name the GPU shortage")
+    obj = get(cluster, namespace, "vllmmodel", "huge")
+    assert obj["status"]["phase"] == "Pending"
+    assert condition(obj, "Degraded")["reason"] == "Unschedulable"
+    pods = get(cluster, namespace, "pods", "-l", "app.kubernetes.io/instance=huge")["items"]
+    assert pods and all(not p["spec"].get("nodeName") for p in pods)
+
+
+def pod_hash(cluster: LocalCluster, ns: str, name: str) -> str:
+    dep = get(cluster, ns, "deployment", name)
+    return dep["spec"]["template"]["metadata"]["annotations"][render.POD_SPEC_HASH]  # type: ignore[no-any-return]
+
+
+def test_spec_update_rolls_and_scale_scales(
+    operator: OperatorProcess, cluster: LocalCluster, namespace: str
+) -> None:
+    apply(cluster, namespace, model("roll", maxModelLen=2048))
+    wait_ready(cluster, namespace, "roll")
+    before = pod_hash(cluster, namespace, "roll")
+    old_pods = {p["metadata"]["name"] for p in get(cluster, namespace, "pods")["items"]}
+
+    cluster.kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "vllm",
+        "roll",
+        "--type=merge",
+        "-p",
+        '{"spec":{"maxModelLen":4096}}',
+        check=True,
+    )
+    eventually(lambda: pod_hash(cluster, namespace, "roll") != before, "the pod template to change")
+    args = get(cluster, namespace, "deployment", "roll")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--max-model-len") + 1] == "4096"
+
+    def rolled() -> bool:
+        obj = get(cluster, namespace, "vllmmodel", "roll")
+        pods = get(cluster, namespace, "pods")["items"]
+        names = {p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp")}
+        return (
+            obj["status"].get("phase") == "Ready"
+            and obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+            and bool(names)
+            and not names & old_pods
+        )
+
+    eventually(rolled, "new pods to replace the old ones", timeout=90)
+
+    cluster.kubectl("scale", "-n", namespace, "vllm/roll", "--replicas=3", check=True)
+    eventually(lambda: get(cluster, namespace, "deployment", "roll")["spec"]["replicas"] == 3, "scale to 3")
+    wait_until(
+        lambda: get(cluster, namespace, "vllmmodel", "roll")["status"].get("ready") == "3/3",
+        "3/3 ready",
+        timeout=90,
+    )
+
+
+def test_deleted_child_comes_back_and_deleting_the_model_removes_all(
+    operator: OperatorProcess, cluster: LocalCluster, namespace: str
+) -> None:
+    apply(cluster, namespace, model("heal"))
+    wait_ready(cluster, namespace, "heal")
+    old_uid = get(cluster, namespace, "service", "heal")["metadata"]["uid"]
+    cluster.kubectl("delete", "-n", namespace, "service", "heal", check=True)
+    eventually(
+        lambda: (svc := get(cluster, namespace, "service", "heal")) and svc["metadata"]["uid"] != old_uid,
+        "the Service to come back",
+    )
+    cluster.kubectl("delete", "-n", namespace, "deployment", "heal", check=True)
+    eventually(lambda: get(cluster, namespace, "deployment", "heal"), "the Deployment to come back")
+
+    cluster.kubectl("delete", "-n", namespace, "vllm", "heal", "--wait=true", check=True, timeout=60)
+
+    def all_gone() -> bool:
+        left = cluster.kubectl("get", "-n", namespace, "deployments,services,replicasets,pods", "-o", "name")
+        return left.returncode == 0 and left.stdout.strip() == ""
+
+    eventually(all_gone, "garbage collection of every child", timeout=90)
+
+
+def test_invalid_spec_beyond_the_crd_is_recorded_not_retried(
+    operator: OperatorProcess, cluster: LocalCluster, namespace: str
+) -> None:
+    apply(cluster, namespace, model("gpu-in-resources", resources={"limits": {"nvidia.com/gpu": 4}}))
+
+    def recorded() -> bool:
+        obj = get(cluster, namespace, "vllmmodel", "gpu-in-resources")
+        return bool(obj) and condition(obj, "SpecValid").get("status") == "False"
+
+    eventually(recorded, "SpecValid=False")
+    obj = get(cluster, namespace, "vllmmodel", "gpu-in-resources")
+    assert "GPU count is derived" in condition(obj, "SpecValid")["message"]
+    assert obj["status"]["phase"] == "Failed"
+    assert get(cluster, namespace, "deployment", "gpu-in-resources") is None
+    time.sleep(5)  # a retry loop would post more events in this time
+    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json", check=True).stdout)[
+        "items"
+    ]
+    warnings = [e for e in events if e["reason"] == "InvalidSpec"]
+    assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
+    assert "GPU count is derived" in warnings[0]["message"]
+
+
+def test_operator_restart_midway_loses_nothing(
+    operator: OperatorProcess, cluster: LocalCluster, namespace: str
+) -> None:
+    names = [f"m{i}" for i in range(10)]
+    documents = [model(name) for name in names]
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(documents), check=True)
+    time.sleep(1.0)
+    operator.kill()
+    operator.start()
+    for name in names:
+        wait_ready(cluster, namespace, name)
+    deployments = get(cluster, namespace, "deployments")["items"]
+    assert sorted(d["metadata"]["name"] for d in deployments) == names
+    replicasets = get(cluster, namespace, "replicasets")["items"]
+    assert len(replicasets) == len(names), "a Deployment was changed by a duplicate reconcile"
+    for name in names:
+        obj = get(cluster, namespace, "vllmmodel", name)
+        assert obj["status"]["phase"] == "Ready"
+        assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+
+
+def test_apiserver_restart_is_survived(
+    operator: OperatorProcess, cluster: LocalCluster, namespace: str
+) -> None:
+    pid = operator.pid
+    cluster.restart_apiserver(downtime=3)
+    apply(cluster, namespace, model("after-restart"))
+    wait_ready(cluster, namespace, "after-restart", timeout=180)
+    assert operator.pid == pid and operator.healthy()
