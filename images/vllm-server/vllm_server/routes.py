@@ -1,0 +1,199 @@
+"""Thin HTTP routes: parse, call `Serving`, wrap the result."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.types import Receive, Scope, Send
+
+from vllm_server import metrics
+from vllm_server.errors import ApiError
+from vllm_server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+)
+from vllm_server.serving import Serving
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+_JSON = "application/json"
+
+
+def serving_of(request: Request) -> Serving:
+    """The app's Serving instance."""
+    s: Serving = request.app.state.serving
+    return s
+
+
+def require_api_key(request: Request) -> None:
+    """401 unless `Authorization: Bearer <key>` matches --api-key (when one is set)."""
+    key: str | None = request.app.state.api_key
+    if not key:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                             key.encode()):
+        raise ApiError(401, "Invalid or missing API key.", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """Validate the JSON body straight from bytes; errors are 400 naming the parameter."""
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+def validation_error(exc: ValidationError) -> ApiError:
+    """First validation problem as an OpenAI-style 400."""
+    err = exc.errors(include_url=False)[0]
+    if err["type"] == "json_invalid":
+        return ApiError(400, f"The request body is not valid JSON: {err['msg']}",
+                        code="invalid_json")
+    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith("function-")]
+    # Drop pydantic's union branch names (e.g. "str", "list[...]") from the path.
+    loc = [p for p in loc if not (p[:1].islower() and ("[" in p or p in {"str", "int", "float"}))]
+    param = ".".join(loc) or None
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return ApiError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+
+
+class SSEResponse(StreamingResponse):
+    """A streaming response that always closes its event iterator (aborting the request)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Stream, then close the iterator even when the client went away mid-send."""
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it (and so the engine request) if the client disconnects."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ApiError(499, "Client disconnected.", code="client_closed_request")
+    return task.result()
+
+
+def _json(model: BaseModel) -> Response:
+    """Serialize with pydantic-core directly (skips FastAPI's response validation)."""
+    return Response(model.model_dump_json(), media_type=_JSON)
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _sse(events: Any) -> SSEResponse:
+    """An SSE response."""
+    return SSEResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+def api_router() -> APIRouter:
+    """The /v1 routes (behind the API key when one is set)."""
+    r = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    body_doc: Callable[[type[BaseModel]], dict[str, Any]] = lambda m: {  # noqa: E731
+        "requestBody": {"content": {_JSON: {"schema": m.model_json_schema()}}, "required": True}}
+
+    @r.post("/chat/completions", openapi_extra=body_doc(ChatCompletionRequest))
+    async def chat(request: Request) -> Response:
+        """OpenAI chat completions (SSE when stream is true)."""
+        s = serving_of(request)
+        req = await parse_body(request, ChatCompletionRequest)
+        if req.stream:
+            return _sse(await until_disconnect(request, s.chat_stream(req)))
+        return _json(await until_disconnect(request, s.chat(req)))
+
+    @r.post("/completions", openapi_extra=body_doc(CompletionRequest))
+    async def completions(request: Request) -> Response:
+        """OpenAI text completions (SSE when stream is true)."""
+        s = serving_of(request)
+        req = await parse_body(request, CompletionRequest)
+        if req.stream:
+            return _sse(await until_disconnect(request, s.completion_stream(req)))
+        return _json(await until_disconnect(request, s.completion(req)))
+
+    @r.get("/models")
+    async def models(request: Request) -> Response:
+        """Base model and loaded LoRA adapters."""
+        return _json(serving_of(request).models())
+
+    @r.get("/stats")
+    async def stats(request: Request) -> Response:
+        """Request and token statistics."""
+        return _json(serving_of(request).stats_snapshot())
+
+    @r.get("/info")
+    async def info(request: Request) -> Response:
+        """Model and deployment facts."""
+        return _json(serving_of(request).info())
+
+    @r.get("/lora_adapters")
+    async def lora_adapters(request: Request) -> Response:
+        """Loaded LoRA adapters."""
+        items = serving_of(request).lora_adapters()
+        return JSONResponse([i.model_dump() for i in items])
+
+    @r.post("/load_lora_adapter", openapi_extra=body_doc(LoadLoraAdapterRequest))
+    async def load_lora_adapter(request: Request) -> Response:
+        """Load an adapter (vLLM's body: lora_name, lora_path)."""
+        req = await parse_body(request, LoadLoraAdapterRequest)
+        return PlainTextResponse(await serving_of(request).load_lora(req))
+
+    @r.post("/unload_lora_adapter", openapi_extra=body_doc(UnloadLoraAdapterRequest))
+    async def unload_lora_adapter(request: Request) -> Response:
+        """Unload an adapter (vLLM's body: lora_name)."""
+        req = await parse_body(request, UnloadLoraAdapterRequest)
+        return PlainTextResponse(await serving_of(request).unload_lora(req))
+
+    return r
+
+
+def open_router() -> APIRouter:
+    """Routes that stay open without the API key (probes and scraping)."""
+    r = APIRouter()
+
+    @r.get("/health")
+    async def health(request: Request) -> Response:
+        """200 once the engine is up and alive, 503 before."""
+        s = serving_of(request)
+        if await s.healthy():
+            return JSONResponse({"status": "ok"})
+        msg = "The model is still loading." if not s.ready else "The engine is not healthy."
+        raise ApiError(503, msg, code="not_ready", headers={"Retry-After": "5"})
+
+    @r.get("/metrics")
+    async def prometheus() -> Response:
+        """Prometheus exposition: vLLM's `vllm:` series plus our HTTP series."""
+        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+
+    return r
