@@ -21,7 +21,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SYSTEM_PYTHON ?= python3
 
-.PHONY: venv engine lint generate test unit demo
+.PHONY: venv engine lint generate test unit demo demo-down bench-operator
 
 venv: $(VENV)/.installed
 
@@ -47,3 +47,12 @@ unit: venv
 
 test: venv engine tools lint
 	$(PY) -m pytest -ra --durations=15 tests
+
+demo: tools
+	$(PY) -m tests.harness.demo up
+
+demo-down:
+	$(PY) -m tests.harness.demo down
+
+bench-operator: tools
+	PYTHONPATH=. $(PY) bench/operator_bench.py

@@ -1,0 +1,174 @@
+"""Operator benchmark on the local control plane: 200 VLLMModels applied at once.
+
+Prints: apply -> Deployment created (p50, p99), time until all are Ready, API writes per idle
+minute after they settle (target 0), and the operator's peak RSS. Run with `make bench-operator`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.operator_process import OperatorProcess, install_crd
+from tests.harness.cluster import ClusterSpec, LocalCluster, kubectl_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+WRITE_VERBS = {"POST", "PUT", "PATCH", "DELETE"}
+WATCHED = {"vllmmodels", "deployments", "services", "events", "replicasets", "pods"}
+
+
+def model(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "serving.vllm-operator.io/v1alpha1",
+        "kind": "VLLMModel",
+        "metadata": {"name": name},
+        "spec": {"model": "org/tiny", "maxModelLen": 2048},
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def api_writes(cluster: LocalCluster) -> dict[str, float]:
+    """Write requests the API server has served so far, by resource (from its /metrics)."""
+    text = cluster.kubectl("get", "--raw", "/metrics", check=True, timeout=60).stdout
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        if labels.get("verb") in WRITE_VERBS and labels.get("resource") in WATCHED:
+            key = f"{labels['verb']} {labels['resource']}"
+            counts[key] = counts.get(key, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class DeploymentWatch:
+    """Records when each Deployment is first seen, through `kubectl get -w`."""
+
+    def __init__(self, cluster: LocalCluster, namespace: str) -> None:
+        self.seen: dict[str, float] = {}
+        self.proc = subprocess.Popen(
+            [
+                kubectl_binary(), "get", "deployments", "-n", namespace, "--watch", "--output-watch-events",
+                "-o", "jsonpath={.object.metadata.name}{'\\n'}",
+            ],
+            env=cluster.env(), stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            name = line.strip()
+            if name and name not in self.seen:
+                self.seen[name] = time.monotonic()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+
+
+def run(count: int, idle_seconds: int) -> dict[str, Any]:
+    gpu_nodes = max(2, -(-count // 8) + 1)
+    cluster = LocalCluster(ROOT / ".local" / "bench", ClusterSpec(gpu_nodes=gpu_nodes))
+    print(f"starting a local cluster with {gpu_nodes} fake GPU nodes ...", flush=True)
+    cluster.start(timeout=300)
+    operator = OperatorProcess(cluster, "bench-operator.log")
+    try:
+        install_crd(cluster)
+        namespace = "bench"
+        cluster.kubectl("create", "namespace", namespace, check=True)
+        operator.start()
+        watch = DeploymentWatch(cluster, namespace)
+        time.sleep(1)
+
+        names = [f"model-{i:03d}" for i in range(count)]
+        applied: dict[str, float] = {}
+        started = time.monotonic()
+        for chunk in range(0, count, 20):
+            batch = names[chunk : chunk + 20]
+            body = "\n---\n".join(json.dumps(model(n)) for n in batch)
+            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=body, check=True)
+            now = time.monotonic()
+            applied.update({n: now for n in batch})
+            print(f"\rapplied {len(applied)}/{count}", end="", flush=True)
+        print()
+
+        deadline = time.monotonic() + 900
+        ready = 0
+        while time.monotonic() < deadline:
+            out = cluster.kubectl(
+                "get", "vllmmodels", "-n", namespace, "-o", "jsonpath={.items[*].status.phase}", timeout=60
+            ).stdout
+            ready = out.split().count("Ready")
+            print(f"\rready {ready}/{count}", end="", flush=True)
+            if ready == count:
+                break
+            time.sleep(1)
+        all_ready = time.monotonic() - started
+        print()
+        watch.stop()
+        latencies = [watch.seen[n] - applied[n] for n in names if n in watch.seen]
+
+        time.sleep(5)  # let the last status writes land before the idle window
+        before = api_writes(cluster)
+        print(f"idle for {idle_seconds}s, counting API writes ...", flush=True)
+        time.sleep(idle_seconds)
+        after = api_writes(cluster)
+        idle = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+        return {
+            "models": count,
+            "ready": ready,
+            "deployment_created_p50_s": round(percentile(latencies, 50), 3) if latencies else None,
+            "deployment_created_p99_s": round(percentile(latencies, 99), 3) if latencies else None,
+            "all_ready_s": round(all_ready, 1),
+            "idle_writes_per_minute": round(sum(idle.values()) * 60 / idle_seconds, 1),
+            "idle_writes_by_kind": idle,
+            "operator_peak_rss_mib": round(peak_rss_mib(operator.pid), 1),
+            "operator_cpu_seconds": cpu_seconds(operator.pid),
+            "mean_latency_s": round(statistics.fmean(latencies), 3) if latencies else None,
+        }
+    finally:
+        operator.stop()
+        cluster.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", type=int, default=200)
+    parser.add_argument("--idle-seconds", type=int, default=60)
+    args = parser.parse_args()
+    result = run(args.models, args.idle_seconds)
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    print(json.dumps(result))
+    return 0 if result["ready"] == args.models else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
