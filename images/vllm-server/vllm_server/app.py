@@ -65,9 +65,10 @@ def create_app(settings: Settings, engine: Engine | None = None,
     app.include_router(api_router())
     app.add_middleware(MetricsMiddleware, metrics=HttpMetrics())
 
-    async def on_api_error(_: Request, exc: Exception) -> Response:
+    async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        if exc.status >= 400 and exc.status != 499:
+        # Count API errors only: a probe's 503 while loading is not a failed request.
+        if exc.status != 499 and request.url.path.startswith("/v1/"):
             serving.stats.error()
         return _error_response(exc)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class _Request(BaseModel):
@@ -80,12 +80,14 @@ class _SamplingRequest(_Request):
                 raise ValueError("stop sequences must be non-empty")
         return v
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> _SamplingRequest:
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, v: StreamOptions | None,
+                                    info: ValidationInfo) -> StreamOptions | None:
         """`stream_options` only makes sense with `stream: true` (OpenAI refuses it too)."""
-        if self.stream_options is not None and not self.stream:
+        if v is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
-        return self
+        return v
 
     def stop_list(self) -> list[str]:
         """`stop` as a list."""
@@ -103,12 +105,13 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
 
-    @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
         """OpenAI requires `logprobs: true` when `top_logprobs` is set."""
-        if self.top_logprobs and not self.logprobs:
+        if v and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs to be true")
-        return self
+        return v
 
 
 class CompletionRequest(_SamplingRequest):

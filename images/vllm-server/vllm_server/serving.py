@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from vllm_server import __version__
@@ -361,29 +361,36 @@ class Serving:
 
     # ---- streaming -----------------------------------------------------------------------------------
 
-    async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def chat_stream(self, req: ChatCompletionRequest) -> EventStream:
         """Start a streaming chat completion; returns the SSE event iterator."""
         p = self._prepare_chat(req)
         top = req.top_logprobs or 0
         return await self._stream(p, req, chat=True, top=top)
 
-    async def completion_stream(self, req: CompletionRequest) -> AsyncIterator[str]:
+    async def completion_stream(self, req: CompletionRequest) -> EventStream:
         """Start a streaming text completion; returns the SSE event iterator."""
         p = self._prepare_completion(req)
         return await self._stream(p, req, chat=False, top=0)
 
     async def _stream(self, p: _Prepared, req: ChatCompletionRequest | CompletionRequest,
-                      *, chat: bool, top: int) -> AsyncIterator[str]:
+                      *, chat: bool, top: int) -> EventStream:
         """Submit now (errors become HTTP statuses), then stream every delta as an SSE event."""
         t0 = time.monotonic()
         gen, first = await self._start(p)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         want_lp = p.params.logprobs is not None
-        return self._events(p, gen, first, t0, chat, include_usage, want_lp, top)
+        events = self._events(p, gen, first, t0, chat, include_usage, want_lp, top)
+
+        async def never_started() -> None:
+            # The client left before the first event: release what `_start` took.
+            self._finish(p, 0, t0, True)
+            await _aclose(gen)
+
+        return EventStream(events, never_started)
 
     async def _events(self, p: _Prepared, gen: AsyncIterator[EngineOutput], out: EngineOutput,
                       t0: float, chat: bool, include_usage: bool, want_lp: bool,
-                      top: int) -> AsyncIterator[str]:
+                      top: int) -> AsyncGenerator[str, None]:
         """The hot loop: one SSE event per delta, JSON assembled from pre-encoded pieces."""
         obj = "chat.completion.chunk" if chat else "text_completion"
         meta = (f'data: {{"id":"{p.request_id}","object":"{obj}","created":{p.created},'
@@ -442,6 +449,38 @@ class Serving:
             self._finish(p, tokens, t0, ok)
             await _aclose(gen)
         yield DONE
+
+
+class EventStream:
+    """SSE events; closing it releases the request even if iteration never started.
+
+    (A bare async generator that was never started skips its `finally` on aclose().)
+    """
+
+    __slots__ = ("_agen", "_cleanup", "_started")
+
+    def __init__(self, agen: AsyncGenerator[str, None],
+                 cleanup: Callable[[], Awaitable[None]]) -> None:
+        """Wrap the event generator and the cleanup for the never-started case."""
+        self._agen = agen
+        self._cleanup = cleanup
+        self._started = False
+
+    def __aiter__(self) -> EventStream:
+        """Iterate over events."""
+        return self
+
+    async def __anext__(self) -> str:
+        """Next SSE event."""
+        self._started = True
+        return await self._agen.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop: abort the engine request if it is still running."""
+        if not self._started:
+            self._started = True
+            await self._cleanup()
+        await self._agen.aclose()
 
 
 async def _aclose(gen: AsyncIterator[EngineOutput]) -> None:

