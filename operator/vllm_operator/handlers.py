@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -11,6 +12,7 @@ from vllm_operator import k8s
 from vllm_operator.api import GROUP, PLURAL, VERSION
 from vllm_operator.controller import Controller
 from vllm_operator.render import MANAGED_BY_LABEL
+from vllm_operator.scrape import Scraper
 from vllm_operator.settings import OperatorSettings
 
 OURS = {MANAGED_BY_LABEL: "vllm-operator"}
@@ -32,6 +34,22 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.controller = Controller(k8s.KubeCluster(k8s.load_config()), OperatorSettings.from_env())
 
 
+@kopf.on.startup()
+async def start_scraping(memo: kopf.Memo, **_: Any) -> None:
+    settings: OperatorSettings = memo.controller.settings
+    scraper = Scraper(settings.server_port, settings.scrape_timeout_seconds, settings.scrape_concurrency)
+    memo.scrape_task = asyncio.create_task(
+        memo.controller.scrape_forever(settings.scrape_interval_seconds, scraper)
+    )
+
+
+@kopf.on.cleanup()
+async def stop_scraping(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("scrape_task")
+    if task is not None:
+        task.cancel()
+
+
 def _run(memo: kopf.Memo, namespace: str, name: str) -> None:
     try:
         memo.controller.on_model(namespace, name)
@@ -44,6 +62,14 @@ def _run(memo: kopf.Memo, namespace: str, name: str) -> None:
 @kopf.on.update(GROUP, VERSION, PLURAL)
 def model_changed(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     _run(memo, namespace or "", name)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def model_seen(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED":
+        memo.controller.forget((body["metadata"]["namespace"], body["metadata"]["name"]))
+    else:
+        memo.controller.remember(body)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=OURS)

@@ -142,10 +142,11 @@ class KubeCluster:
         )
         return result.get("items", [])  # type: ignore[no-any-return]
 
-    def write_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        current = self.get("VLLMModel", namespace, name) or {}
+    def write_status(
+        self, namespace: str, name: str, status: dict[str, Any], previous: Mapping[str, Any]
+    ) -> None:
         # A merge patch keeps keys it does not mention: null out the ones we dropped.
-        body = {key: None for key in (current.get("status") or {}) if key not in status}
+        body: dict[str, Any] = {key: None for key in previous if key not in status}
         body.update(status)
         log.info("writing status of %s/%s: phase %s", namespace, name, status.get("phase"))
         self.request(

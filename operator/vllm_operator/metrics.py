@@ -18,3 +18,16 @@ EVENTS = Counter("vllm_operator_events_total", "Kubernetes Events posted, by typ
 def serve(port: int, address: str = "0.0.0.0") -> None:
     """Serve /metrics from a background thread."""
     start_http_server(port, addr=address)
+
+
+SCRAPE_SECONDS = Histogram(
+    "vllm_operator_scrape_duration_seconds",
+    "Time to read one pod's /health, /metrics and /v1/models.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+SCRAPE_FAILURES = Counter("vllm_operator_scrape_failures_total", "Pod scrapes that failed.")
+SCRAPE_ROUND_SECONDS = Histogram(
+    "vllm_operator_scrape_round_duration_seconds",
+    "Time of one scrape round over every pod the operator watches.",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)

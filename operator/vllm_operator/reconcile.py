@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from vllm_operator import render, status
+from vllm_operator import render, status, throughput
 from vllm_operator.api import SpecError, VLLMModelStatus, dump, parse_spec, parse_status
 from vllm_operator.settings import OperatorSettings
 
@@ -25,7 +25,9 @@ class Cluster(Protocol):
 
     def list_pods(self, namespace: str, selector: str) -> Sequence[Obj]: ...
 
-    def write_status(self, namespace: str, name: str, status: dict[str, Any]) -> None: ...
+    def write_status(
+        self, namespace: str, name: str, status: dict[str, Any], previous: Mapping[str, Any]
+    ) -> None: ...
 
     def event(self, owner: Obj, kind: str, reason: str, message: str) -> None: ...
 
@@ -74,22 +76,31 @@ def plan_invalid(obj: Obj, error: SpecError, now: str) -> Plan:
     return Plan(status=None if status.same(previous, new) else new, events=events)
 
 
+@dataclass(frozen=True)
+class Observed:
+    """The children a status is computed from, kept so that scrape rounds need no reads."""
+
+    deployment: Obj | None
+    pods: Sequence[Obj]
+
+
 def reconcile(
     cluster: Cluster,
     obj: Obj,
     settings: OperatorSettings,
+    health: throughput.Aggregate | None = None,
     now: Callable[[], str] = utcnow,
-) -> Plan:
+) -> tuple[Plan, Observed | None]:
     """Bring the children in line with the spec and the status in line with the children."""
     meta = obj["metadata"]
     if meta.get("deletionTimestamp"):
-        return Plan()
+        return Plan(), None
     try:
         spec = parse_spec(obj.get("spec"))
     except SpecError as error:
         plan = plan_invalid(obj, error, now())
         execute(cluster, obj, plan)
-        return plan
+        return plan, None
 
     ref = ref_of(obj)
     desired = render.children(ref, spec, settings)
@@ -97,26 +108,56 @@ def reconcile(
     children_plan = plan_children(desired, current)
     applied = {m["kind"]: cluster.apply(m) for m in children_plan.apply}
     deployment = applied.get("Deployment") or current[[m["kind"] for m in desired].index("Deployment")]
-    pods = cluster.list_pods(ref.namespace, render.selector_string(ref.name))
+    observed = Observed(deployment, cluster.list_pods(ref.namespace, render.selector_string(ref.name)))
 
     previous = parse_status(obj.get("status"))
-    new = status.observed(
-        previous,
-        generation=int(meta.get("generation") or 0),
-        desired_replicas=spec.replicas,
-        deployment=deployment,
-        pods=pods,
-        endpoint=render.endpoint(ref, settings),
-        selector=render.selector_string(ref.name),
-        now=now(),
-    )
+    new = desired_status(obj, observed, health, settings, now())
     plan = Plan(
         apply=children_plan.apply,
         status=None if status.same(previous, new) else new,
         events=children_plan.events + transition_events(previous, new),
     )
     execute(cluster, obj, plan, already_applied=True)
-    return plan
+    return plan, observed
+
+
+def desired_status(
+    obj: Obj,
+    observed: Observed,
+    health: throughput.Aggregate | None,
+    settings: OperatorSettings,
+    now: str,
+) -> VLLMModelStatus:
+    """The whole status of a valid model: rollout state, pod health and throughput."""
+    ref = ref_of(obj)
+    spec = parse_spec(obj.get("spec"))
+    new = status.observed(
+        parse_status(obj.get("status")),
+        generation=int(obj["metadata"].get("generation") or 0),
+        desired_replicas=spec.replicas,
+        deployment=observed.deployment,
+        pods=observed.pods,
+        endpoint=render.endpoint(ref, settings),
+        selector=render.selector_string(ref.name),
+        now=now,
+        unhealthy=health.unhealthy if health else None,
+    )
+    if health is None:
+        return new
+    return new.model_copy(
+        update={"metrics": health.metrics, "pods": health.pods, "lora_adapters": health.adapters}
+    )
+
+
+def plan_scrape(
+    obj: Obj, observed: Observed, health: throughput.Aggregate, settings: OperatorSettings, now: str
+) -> Plan:
+    """After a scrape round: a status write only when the figures moved meaningfully."""
+    previous = parse_status(obj.get("status"))
+    new = desired_status(obj, observed, health, settings, now)
+    if not throughput.worth_writing(previous, new):
+        return Plan()
+    return Plan(status=new, events=transition_events(previous, new))
 
 
 def transition_events(previous: VLLMModelStatus, new: VLLMModelStatus) -> list[tuple[str, str, str]]:
@@ -139,6 +180,6 @@ def execute(cluster: Cluster, obj: Obj, plan: Plan, already_applied: bool = Fals
         for manifest in plan.apply:
             cluster.apply(manifest)
     if plan.status is not None:
-        cluster.write_status(meta["namespace"], meta["name"], dump(plan.status))
+        cluster.write_status(meta["namespace"], meta["name"], dump(plan.status), obj.get("status") or {})
     for kind, reason, message in plan.events:
         cluster.event(obj, kind, reason, message)

@@ -28,6 +28,14 @@ class OperatorSettings(BaseModel):
     """UID the server runs as (the bundled image's non-root user)."""
     default_shm_size: str = "8Gi"
     """/dev/shm size for pods with more than one GPU when the spec sets none."""
+    scrape_interval_seconds: float = Field(default=15.0, gt=0)
+    """How often every ready pod's /metrics and /health are read (0 < x)."""
+    scrape_timeout_seconds: float = Field(default=2.0, gt=0)
+    """Timeout of one pod read."""
+    scrape_concurrency: int = Field(default=64, ge=1)
+    """Pods read at once, across all models."""
+    server_port: int = 8000
+    """Port the operator reaches the server pods on."""
     cluster_domain: str = "svc"
     """Suffix of the endpoint host: NAME.NAMESPACE.<this>."""
 

@@ -75,13 +75,24 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
 
 
-def judge(desired_replicas: int, deployment: Obj | None, pods: Sequence[Obj], generation: int) -> Verdict:
-    """Phase and the three rollout conditions from the Deployment and its pods."""
+def judge(
+    desired_replicas: int,
+    deployment: Obj | None,
+    pods: Sequence[Obj],
+    generation: int,
+    unhealthy: Mapping[str, str] | None = None,
+) -> Verdict:
+    """Phase and the three rollout conditions from the Deployment, its pods and their scrapes.
+
+    `unhealthy` maps ready pods whose /health or /metrics failed to the reason: they do not
+    count as ready, whatever their readiness probe last said.
+    """
+    unhealthy = unhealthy or {}
     if deployment is None:
         waiting: tuple[ConditionStatus, str, str] = ("False", "DeploymentMissing", "creating the Deployment")
         return Verdict("Pending", waiting, ("True", "Creating", "creating the Deployment"), _no("AsExpected"))
     status = deployment.get("status") or {}
-    ready = int(status.get("readyReplicas") or 0)
+    ready = max(0, int(status.get("readyReplicas") or 0) - len(unhealthy))
     updated = int(status.get("updatedReplicas") or 0)
     total = int(status.get("replicas") or 0)
     current_spec = int(_get(deployment, "metadata", "generation", default=0)) <= int(
@@ -98,6 +109,9 @@ def judge(desired_replicas: int, deployment: Obj | None, pods: Sequence[Obj], ge
     if crashing:
         text = _clip("; ".join(f"pod {name}: {why}" for name, why in crashing))
         degraded: tuple[ConditionStatus, str, str] = ("True", "PodsFailing", text)
+    elif unhealthy:
+        text = _clip("; ".join(f"pod {name} is unhealthy: {why}" for name, why in sorted(unhealthy.items())))
+        degraded = ("True", "PodsUnhealthy", text)
     elif stuck:
         text = _clip("; ".join(f"pod {name} cannot be scheduled: {why}" for name, why in stuck))
         degraded = ("True", "Unschedulable", text)
@@ -120,8 +134,8 @@ def judge(desired_replicas: int, deployment: Obj | None, pods: Sequence[Obj], ge
         progressing = ("False", "Unschedulable", degraded[2])
     not_ready: tuple[ConditionStatus, str, str] = (
         "False",
-        "Unschedulable" if stuck else "ReplicasNotReady",
-        degraded[2] if stuck else f"{ready}/{desired_replicas} replicas ready",
+        "Unschedulable" if stuck else "PodsUnhealthy" if unhealthy else "ReplicasNotReady",
+        degraded[2] if stuck or unhealthy else f"{ready}/{desired_replicas} replicas ready",
     )
     if crashing:
         phase: Phase = "Degraded"
@@ -171,9 +185,10 @@ def observed(
     endpoint: str,
     selector: str,
     now: str,
+    unhealthy: Mapping[str, str] | None = None,
 ) -> VLLMModelStatus:
     """Status for a valid spec from what the cluster shows."""
-    verdict = judge(desired_replicas, deployment, pods, generation)
+    verdict = judge(desired_replicas, deployment, pods, generation, unhealthy)
     conditions = list(previous.conditions)
     for kind, value in (
         ("SpecValid", ("True", "Valid", "")),
@@ -182,7 +197,7 @@ def observed(
         ("Degraded", verdict.degraded),
     ):
         conditions = set_condition(conditions, kind, value, generation, now)  # type: ignore[arg-type]
-    ready = int(_get(deployment, "status", "readyReplicas", default=0) or 0)
+    ready = max(0, int(_get(deployment, "status", "readyReplicas", default=0) or 0) - len(unhealthy or {}))
     return previous.model_copy(
         update={
             "observed_generation": generation,

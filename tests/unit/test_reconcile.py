@@ -42,7 +42,9 @@ class FakeCluster:
     def list_pods(self, namespace: str, selector: str) -> Sequence[Mapping[str, Any]]:
         return self.pods
 
-    def write_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def write_status(
+        self, namespace: str, name: str, status: dict[str, Any], previous: Mapping[str, Any]
+    ) -> None:
         self.status_writes.append(status)
         self.model["status"] = status
 
@@ -81,7 +83,7 @@ def test_noop_reconcile_writes_nothing() -> None:
     cluster = FakeCluster(model())
     reconcile.reconcile(cluster, cluster.model, SETTINGS)
     writes = (len(cluster.applied), len(cluster.status_writes), len(cluster.events))
-    plan = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert plan.apply == [] and plan.status is None and plan.events == []
     assert (len(cluster.applied), len(cluster.status_writes), len(cluster.events)) == writes
 
@@ -106,7 +108,7 @@ def test_deleted_child_comes_back() -> None:
     cluster = FakeCluster(model())
     reconcile.reconcile(cluster, cluster.model, SETTINGS)
     del cluster.objects["Service"]
-    plan = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert [m["kind"] for m in plan.apply] == ["Service"]
 
 
@@ -114,7 +116,7 @@ def test_hand_edited_child_is_repaired() -> None:
     cluster = FakeCluster(model())
     reconcile.reconcile(cluster, cluster.model, SETTINGS)
     cluster.objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:latest"
-    plan = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert [m["kind"] for m in plan.apply] == ["Deployment"]
     assert (
         cluster.objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"] != "evil:latest"
@@ -126,7 +128,7 @@ def test_spec_change_reapplies_deployment() -> None:
     reconcile.reconcile(cluster, cluster.model, SETTINGS)
     cluster.model["spec"]["maxModelLen"] = 4096
     cluster.model["metadata"]["generation"] = 2
-    plan = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert [m["kind"] for m in plan.apply] == ["Deployment"]
 
 
@@ -165,5 +167,5 @@ def test_fixing_an_invalid_spec_recovers() -> None:
 def test_deleting_model_is_left_to_garbage_collection() -> None:
     cluster = FakeCluster(model())
     cluster.model["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    plan = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert plan == reconcile.Plan() and cluster.applied == [] and cluster.status_writes == []

@@ -1,0 +1,160 @@
+"""Pure aggregation of pod scrapes into the status' metrics, pods and adapters.
+
+Rates come from counter deltas between two scrapes of the same pod; a counter that went
+down means the server restarted, and its new value is all that was counted since.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from vllm_operator.api import AdapterStatus, Metrics, PodStatus, VLLMModelStatus
+
+# Sample names of vLLM's (and the bundled server's) Prometheus exposition.
+GENERATION_TOKENS = "vllm:generation_tokens_total"
+PROMPT_TOKENS = "vllm:prompt_tokens_total"
+REQUESTS = "vllm:request_success_total"
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+COUNTERS = (GENERATION_TOKENS, PROMPT_TOKENS, REQUESTS)
+MAX_PODS = 64
+
+
+@dataclass(frozen=True)
+class PodSample:
+    """One pod at one scrape: what /metrics and /health said, or why they could not be read."""
+
+    name: str
+    at: float
+    ready: bool = False
+    healthy: bool = False
+    error: str = ""
+    counters: Mapping[str, float] = field(default_factory=dict)
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_cache_usage: float = 0.0
+    adapters: tuple[str, ...] = ()
+
+
+def parse_metrics(text: str) -> tuple[dict[str, float], float, float, float]:
+    """Counters (summed over label sets), running, waiting and KV-cache usage from a /metrics page."""
+    counters = dict.fromkeys(COUNTERS, 0.0)
+    gauges: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in counters:
+                counters[sample.name] += sample.value
+            elif sample.name in (RUNNING, WAITING, *KV_CACHE):
+                gauges.setdefault(sample.name, []).append(sample.value)
+    kv = next((gauges[name] for name in KV_CACHE if name in gauges), [])
+    return (
+        counters,
+        sum(gauges.get(RUNNING, [])),
+        sum(gauges.get(WAITING, [])),
+        max(kv) if kv else 0.0,
+    )
+
+
+def rate(previous: PodSample | None, current: PodSample, name: str) -> float:
+    """Per-second increase of a counter between two scrapes of the same pod."""
+    if previous is None or not previous.healthy or not current.healthy or current.at <= previous.at:
+        return 0.0
+    before, after = previous.counters.get(name, 0.0), current.counters.get(name, 0.0)
+    increase = after if after < before else after - before  # a drop is a restart
+    return increase / (current.at - previous.at)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """What a scrape round means for one model's status."""
+
+    metrics: Metrics
+    pods: list[PodStatus]
+    adapters: list[AdapterStatus]
+    unhealthy: dict[str, str]
+
+
+def aggregate(previous: Mapping[str, PodSample], current: Sequence[PodSample], scraped_at: str) -> Aggregate:
+    """Sum rates and loads over the pods of one model; pods that failed their scrape count as unhealthy."""
+    totals = dict.fromkeys(COUNTERS, 0.0)
+    pods: list[PodStatus] = []
+    healthy = [s for s in current if s.healthy]
+    for sample in sorted(current, key=lambda s: s.name):
+        rates = {name: rate(previous.get(sample.name), sample, name) for name in COUNTERS}
+        for name, value in rates.items():
+            totals[name] += value
+        pods.append(
+            PodStatus(
+                name=sample.name,
+                ready=sample.ready,
+                healthy=sample.healthy,
+                generation_tokens_per_second=round(rates[GENERATION_TOKENS], 1),
+                running_requests=int(sample.running),
+                lora_adapters=sorted(sample.adapters),
+            )
+        )
+    metrics = Metrics(
+        generation_tokens_per_second=round(totals[GENERATION_TOKENS], 1),
+        prompt_tokens_per_second=round(totals[PROMPT_TOKENS], 1),
+        requests_per_second=round(totals[REQUESTS], 2),
+        running_requests=int(sum(s.running for s in healthy)),
+        waiting_requests=int(sum(s.waiting for s in healthy)),
+        kv_cache_usage=round(sum(s.kv_cache_usage for s in healthy) / len(healthy), 3) if healthy else 0.0,
+        scraped_at=scraped_at,
+    )
+    return Aggregate(
+        metrics=metrics,
+        pods=pods[:MAX_PODS],
+        adapters=adapter_counts(healthy),
+        unhealthy={s.name: s.error or "unhealthy" for s in current if s.ready and not s.healthy},
+    )
+
+
+def adapter_counts(samples: Iterable[PodSample]) -> list[AdapterStatus]:
+    """Per adapter, how many pods list it in their own /v1/models."""
+    counts: dict[str, int] = {}
+    for sample in samples:
+        for name in sample.adapters:
+            counts[name] = counts.get(name, 0) + 1
+    return [AdapterStatus(name=name, ready_pods=n) for name, n in sorted(counts.items())]
+
+
+def _moved(old: float, new: float, relative: float, absolute: float) -> bool:
+    return abs(new - old) > max(absolute, relative * max(abs(old), abs(new)))
+
+
+def worth_writing(old: VLLMModelStatus, new: VLLMModelStatus, relative: float = 0.1) -> bool:
+    """Whether the new figures differ enough from the written ones to spend an API write.
+
+    Rates jitter from one window to the next; within `relative` (10 %) they are not news.
+    Everything else (health, counts, adapters, conditions) is written on any change.
+    """
+    if old.metrics is None or new.metrics is None:
+        return old.metrics != new.metrics or _rest_differs(old, new)
+    a, b = old.metrics, new.metrics
+    rates_moved = any(
+        _moved(x, y, relative, 0.5)
+        for x, y in (
+            (a.generation_tokens_per_second, b.generation_tokens_per_second),
+            (a.prompt_tokens_per_second, b.prompt_tokens_per_second),
+            (a.requests_per_second, b.requests_per_second),
+        )
+    )
+    gauges_moved = (a.running_requests, a.waiting_requests) != (
+        b.running_requests,
+        b.waiting_requests,
+    ) or _moved(a.kv_cache_usage, b.kv_cache_usage, relative, 0.05)
+    return rates_moved or gauges_moved or _rest_differs(old, new)
+
+
+def _pod_shape(status: VLLMModelStatus) -> list[tuple[str, bool, bool, tuple[str, ...]]]:
+    return [(p.name, p.ready, p.healthy, tuple(p.lora_adapters)) for p in status.pods]
+
+
+def _rest_differs(old: VLLMModelStatus, new: VLLMModelStatus) -> bool:
+    keep = {"metrics", "pods"}
+    return old.model_dump(exclude=keep) != new.model_dump(exclude=keep) or _pod_shape(old) != _pod_shape(new)
