@@ -155,7 +155,7 @@ def plan_scrape(
     """After a scrape round: a status write only when the figures moved meaningfully."""
     previous = parse_status(obj.get("status"))
     new = desired_status(obj, observed, health, settings, now)
-    if not throughput.worth_writing(previous, new):
+    if not throughput.worth_writing(previous, new, settings.rate_hysteresis):
         return Plan()
     return Plan(status=new, events=transition_events(previous, new))
 

@@ -28,12 +28,14 @@ class OperatorSettings(BaseModel):
     """UID the server runs as (the bundled image's non-root user)."""
     default_shm_size: str = "8Gi"
     """/dev/shm size for pods with more than one GPU when the spec sets none."""
-    scrape_interval_seconds: float = Field(default=15.0, gt=0)
-    """How often every ready pod's /metrics and /health are read (0 < x)."""
+    scrape_interval_seconds: float = Field(default=15.0, ge=0)
+    """How often every ready pod's /metrics and /health are read; 0 turns scraping off."""
     scrape_timeout_seconds: float = Field(default=2.0, gt=0)
     """Timeout of one pod read."""
     scrape_concurrency: int = Field(default=64, ge=1)
     """Pods read at once, across all models."""
+    rate_hysteresis: float = Field(default=0.1, ge=0, lt=1)
+    """Relative change of a rate below which the status is not rewritten (0.1: 10 %)."""
     server_port: int = 8000
     """Port the operator reaches the server pods on."""
     cluster_domain: str = "svc"

@@ -30,8 +30,16 @@ def install_crd(cluster: LocalCluster) -> None:
 class OperatorProcess:
     """`python -m vllm_operator run --all-namespaces` with its log under .local/."""
 
-    def __init__(self, cluster: LocalCluster, log_name: str = "operator.log") -> None:
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        log_name: str = "operator.log",
+        env: dict[str, str] | None = None,
+        namespaces: tuple[str, ...] = (),
+    ) -> None:
         self.cluster = cluster
+        self.extra_env = env or {}
+        self.namespaces = namespaces
         self.log = cluster.root / log_name
         self.port = free_port()
         self.metrics_port = free_port()
@@ -42,20 +50,20 @@ class OperatorProcess:
         return f"http://127.0.0.1:{self.port}/healthz"
 
     def start(self) -> None:
-        env = {**self.cluster.env(), "PYTHONUNBUFFERED": "1"}
-        # The demo has no registry: kwok never pulls, so any image name does.
-        env.setdefault("VLLM_OPERATOR_SERVER_IMAGE", "ghcr.io/vllm-operator/vllm-server:0.1.0")
+        # kwok's pods run no server: unless a test starts real ones, scraping would only
+        # report every pod unhealthy.
+        env = {
+            **self.cluster.env(),
+            "PYTHONUNBUFFERED": "1",
+            "VLLM_OPERATOR_SCRAPE_INTERVAL_SECONDS": "0",
+            **self.extra_env,
+        }
+        scope = [f"--namespace={ns}" for ns in self.namespaces] or ["--all-namespaces"]
         with self.log.open("ab") as log:
+            argv = [sys.executable, "-m", "vllm_operator", "run", *scope, "--liveness", self.liveness]
+            argv += ["--metrics-port", str(self.metrics_port)]
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "vllm_operator",
-                    "run",
-                    "--all-namespaces",
-                    "--liveness",
-                    self.liveness,
-                ],
+                argv,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -60,8 +60,9 @@ def test_helm_runs(cluster: LocalCluster) -> None:
 def test_gpu_deployment_becomes_ready(cluster: LocalCluster, namespace: str) -> None:
     """Deployment -> ReplicaSet -> Pod scheduled on a GPU node, Running, Ready, with an IP."""
     apply(cluster, gpu_deployment("gpu", 1), "-n", namespace)
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Available", "deployment/gpu",
-                    "--timeout=60s", check=True)
+    cluster.kubectl(
+        "wait", "-n", namespace, "--for=condition=Available", "deployment/gpu", "--timeout=60s", check=True
+    )
     pods = get_json(cluster, "pods", "-n", namespace, "-l", "app=gpu")["items"]
     assert len(pods) == 1
     pod = pods[0]
@@ -70,9 +71,7 @@ def test_gpu_deployment_becomes_ready(cluster: LocalCluster, namespace: str) -> 
     assert pod["status"]["phase"] == "Running"
     ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
     assert ready["Ready"] == "True"
-    assert ipaddress.ip_address(pod["status"]["podIP"]) in ipaddress.ip_network(
-        cluster.spec.pod_cidr
-    )
+    assert ipaddress.ip_address(pod["status"]["podIP"]) in ipaddress.ip_network(cluster.spec.pod_cidr)
 
 
 def test_too_many_gpus_stays_pending(cluster: LocalCluster, namespace: str) -> None:
@@ -82,31 +81,42 @@ def test_too_many_gpus_stays_pending(cluster: LocalCluster, namespace: str) -> N
     def unschedulable() -> bool:
         pods = get_json(cluster, "pods", "-n", namespace, "-l", "app=huge")["items"]
         conditions = pods[0]["status"].get("conditions", []) if pods else []
-        return any(c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable"
-                   for c in conditions)
+        return any(c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable" for c in conditions)
 
     wait_until(unschedulable, "PodScheduled=False/Unschedulable", timeout=60)
     pod = get_json(cluster, "pods", "-n", namespace, "-l", "app=huge")["items"][0]
     assert pod["status"]["phase"] == "Pending"
-    events = get_json(cluster, "events", "-n", namespace,
-                      "--field-selector", f"involvedObject.name={pod['metadata']['name']}")
-    assert any(e["reason"] == "FailedScheduling" and GPU_RESOURCE in e["message"]
-               for e in events["items"])
+    events = get_json(
+        cluster,
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        f"involvedObject.name={pod['metadata']['name']}",
+    )
+    assert any(e["reason"] == "FailedScheduling" and GPU_RESOURCE in e["message"] for e in events["items"])
 
 
 def test_owner_reference_garbage_collection(cluster: LocalCluster, namespace: str) -> None:
     """Deleting an owner deletes its dependants (the garbage collector runs)."""
-    apply(cluster, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}},
-          "-n", namespace)
+    apply(cluster, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}}, "-n", namespace)
     uid = get_json(cluster, "configmap", "owner", "-n", namespace)["metadata"]["uid"]
     owner_ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}
-    apply(cluster, {"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": "child", "ownerReferences": [owner_ref]}},
-          "-n", namespace)
+    apply(
+        cluster,
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "child", "ownerReferences": [owner_ref]},
+        },
+        "-n",
+        namespace,
+    )
     cluster.kubectl("delete", "configmap", "owner", "-n", namespace, check=True)
     wait_until(
         lambda: cluster.kubectl("get", "configmap", "child", "-n", namespace).returncode != 0,
-        "the dependant ConfigMap to be collected", timeout=60,
+        "the dependant ConfigMap to be collected",
+        timeout=60,
     )
 
 
@@ -114,12 +124,15 @@ def widget_crd(group: str) -> dict[str, Any]:
     """A namespaced CRD whose schema carries a CEL rule."""
     schema = {
         "type": "object",
-        "properties": {"spec": {
-            "type": "object",
-            "properties": {"min": {"type": "integer"}, "max": {"type": "integer"}},
-            "x-kubernetes-validations": [
-                {"rule": "self.min <= self.max", "message": "min must not exceed max"}],
-        }},
+        "properties": {
+            "spec": {
+                "type": "object",
+                "properties": {"min": {"type": "integer"}, "max": {"type": "integer"}},
+                "x-kubernetes-validations": [
+                    {"rule": "self.min <= self.max", "message": "min must not exceed max"}
+                ],
+            }
+        },
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -129,8 +142,9 @@ def widget_crd(group: str) -> dict[str, Any]:
             "group": group,
             "scope": "Namespaced",
             "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
-            "versions": [{"name": "v1", "served": True, "storage": True,
-                          "schema": {"openAPIV3Schema": schema}}],
+            "versions": [
+                {"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": schema}}
+            ],
         },
     }
 
@@ -140,29 +154,32 @@ def test_crd_cel_validation(cluster: LocalCluster, namespace: str) -> None:
     group = f"{namespace}.smoke.example.com"
     apply(cluster, widget_crd(group))
     try:
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/widgets.{group}",
-                        "--timeout=30s", check=True)
+        cluster.kubectl(
+            "wait", "--for=condition=Established", f"crd/widgets.{group}", "--timeout=30s", check=True
+        )
         # Discovery can lag behind Established for a moment.
         time.sleep(1)
 
         def widget(name: str, low: int, high: int) -> str:
-            body = {"apiVersion": f"{group}/v1", "kind": "Widget", "metadata": {"name": name},
-                    "spec": {"min": low, "max": high}}
+            body = {
+                "apiVersion": f"{group}/v1",
+                "kind": "Widget",
+                "metadata": {"name": name},
+                "spec": {"min": low, "max": high},
+            }
             return json.dumps(body)
 
         bad = cluster.kubectl("create", "-n", namespace, "-f", "-", input=widget("bad", 5, 1))
         assert bad.returncode != 0
         assert "min must not exceed max" in bad.stderr
-        cluster.kubectl("create", "-n", namespace, "-f", "-", input=widget("good", 1, 5),
-                        check=True)
+        cluster.kubectl("create", "-n", namespace, "-f", "-", input=widget("good", 1, 5), check=True)
     finally:
         cluster.kubectl("delete", "crd", f"widgets.{group}", "--wait=false")
 
 
 def test_server_side_apply(cluster: LocalCluster, namespace: str) -> None:
     """kubectl apply --server-side records our field manager and merges a second apply."""
-    manifest = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa"},
-                "data": {"a": "1"}}
+    manifest = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa"}, "data": {"a": "1"}}
     apply(cluster, manifest, "-n", namespace, "--server-side", "--field-manager=smoke")
     manifest["data"] = {"a": "2"}
     apply(cluster, manifest, "-n", namespace, "--server-side", "--field-manager=smoke")
