@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -112,6 +113,11 @@ async def _start_engine(app: FastAPI, serving: Serving, factory: EngineFactory) 
         for module in settings.lora_modules:
             await engine.add_lora(module.name, module.path)
         await _warm_up(engine)
+        # Move the large startup heap (torch, transformers, vLLM) out of the collector's
+        # reach: otherwise full collections walk it again and again under load and stall
+        # the event loop (measured: ~40% lower tokens/s in the first minutes).
+        gc.collect()
+        gc.freeze()
     except asyncio.CancelledError:
         raise
     except BaseException as exc:

@@ -408,7 +408,7 @@ class Serving:
             rest = '"text":'
             close = ""
         tokens = 0
-        ok = False
+        failed = False
         try:
             while True:
                 for d in out.deltas:
@@ -434,19 +434,22 @@ class Serving:
                     out = await anext(gen)
                 except StopAsyncIteration:
                     break
-            ok = True
             if include_usage:
                 usage = _usage(len(p.prompt_ids), tokens).model_dump_json()
                 yield f'{meta},"choices":[],"usage":{usage}}}\n\n'
-        except (EngineInputError, EngineOverloadedError, EngineDeadError) as exc:
+        except Exception as exc:
             # Headers are gone: report in-band, as OpenAI and vLLM do.
+            failed = True
             err = _engine_error(exc)
-            if isinstance(err, ApiError):
-                yield f"data: {err.body().model_dump_json()}\n\n"
+            if not isinstance(err, ApiError):
+                log.exception("generation failed", exc_info=exc)
+                err = ApiError(500, f"Generation failed: {type(exc).__name__}")
+            yield f"data: {err.body().model_dump_json()}\n\n"
         finally:
             # Runs on normal end, engine error, or client disconnect (cancel / aclose):
-            # closing the engine iterator aborts the request in the engine.
-            self._finish(p, tokens, t0, ok)
+            # closing the engine iterator aborts the request in the engine. A client that
+            # leaves early still counts as a processed request with the tokens it got.
+            self._finish(p, tokens, t0, not failed)
             await _aclose(gen)
         yield DONE
 

@@ -1,0 +1,246 @@
+"""Real vLLM CPU engine behind `python -m vllm_server`, driven with the official openai client.
+
+One server per session (see conftest.real_server): tiny random Llama, LoRA on, API key set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.server.realserver import RealServer
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
+
+MSGS = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hello, how are you today?"},
+    {"role": "assistant", "content": "I am fine, thank you."},
+    {"role": "user", "content": "Tell me about Kubernetes operators."},
+]
+EXACT = {"ignore_eos": True}  # vLLM extra: lengths are exact despite random weights
+
+
+@pytest.fixture(scope="module")
+def oai(real_server: RealServer) -> openai.OpenAI:
+    """The official client on the real server."""
+    return openai.OpenAI(base_url=f"{real_server.url}/v1", api_key=real_server.api_key,
+                         max_retries=0, timeout=120)
+
+
+def metric(srv: RealServer, name: str) -> float:
+    """Sum of a Prometheus series over its labels."""
+    text = httpx.get(f"{srv.url}/metrics", timeout=10).text
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M):
+        total += float(m.group(1))
+    return total
+
+
+def test_chat_multi_turn(oai: openai.OpenAI) -> None:
+    r = oai.chat.completions.create(model="tiny", messages=MSGS, max_tokens=8,  # type: ignore[arg-type]
+                                    extra_body=EXACT)
+    assert r.object == "chat.completion" and r.model == "tiny"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == 8
+    assert r.usage.prompt_tokens > 20  # the chat template wrapped four messages
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+
+
+def test_sampling_params_and_n(oai: openai.OpenAI) -> None:
+    kw = dict(model="tiny", messages=MSGS[:2], max_tokens=6, temperature=0.8, top_p=0.9,
+              seed=7, presence_penalty=0.5, frequency_penalty=0.5, stop=["zzz"])
+    a = oai.chat.completions.create(**kw, n=2, extra_body={**EXACT, "top_k": 20})  # type: ignore[call-overload]
+    b = oai.chat.completions.create(**kw, n=2, extra_body={**EXACT, "top_k": 20})  # type: ignore[call-overload]
+    assert [c.index for c in a.choices] == [0, 1]
+    assert a.usage.completion_tokens == 12
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    g1 = oai.chat.completions.create(model="tiny", messages=MSGS[:2], max_tokens=6,
+                                     temperature=0, logprobs=True, top_logprobs=2,
+                                     extra_body=EXACT)
+    lp = g1.choices[0].logprobs
+    assert lp is not None and lp.content is not None and len(lp.content) == 6
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in lp.content)
+
+
+def test_completions(oai: openai.OpenAI) -> None:
+    r = oai.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=5,
+                               extra_body=EXACT)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == 5
+    r = oai.completions.create(model="tiny", prompt=[10, 11, 12, 13], max_tokens=3,
+                               logprobs=2, extra_body=EXACT)
+    assert r.usage is not None and r.usage.prompt_tokens == 4
+    assert r.choices[0].logprobs is not None
+    assert len(r.choices[0].logprobs.token_logprobs or []) == 3
+
+
+def test_chat_streaming_is_token_by_token(oai: openai.OpenAI) -> None:
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    text = []
+    usage = None
+    stream = oai.chat.completions.create(model="tiny", messages=MSGS, max_tokens=96,  # type: ignore[arg-type]
+                                         stream=True, stream_options={"include_usage": True},
+                                         extra_body=EXACT)
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.perf_counter() - t0)
+            text.append(chunk.choices[0].delta.content)
+    total = time.perf_counter() - t0
+    assert usage is not None and usage.completion_tokens == 96
+    # One event per token (a few tokens may be held back as partial UTF-8 and merged).
+    assert len(stamps) >= 80
+    assert stamps[0] < total / 4, (stamps[0], total)
+    # Arrival is spread over the generation, not bunched at the end.
+    assert stamps[len(stamps) // 2] < total * 0.8
+
+
+def test_completions_streaming(oai: openai.OpenAI) -> None:
+    chunks = list(oai.completions.create(model="tiny", prompt="Hello", max_tokens=10,
+                                         stream=True, extra_body=EXACT))
+    assert len(chunks) >= 8
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_models(oai: openai.OpenAI, real_server: RealServer) -> None:
+    models = {m.id: m for m in oai.models.list()}
+    assert "tiny" in models and "preloaded" in models
+    assert (models["tiny"].model_extra or {}).get("max_model_len") == 1024
+    info = httpx.get(f"{real_server.url}/v1/info", headers=real_server.headers()).json()
+    assert info["max_model_len"] == 1024 and info["dtype"] == "float32"
+    assert "preloaded" in info["lora_adapters"]
+
+
+def test_errors(oai: openai.OpenAI, real_server: RealServer) -> None:
+    with pytest.raises(openai.NotFoundError) as nf:
+        oai.chat.completions.create(model="nope", messages=MSGS, max_tokens=2)  # type: ignore[arg-type]
+    assert nf.value.body["code"] == "model_not_found"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as br:
+        oai.chat.completions.create(model="tiny", messages=MSGS, temperature=5)  # type: ignore[arg-type]
+    assert br.value.body["param"] == "temperature"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as br:
+        oai.completions.create(model="tiny", prompt=[5] * 1500, max_tokens=2)
+    assert br.value.body["param"] == "prompt"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as br:
+        oai.completions.create(model="tiny", prompt="hi", max_tokens=5000)
+    assert br.value.body["param"] == "max_tokens"  # type: ignore[index]
+    r = httpx.post(f"{real_server.url}/v1/chat/completions", content=b"{not json",
+                   headers={**real_server.headers(), "content-type": "application/json"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param",
+                                                                "code"}
+
+
+def test_api_key(real_server: RealServer) -> None:
+    bad = openai.OpenAI(base_url=f"{real_server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    r = httpx.post(f"{real_server.url}/v1/chat/completions", json={"messages": MSGS})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{real_server.url}/health").status_code == 200
+    assert httpx.get(f"{real_server.url}/metrics").status_code == 200
+
+
+def test_lora_load_use_unload(oai: openai.OpenAI, real_server: RealServer) -> None:
+    url, h = real_server.url, real_server.headers()
+    path = real_server.extra["lora_path"]
+    r = httpx.post(f"{url}/v1/load_lora_adapter", headers=h,
+                   json={"lora_name": "second", "lora_path": path}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert "second" in {m.id for m in oai.models.list()}
+    names = [a["name"] for a in httpx.get(f"{url}/v1/lora_adapters", headers=h).json()]
+    assert sorted(names) == ["preloaded", "second"]
+
+    def greedy(model: str) -> str:
+        r = oai.completions.create(model=model, prompt="The quick brown fox", max_tokens=12,
+                                   temperature=0, extra_body=EXACT)
+        assert r.model == model
+        return r.choices[0].text
+
+    base = greedy("tiny")
+    assert greedy("second") != base  # random B matrices change the output
+    assert greedy("preloaded") == greedy("second")  # same weights, other name
+    r = httpx.post(f"{url}/v1/unload_lora_adapter", headers=h, json={"lora_name": "second"})
+    assert r.status_code == 200, r.text
+    with pytest.raises(openai.NotFoundError):
+        greedy("second")
+    assert "second" not in {m.id for m in oai.models.list()}
+    r = httpx.post(f"{url}/v1/unload_lora_adapter", headers=h, json={"lora_name": "second"})
+    assert r.status_code == 404
+    r = httpx.post(f"{url}/v1/load_lora_adapter", headers=h,
+                   json={"lora_name": "broken", "lora_path": "/does/not/exist"}, timeout=60)
+    assert r.status_code in (400, 404) and "error" in r.json()
+
+
+def test_metrics_and_stats_move(oai: openai.OpenAI, real_server: RealServer) -> None:
+    h = real_server.headers()
+    gen0 = metric(real_server, "vllm:generation_tokens_total")
+    http0 = metric(real_server, "vllm_server_http_requests_total")
+    stats0 = httpx.get(f"{real_server.url}/v1/stats", headers=h).json()
+    oai.chat.completions.create(model="tiny", messages=MSGS, max_tokens=10,  # type: ignore[arg-type]
+                                extra_body=EXACT)
+    stats1 = httpx.get(f"{real_server.url}/v1/stats", headers=h).json()
+    assert metric(real_server, "vllm:generation_tokens_total") >= gen0 + 10
+    assert metric(real_server, "vllm_server_http_requests_total") > http0
+    assert stats1["requests_processed"] == stats0["requests_processed"] + 1
+    assert stats1["tokens_generated"] == stats0["tokens_generated"] + 10
+    assert stats1["max_tokens_per_request"] >= 10
+    assert stats1["avg_generation_time_seconds"] > 0
+    assert stats1["uptime_seconds"] > stats0["uptime_seconds"]
+
+
+def test_disconnect_aborts_engine_request(real_server: RealServer) -> None:
+    body = {"model": "tiny", "messages": MSGS, "max_tokens": 900, "ignore_eos": True,
+            "stream": True}
+    gen0 = metric(real_server, "vllm:generation_tokens_total")
+    with httpx.stream("POST", f"{real_server.url}/v1/chat/completions", json=body,
+                      headers=real_server.headers(), timeout=60) as r:
+        assert r.status_code == 200
+        seen = 0
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                seen += 1
+            if seen >= 5:
+                break
+    # Connection closed: the engine must abort, so the token counter stops growing.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if metric(real_server, "vllm:num_requests_running") == 0:
+            break
+        time.sleep(0.1)
+    assert metric(real_server, "vllm:num_requests_running") == 0
+    a = metric(real_server, "vllm:generation_tokens_total")
+    time.sleep(1.0)
+    b = metric(real_server, "vllm:generation_tokens_total")
+    assert a == b, "tokens still being generated after the client left"
+    assert b - gen0 < 600, "the request ran (nearly) to its end instead of being aborted"
+
+
+def test_queue_full_returns_503(real_server: RealServer) -> None:
+    # The session server runs --max-num-seqs 8 --max-queued-requests 4: 12 may be in flight.
+    body = {"model": "tiny", "messages": MSGS[:2], "max_tokens": 300, "ignore_eos": True,
+            "stream": True}
+
+    async def go() -> list[tuple[int, str | None]]:
+        async with httpx.AsyncClient(base_url=real_server.url, headers=real_server.headers(),
+                                     timeout=120) as c:
+            async def one() -> tuple[int, str | None]:
+                async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    await r.aread()
+                    return r.status_code, r.headers.get("retry-after")
+
+            return await asyncio.gather(*(one() for _ in range(20)))
+
+    results = asyncio.run(go())
+    codes = [c for c, _ in results]
+    assert codes.count(200) >= 12 and codes.count(503) >= 1, codes
+    assert all(ra == "1" for c, ra in results if c == 503)
+    assert set(codes) <= {200, 503}

@@ -1,0 +1,52 @@
+"""SIGTERM on the real server: stop accepting, finish in-flight streams, exit 0.
+
+Runs last (file order) because it stops the session's server.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.server.realserver import RealServer
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(300)]
+
+
+def test_sigterm_drains_streams_then_exits_zero(real_server: RealServer) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 400, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    events: list[str] = []
+    refused: list[bool] = []
+    with httpx.stream("POST", f"{real_server.url}/v1/chat/completions", json=body,
+                      headers=real_server.headers(), timeout=120) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(line)
+            if len(events) >= 3:
+                break
+        real_server.proc.send_signal(signal.SIGTERM)
+
+        def probe() -> None:
+            time.sleep(0.5)
+            try:
+                httpx.get(f"{real_server.url}/health", timeout=2)
+                refused.append(False)
+            except httpx.HTTPError:
+                refused.append(True)
+
+        t = threading.Thread(target=probe)
+        t.start()
+        events += [line for line in lines if line.startswith("data: ")]
+        t.join()
+    assert events[-1] == "data: [DONE]", "the in-flight stream was cut"
+    assert '"completion_tokens":400' in events[-2]
+    assert refused == [True], "new connections were still accepted after SIGTERM"
+    assert real_server.proc.wait(60) == 0
