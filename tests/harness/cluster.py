@@ -225,6 +225,8 @@ class LocalCluster:
             f"--service-account-signing-key-file={p.sa_key}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-cluster-ip-range={self.spec.service_cidr}",
+            # The reconciler refuses loopback addresses; nothing in-cluster calls the API.
+            "--endpoint-reconciler-type=none",
             "--allow-privileged=true",
             "--profiling=false",
         ]

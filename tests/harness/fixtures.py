@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness.cluster import LocalCluster, wait_until
+from tests.harness.cluster import LocalCluster, explain_failure, wait_until
 
 
 def reuse_requested() -> bool:
@@ -31,7 +31,10 @@ def cluster() -> Iterator[LocalCluster]:
             yield running
             return
     local = LocalCluster()
-    local.start()
+    try:
+        local.start()
+    except Exception as error:
+        raise RuntimeError(explain_failure(local, error)) from error
     print(f"\n[harness] cluster up in {local.started_seconds:.1f}s", file=sys.stderr)
     try:
         yield local
