@@ -185,6 +185,7 @@ class LocalCluster:
 
     def restart_apiserver(self, timeout: float = 60.0, downtime: float = 0.0) -> None:
         """Stop kube-apiserver and start it again on the same port and data."""
+        # SIGTERM first; it lingers on open watches, so it is SIGKILLed after 5 s.
         self.supervisor.stop("kube-apiserver")
         time.sleep(downtime)
         self.start_apiserver(self.binaries()["kube-apiserver"], timeout)

@@ -2,7 +2,8 @@
 
 Enable with `pytest_plugins = ["tests.harness.fixtures"]` in tests/conftest.py, and mark
 such tests `@pytest.mark.cluster`. Set VLLM_OPERATOR_REUSE_CLUSTER=1 to use a cluster
-already started with `make cluster-up` (it is then left running).
+already started with `make cluster-up` (it is then left running) when its spec matches.
+Without it, the session cluster replaces any cluster running under `.local/`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness.cluster import LocalCluster, explain_failure, wait_until
+from tests.harness.cluster import ClusterSpec, LocalCluster, explain_failure, wait_until
 
 
 def reuse_requested() -> bool:
@@ -23,14 +24,21 @@ def reuse_requested() -> bool:
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[LocalCluster]:
+def cluster_spec() -> ClusterSpec:
+    """What the session cluster runs; override this fixture (e.g. a 127.x pod CIDR)."""
+    return ClusterSpec()
+
+
+@pytest.fixture(scope="session")
+def cluster(cluster_spec: ClusterSpec) -> Iterator[LocalCluster]:
     """A running control plane for the whole session, stopped (and wiped) at the end."""
     if reuse_requested():
         running = LocalCluster.load()
-        if running.status().get("readyz", "").endswith(" ok"):
+        healthy = running.status().get("readyz", "").endswith(" ok")
+        if healthy and running.spec == cluster_spec:
             yield running
             return
-    local = LocalCluster()
+    local = LocalCluster(spec=cluster_spec)
     try:
         local.start()
     except Exception as error:

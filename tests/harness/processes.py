@@ -103,7 +103,7 @@ class Supervisor:
                 f"({self.log_path(name)}):\n{log_tail(self.log_path(name))}"
             )
 
-    def stop(self, name: str, timeout: float = 15.0) -> None:
+    def stop(self, name: str, timeout: float = 5.0) -> None:
         """SIGTERM a component, SIGKILL it after timeout, and forget its pid file."""
         pid = self.pid(name)
         if pid is not None:
