@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,6 +58,24 @@ def test_helm_runs(cluster: LocalCluster) -> None:
     assert out.startswith(versions.HELM)
 
 
+def test_helm_installs_a_kube_version_gated_chart(
+    cluster: LocalCluster, namespace: str, tmp_path: Path
+) -> None:
+    """helm accepts a chart with kubeVersion (the server's version is real) and installs it."""
+    chart = tmp_path / "smoke"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: smoke\nversion: 0.1.0\nkubeVersion: '>=1.30.0-0'\n"
+    )
+    (chart / "templates" / "cm.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}\n"
+        "data:\n  kube: {{ .Capabilities.KubeVersion.Version | quote }}\n"
+    )
+    cluster.helm("install", "smoke", str(chart), "-n", namespace, "--wait", check=True)
+    got = get_json(cluster, "configmap", "smoke", "-n", namespace)
+    assert got["data"]["kube"] == versions.KUBERNETES
+
+
 def test_gpu_deployment_becomes_ready(cluster: LocalCluster, namespace: str) -> None:
     """Deployment -> ReplicaSet -> Pod scheduled on a GPU node, Running, Ready, with an IP."""
     apply(cluster, gpu_deployment("gpu", 1), "-n", namespace)
@@ -71,7 +90,14 @@ def test_gpu_deployment_becomes_ready(cluster: LocalCluster, namespace: str) -> 
     assert pod["status"]["phase"] == "Running"
     ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
     assert ready["Ready"] == "True"
-    assert ipaddress.ip_address(pod["status"]["podIP"]) in ipaddress.ip_network(cluster.spec.pod_cidr)
+    pod_ip = ipaddress.ip_address(pod["status"]["podIP"])
+    assert pod_ip in ipaddress.ip_network(cluster.spec.pod_cidr)
+    # kwok stands in for the kubelet on deletion too: scaled-away pods really go away.
+    cluster.kubectl("scale", "-n", namespace, "deployment/gpu", "--replicas=0", check=True)
+    wait_until(
+        lambda: not get_json(cluster, "pods", "-n", namespace, "-l", "app=gpu")["items"],
+        "pods of the scaled-down Deployment to be deleted", timeout=60,
+    )
 
 
 def test_too_many_gpus_stays_pending(cluster: LocalCluster, namespace: str) -> None:
@@ -187,3 +213,13 @@ def test_server_side_apply(cluster: LocalCluster, namespace: str) -> None:
     assert got["data"] == {"a": "2"}
     managers = {(m["manager"], m["operation"]) for m in got["metadata"]["managedFields"]}
     assert ("smoke", "Apply") in managers
+
+
+def test_apiserver_restart_keeps_the_cluster_working(
+    cluster: LocalCluster, namespace: str
+) -> None:
+    """After restart_apiserver(), controllers, scheduler and kwok carry on (runs last)."""
+    cluster.restart_apiserver()
+    apply(cluster, gpu_deployment("after", 2), "-n", namespace)
+    cluster.kubectl("wait", "-n", namespace, "--for=condition=Available", "deployment/after",
+                    "--timeout=60s", check=True)

@@ -8,12 +8,14 @@ holds all its binaries is skipped, so a second run is a no-op.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,10 +223,31 @@ def log(message: str) -> None:
     print(f"[tools] {message}", file=sys.stderr, flush=True)
 
 
+@contextmanager
+def build_lock() -> Iterator[None]:
+    """Serialise builds across processes (parallel test runs share the cache)."""
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with (cache_root() / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure(component: Component) -> float | None:
     """Build the component unless cached; return the seconds spent, or None if cached."""
     if component.is_cached():
         return None
+    with build_lock():
+        # Another process may have finished the same build while we waited.
+        if component.is_cached():
+            return None
+        return build(component)
+
+
+def build(component: Component) -> float:
+    """Build one component into its cache directory; return the seconds spent."""
     if not Path(versions.GO).exists():
         raise ToolchainError(f"Go not found at {versions.GO} (see tests/harness/versions.py)")
     names = ", ".join(component.binaries)
