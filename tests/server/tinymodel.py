@@ -33,6 +33,28 @@ VOCAB_SIZE = 512
 MAX_POSITIONS = 1024
 
 
+def _ascii_alphabet() -> list[str]:
+    """Byte-level symbols of printable ASCII, tab and newline only.
+
+    With no symbol for bytes >= 0x80 every token decodes to whole characters, so the
+    detokenizer never holds text back waiting for the rest of a UTF-8 sequence: random
+    weights then still stream one text event per token. (Non-ASCII input is dropped.)
+    """
+    # GPT-2's byte -> symbol table, as used by the ByteLevel pre-tokenizer.
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(
+        range(0xAE, 0x100))
+    table: dict[int, str] = {}
+    extra = 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    wanted = [*range(0x20, 0x7F), 0x09, 0x0A]
+    return [table[b] for b in wanted]
+
+
 def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
     """Write a random LlamaForCausalLM (hidden 128, 2 heads, 2 layers) and its tokenizer."""
     import torch
@@ -52,7 +74,7 @@ def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
         special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=_ascii_alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
