@@ -19,17 +19,18 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tests.harness import pki, toolchain, versions
-from tests.harness.processes import ComponentFailed, Supervisor, free_port, log_tail
+from tests.harness.processes import ComponentFailed, Supervisor, free_ports, log_tail
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_ROOT = REPO_ROOT / ".local"
+# Another root lets a second session run its own cluster beside the default one.
+DEFAULT_ROOT = Path(os.environ.get("VLLM_OPERATOR_CLUSTER_ROOT", REPO_ROOT / ".local"))
 # Stop order: dependants first, etcd last.
 COMPONENTS = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
@@ -53,12 +54,17 @@ class ClusterSpec:
 class Ports:
     """Loopback ports, chosen free at start and kept for restarts."""
 
-    etcd_client: int = field(default_factory=free_port)
-    etcd_peer: int = field(default_factory=free_port)
-    apiserver: int = field(default_factory=free_port)
-    controller_manager: int = field(default_factory=free_port)
-    scheduler: int = field(default_factory=free_port)
-    kwok: int = field(default_factory=free_port)
+    etcd_client: int
+    etcd_peer: int
+    apiserver: int
+    controller_manager: int
+    scheduler: int
+    kwok: int
+
+    @classmethod
+    def allocate(cls) -> Ports:
+        """A set of distinct free ports."""
+        return cls(*free_ports(len(fields(cls))))
 
 
 def node_manifest(name: str, gpus: int, cpu: str, memory: str) -> dict[str, Any]:
@@ -116,12 +122,12 @@ def wait_until(
 class LocalCluster:
     """One local control plane rooted at a directory (default `.local/`)."""
 
-    def __init__(self, root: Path = DEFAULT_ROOT, spec: ClusterSpec | None = None) -> None:
-        self.root = root
-        self.run_dir = root / "cluster"
-        self.kubeconfig = root / "kubeconfig"
+    def __init__(self, root: Path | None = None, spec: ClusterSpec | None = None) -> None:
+        self.root = root or DEFAULT_ROOT
+        self.run_dir = self.root / "cluster"
+        self.kubeconfig = self.root / "kubeconfig"
         self.spec = spec or ClusterSpec()
-        self.ports = Ports()
+        self.ports = Ports.allocate()
         self.pki = pki.Pki(self.run_dir / "pki")
         self.supervisor = Supervisor(self.run_dir, str(toolchain.cache_root()))
         self.started_seconds: float | None = None
@@ -139,7 +145,7 @@ class LocalCluster:
         self.state_file.write_text(json.dumps(state, indent=2) + "\n")
 
     @classmethod
-    def load(cls, root: Path = DEFAULT_ROOT) -> LocalCluster:
+    def load(cls, root: Path | None = None) -> LocalCluster:
         """A handle on a cluster started earlier (possibly by another process)."""
         cluster = cls(root)
         if cluster.state_file.exists():
