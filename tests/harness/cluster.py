@@ -34,6 +34,9 @@ DEFAULT_ROOT = Path(os.environ.get("VLLM_OPERATOR_CLUSTER_ROOT", REPO_ROOT / ".l
 # Stop order: dependants first, etcd last.
 COMPONENTS = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+# Pod IPs in this range are loopback addresses here, so a test can serve at a pod's IP.
+# It leaves out 127.0.0.0/16, where real local services listen.
+LOOPBACK_POD_CIDR = "127.1.0.0/16"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 

@@ -15,7 +15,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness.cluster import ClusterSpec, LocalCluster, explain_failure, wait_until
+from tests.harness.cluster import (
+    LOOPBACK_POD_CIDR,
+    ClusterSpec,
+    LocalCluster,
+    explain_failure,
+    wait_until,
+)
 
 
 def reuse_requested() -> bool:
@@ -25,8 +31,12 @@ def reuse_requested() -> bool:
 
 @pytest.fixture(scope="session")
 def cluster_spec() -> ClusterSpec:
-    """What the session cluster runs; override this fixture (e.g. a 127.x pod CIDR)."""
-    return ClusterSpec()
+    """What the session cluster runs; override this fixture to change it.
+
+    Pod IPs are loopback addresses (127.1.x.y) so tests can run real servers at pod IPs;
+    VLLM_OPERATOR_POD_CIDR picks another range.
+    """
+    return ClusterSpec(pod_cidr=os.environ.get("VLLM_OPERATOR_POD_CIDR", LOOPBACK_POD_CIDR))
 
 
 @pytest.fixture(scope="session")
