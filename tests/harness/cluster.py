@@ -167,6 +167,18 @@ class LocalCluster:
     def start(self, timeout: float = 120.0) -> None:
         """Start everything from scratch and wait until nodes are Ready."""
         started = time.monotonic()
+        try:
+            self.start_once(timeout)
+        except ComponentFailed as error:
+            # A port picked as free can be taken before our process binds it: retry once.
+            if "address already in use" not in str(error):
+                raise
+            self.ports = Ports.allocate()
+            self.start_once(timeout)
+        self.started_seconds = time.monotonic() - started
+
+    def start_once(self, timeout: float) -> None:
+        """One attempt at starting everything on the current ports."""
         self.stop()  # stale processes and data from an earlier run
         binaries = self.binaries()
         self.run_dir.mkdir(parents=True)
@@ -183,7 +195,6 @@ class LocalCluster:
             # Leave no half-started control plane behind; logs stay for the post-mortem.
             self.supervisor.stop_all(COMPONENTS)
             raise
-        self.started_seconds = time.monotonic() - started
 
     def stop(self, remove_data: bool = True) -> None:
         """Stop every process (ours or stale ones from pid files) and remove the data."""
