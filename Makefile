@@ -56,3 +56,16 @@ demo-down:
 
 bench-operator: tools
 	PYTHONPATH=. $(PY) bench/operator_bench.py
+
+# ---------------------------------------------------------------------------
+# Helm chart (charts/vllm-operator): the CRD copy inside the chart and the README values table.
+.PHONY: chart-crd chart-docs chart-test
+
+chart-crd:
+	cp crds/serving.vllm-operator.io_vllmmodels.yaml charts/vllm-operator/files/crd.yaml
+
+chart-docs: venv
+	$(PY) -m tests.chart.values_doc --readme README.md
+
+chart-test: venv tools
+	$(PY) -m pytest -q tests/chart

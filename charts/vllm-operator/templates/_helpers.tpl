@@ -1,0 +1,113 @@
+{{/*
+The chart name, or nameOverride.
+*/}}
+{{- define "vllm-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The prefix of every resource name: fullnameOverride, else the release name plus the chart
+name unless the release name already contains it. Truncated to 63 characters (DNS label).
+*/}}
+{{- define "vllm-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "vllm-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every resource of the chart.
+*/}}
+{{- define "vllm-operator.labels" -}}
+helm.sh/chart: {{ include "vllm-operator.chart" . }}
+{{ include "vllm-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Labels that select the operator pod (immutable once installed: keep them few).
+*/}}
+{{- define "vllm-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "vllm-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+The ServiceAccount the operator runs as.
+*/}}
+{{- define "vllm-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "vllm-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The operator image: repository and tag (the chart's appVersion unless set).
+*/}}
+{{- define "vllm-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+The rules the operator needs, shared by the ClusterRole and the namespaced Roles.
+Each one is a call the operator makes (see the chart tests, which run the operator with
+exactly these): kopf watches and annotates VLLMModels; the reconciler reads, creates and
+server-side applies Deployments and Services, lists Pods, patches status and posts Events.
+*/}}
+{{- define "vllm-operator.rules" -}}
+- apiGroups: ["serving.vllm-operator.io"]
+  resources: ["vllmmodels"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["serving.vllm-operator.io"]
+  resources: ["vllmmodels/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "update"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create", "patch", "update"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
+
+{{/*
+The operator's command line: the watch scope, its endpoints and the log level.
+*/}}
+{{- define "vllm-operator.args" -}}
+- run
+{{- if .Values.watchNamespaces }}
+{{- range .Values.watchNamespaces }}
+- --namespace={{ . }}
+{{- end }}
+{{- else }}
+- --all-namespaces
+{{- end }}
+- --liveness=http://0.0.0.0:{{ .Values.ports.liveness }}/healthz
+- --metrics-port={{ .Values.ports.metrics }}
+{{- if .Values.verbose }}
+- --verbose
+{{- end }}
+{{- end }}
