@@ -96,7 +96,8 @@ class KubeCluster:
     ) -> Any:
         """One API call with retries; raises ApiException on an HTTP error."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
-        payload = json.dumps(body) if body is not None else None
+        # The client JSON-encodes bodies of JSON content types itself; YAML ones (apply) go as text.
+        payload = json.dumps(body) if body is not None and content_type == APPLY else body
 
         def call() -> Any:
             _, url, signed, _, _ = self.api.param_serialize(
