@@ -1,3 +1,25 @@
-"""Shared pytest configuration."""
+"""Shared pytest configuration: the local control plane and the tiny model, for every test folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.harness.cluster import ClusterSpec
 
 pytest_plugins = ["tests.harness.fixtures"]
+
+
+@pytest.fixture(scope="session")
+def cluster_spec() -> ClusterSpec:
+    """Pod IPs on loopback, so that tests can run real servers at the addresses pods get."""
+    return ClusterSpec(pod_cidr="127.42.0.0/16")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama built once per session (no download)."""
+    from tests.server.tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

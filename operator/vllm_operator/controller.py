@@ -65,6 +65,8 @@ class Controller:
             try:
                 plan, observed = reconcile.reconcile(self.cluster, obj, self.settings, self.health.get(key))
             except ApiException as exc:
+                if exc.status == 403 and "being terminated" in (exc.body or ""):
+                    return None  # the namespace is going away, and the model with it
                 if exc.status not in (400, 422):
                     raise
                 # The API server refused a child built from free-form fields (env, resources,

@@ -65,9 +65,12 @@ def load(hosts: list[str], stop: threading.Event, per_host: int = 3) -> None:
                     "max_tokens": 32,
                     "stream": True,
                 }
-                with client.stream("POST", "/v1/chat/completions", json=body) as response:
-                    for _ in response.iter_lines():
-                        pass
+                try:
+                    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                        for _ in response.iter_lines():
+                            pass
+                except httpx.HTTPError:
+                    time.sleep(0.2)  # this server was stopped on purpose; keep loading the others
 
     threads = [
         threading.Thread(target=worker, args=(h,), daemon=True) for h in hosts for _ in range(per_host)

@@ -34,11 +34,12 @@ class RealServer:
     served_name: str
     api_key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
         """Base URL (no /v1)."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def headers(self) -> dict[str, str]:
         """Authorization header when the server has a key."""
@@ -65,11 +66,12 @@ class RealServer:
 
 def start_server(model: Path | str, extra_args: list[str], *, log_path: Path,
                  served_name: str = "tiny", module: str = "vllm_server",
-                 startup_timeout: float = 600.0, port: int | None = None) -> RealServer:
+                 startup_timeout: float = 600.0, port: int | None = None,
+                 host: str = "127.0.0.1") -> RealServer:
     """Start a server and wait until /health answers 200."""
     port = port or free_port()
     argv = [sys.executable, "-m", module, "--model", str(model), "--served-model-name",
-            served_name, "--host", "127.0.0.1", "--port", str(port), *ENGINE_FLAGS,
+            served_name, "--host", host, "--port", str(port), *ENGINE_FLAGS,
             *extra_args]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
     api_key = None
@@ -77,7 +79,7 @@ def start_server(model: Path | str, extra_args: list[str], *, log_path: Path,
         api_key = extra_args[extra_args.index("--api-key") + 1]
     log = open(log_path, "wb")  # noqa: SIM115 - the child keeps writing to it
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    srv = RealServer(proc, port, log_path, served_name, api_key)
+    srv = RealServer(proc, port, log_path, served_name, api_key, host=host)
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
