@@ -6,8 +6,9 @@ PYTHON ?= .venv/bin/python
 tools: venv
 	$(PYTHON) -m tests.harness.toolchain
 
+# e.g. make cluster-up CLUSTER_ARGS="--pod-cidr 127.1.0.0/16" (loopback pod IPs)
 cluster-up: tools
-	$(PYTHON) -m tests.harness.cluster up
+	$(PYTHON) -m tests.harness.cluster up $(CLUSTER_ARGS)
 
 cluster-down:
 	$(PYTHON) -m tests.harness.cluster down
