@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from pathlib import Path
 from tests.harness import versions
 
 HARNESS_DIR = Path(__file__).resolve().parent
+HEARTBEAT_SECONDS = 60.0
 # A fixed build date keeps the link step reproducible, so warm rebuilds stay cheap.
 BUILD_DATE = "2026-01-01T00:00:00Z"
 # The kwok stages (node and pod lifecycles) the standalone kwok binary needs as config;
@@ -81,11 +83,21 @@ def go_env(**extra: str) -> dict[str, str]:
 def run_go(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None) -> None:
     """Run one go command, raising with its output when it fails."""
     cmd = [versions.GO, *args]
-    proc = subprocess.run(
-        cmd, cwd=cwd, env=env or go_env(), capture_output=True, text=True, check=False
-    )
+    started = time.monotonic()
+    with tempfile.TemporaryFile() as output:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or go_env(), stdout=output,
+                                stderr=subprocess.STDOUT)
+        # A cold Kubernetes build is silent for 15 minutes; say it is still alive.
+        while True:
+            try:
+                proc.wait(timeout=HEARTBEAT_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                log(f"  ... still running `go {args[0]}` ({time.monotonic() - started:.0f}s)")
+        output.seek(0)
+        text = output.read().decode(errors="replace")
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        tail = "\n".join(text.splitlines()[-40:])
         raise ToolchainError(f"{' '.join(cmd)} failed in {cwd}:\n{tail}")
 
 
