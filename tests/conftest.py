@@ -6,15 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.cluster import ClusterSpec
-
 pytest_plugins = ["tests.harness.fixtures"]
-
-
-@pytest.fixture(scope="session")
-def cluster_spec() -> ClusterSpec:
-    """Pod IPs on loopback, so that tests can run real servers at the addresses pods get."""
-    return ClusterSpec(pod_cidr="127.42.0.0/16")
 
 
 @pytest.fixture(scope="session")
