@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from vllm_operator import api, crd, docs, render
+from vllm_operator.client import bench_cli
 from vllm_operator.settings import OperatorSettings
 
 EXIT_INVALID = 2
@@ -118,6 +119,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("docs", help="print the resource field table (or update a README with --readme)")
     p.add_argument("--readme", help="README file whose generated table to rewrite")
     p.set_defaults(func=cmd_docs)
+
+    bench_cli.register(sub)  # `bench check` and `bench load` (vllm_operator.client)
     return top
 
 

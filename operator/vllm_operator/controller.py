@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -13,8 +14,8 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from vllm_operator import metrics, reconcile, throughput
-from vllm_operator.api import SpecError, parse_spec
+from vllm_operator import lora, metrics, reconcile, throughput
+from vllm_operator.api import ConditionStatus, SpecError, parse_spec
 from vllm_operator.render import INSTANCE_LABEL
 from vllm_operator.scrape import Scraper, Target, targets_of
 from vllm_operator.settings import OperatorSettings
@@ -36,6 +37,9 @@ class Controller:
         self.observed: dict[Key, reconcile.Observed] = {}
         self.health: dict[Key, throughput.Aggregate] = {}
         self.samples: dict[Key, dict[str, throughput.PodSample]] = {}
+        # Adapter calls that failed: (pod, adapter) -> (retry not before, failures in a row).
+        self.adapter_waits: dict[Key, dict[tuple[str, str], tuple[float, int]]] = {}
+        self.adapter_errors: dict[Key, dict[str, str]] = {}
 
     def _lock(self, key: Key) -> threading.Lock:
         with self._guard:
@@ -93,7 +97,14 @@ class Controller:
         self.models[(meta["namespace"], meta["name"])] = body
 
     def forget(self, key: Key) -> None:
-        for cache in (self.models, self.observed, self.health, self.samples):
+        for cache in (
+            self.models,
+            self.observed,
+            self.health,
+            self.samples,
+            self.adapter_waits,
+            self.adapter_errors,
+        ):
             cache.pop(key, None)
 
     # ---- scrape rounds -------------------------------------------------------------------
@@ -118,22 +129,77 @@ class Controller:
         samples = await scraper.scrape_all(self.targets())
         scraped_at = reconcile.utcnow()
         writes = 0
+        targets = self.targets()
         for key, current in samples.items():
+            current, adapters_ready, events = await self.manage_adapters(
+                key, current, targets.get(key, []), scraper
+            )
             health = throughput.aggregate(self.samples.get(key, {}), current, scraped_at)
+            health = dataclasses.replace(health, adapters_ready=adapters_ready)
             self.samples[key] = {s.name: s for s in current}
             self.health[key] = health
-            if await asyncio.to_thread(self._write_scrape, key, health, scraped_at):
+            if await asyncio.to_thread(self._write_scrape, key, health, scraped_at, events):
                 writes += 1
         metrics.SCRAPE_ROUND_SECONDS.observe(time.monotonic() - started)
         return writes
 
-    def _write_scrape(self, key: Key, health: throughput.Aggregate, now: str) -> bool:
+    async def manage_adapters(
+        self, key: Key, current: list[throughput.PodSample], targets: list[Target], scraper: Scraper
+    ) -> tuple[
+        list[throughput.PodSample], tuple[ConditionStatus, str, str] | None, list[tuple[str, str, str]]
+    ]:
+        """Load and unload adapters so every healthy pod serves the spec's; verify from /v1/models."""
+        body = self.models.get(key)
+        try:
+            spec = parse_spec(body.get("spec")) if body is not None else None
+        except SpecError:
+            spec = None
+        if spec is None or spec.lora is None:
+            return current, None, []
+        if spec.api_key_secret_ref is not None:
+            message = "the operator does not hold the API key, so it cannot load or verify adapters"
+            return current, ("Unknown", "ApiKeyRequired", message), []
+        wanted = lora.desired(spec)
+        waits = self.adapter_waits.setdefault(key, {})
+        errors = self.adapter_errors.setdefault(key, {})
+        now = time.monotonic()
+        calls = lora.plan_calls(wanted, current, {k: v[0] for k, v in waits.items()}, now)
+        events: list[tuple[str, str, str]] = []
+        if calls:
+            by_name = {t.name: t for t in targets}
+            results = await scraper.call_adapters(calls, {t.name: t.ip for t in targets})
+            for call, error in zip(calls, results, strict=True):
+                pair = (call.pod, call.name)
+                if not error:
+                    waits.pop(pair, None)
+                    errors.pop(call.name, None)
+                    continue
+                failures = waits.get(pair, (0.0, 0))[1] + 1
+                waits[pair] = (now + lora.backoff(failures), failures)
+                if errors.get(call.name) != error:
+                    events.append(
+                        ("Warning", "AdapterFailed", f"adapter {call.name} on pod {call.pod}: {error}")
+                    )
+                errors[call.name] = error
+            # Status must come from what the pods say, not from our calls: ask them again.
+            touched = {c.pod for c in calls}
+            again = await scraper.scrape_all({key: [by_name[p] for p in sorted(touched) if p in by_name]})
+            fresh = {s.name: s for s in again.get(key, [])}
+            current = [fresh.get(s.name, s) for s in current]
+        for name in list(errors):
+            if name not in wanted:
+                del errors[name]
+        return current, lora.condition(wanted, current, errors), events
+
+    def _write_scrape(
+        self, key: Key, health: throughput.Aggregate, now: str, events: list[tuple[str, str, str]]
+    ) -> bool:
         with self._lock(key):
             body, observed = self.models.get(key), self.observed.get(key)
             if body is None or observed is None or body["metadata"].get("deletionTimestamp"):
                 return False
             try:
-                plan = reconcile.plan_scrape(body, observed, health, self.settings, now)
+                plan = reconcile.plan_scrape(body, observed, health, self.settings, now, events)
             except SpecError:
                 return False
             reconcile.execute(self.cluster, body, plan)

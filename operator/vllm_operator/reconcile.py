@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from vllm_operator import render, status, throughput
-from vllm_operator.api import SpecError, VLLMModelStatus, dump, parse_spec, parse_status
+from vllm_operator.api import SpecError, VLLMModelSpec, VLLMModelStatus, dump, parse_spec, parse_status
 from vllm_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,24 @@ def plan_invalid(obj: Obj, error: SpecError, now: str) -> Plan:
     return Plan(status=None if status.same(previous, new) else new, events=events)
 
 
+def plan_rollout(
+    ref: render.ModelRef, spec: VLLMModelSpec, settings: OperatorSettings, current: Sequence[Obj | None]
+) -> tuple[list[dict[str, Any]], Plan]:
+    """Children to apply, without rolling pods for a change of LoRA adapters alone.
+
+    Running pods keep the adapters they started with in their args; the scrape loop
+    hot-loads the rest. When the pods roll for another reason, they start with all of them.
+    """
+    started_with = render.static_adapters(current[1])
+    if started_with is not None:
+        pinned = render.children(ref, render.with_adapters(spec, started_with), settings)
+        plan = plan_children(pinned, current)
+        if not any(m["kind"] == "Deployment" for m in plan.apply):
+            return pinned, plan
+    desired = render.children(ref, spec, settings)
+    return desired, plan_children(desired, current)
+
+
 @dataclass(frozen=True)
 class Observed:
     """The children a status is computed from, kept so that scrape rounds need no reads."""
@@ -103,9 +121,8 @@ def reconcile(
         return plan, None
 
     ref = ref_of(obj)
-    desired = render.children(ref, spec, settings)
-    current = [cluster.get(m["kind"], ref.namespace, ref.name) for m in desired]
-    children_plan = plan_children(desired, current)
+    current = [cluster.get(kind, ref.namespace, ref.name) for kind in ("Service", "Deployment")]
+    desired, children_plan = plan_rollout(ref, spec, settings, current)
     applied = {m["kind"]: cluster.apply(m) for m in children_plan.apply}
     deployment = applied.get("Deployment") or current[[m["kind"] for m in desired].index("Deployment")]
     observed = Observed(deployment, cluster.list_pods(ref.namespace, render.selector_string(ref.name)))
@@ -144,20 +161,34 @@ def desired_status(
     )
     if health is None:
         return new
+    conditions = new.conditions
+    if health.adapters_ready is not None:
+        generation = int(obj["metadata"].get("generation") or 0)
+        conditions = status.set_condition(conditions, "AdaptersReady", health.adapters_ready, generation, now)
     return new.model_copy(
-        update={"metrics": health.metrics, "pods": health.pods, "lora_adapters": health.adapters}
+        update={
+            "metrics": health.metrics,
+            "pods": health.pods,
+            "lora_adapters": health.adapters,
+            "conditions": conditions,
+        }
     )
 
 
 def plan_scrape(
-    obj: Obj, observed: Observed, health: throughput.Aggregate, settings: OperatorSettings, now: str
+    obj: Obj,
+    observed: Observed,
+    health: throughput.Aggregate,
+    settings: OperatorSettings,
+    now: str,
+    events: Sequence[tuple[str, str, str]] = (),
 ) -> Plan:
     """After a scrape round: a status write only when the figures moved meaningfully."""
     previous = parse_status(obj.get("status"))
     new = desired_status(obj, observed, health, settings, now)
     if not throughput.worth_writing(previous, new, settings.rate_hysteresis):
-        return Plan()
-    return Plan(status=new, events=transition_events(previous, new))
+        return Plan(events=list(events))
+    return Plan(status=new, events=transition_events(previous, new) + list(events))
 
 
 def transition_events(previous: VLLMModelStatus, new: VLLMModelStatus) -> list[tuple[str, str, str]]:

@@ -14,6 +14,7 @@ from vllm_operator.api import (
     API_VERSION,
     KIND,
     SERVER_PORT,
+    LoraAdapter,
     Quantization,
     VLLMModelSpec,
 )
@@ -25,6 +26,8 @@ NAME_LABEL = "app.kubernetes.io/name"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 POD_SPEC_HASH = "serving.vllm-operator.io/pod-spec-hash"
+# The adapters the running pods were started with; newer ones are hot-loaded, not rolled.
+STATIC_ADAPTERS = "serving.vllm-operator.io/static-adapters"
 CONTAINER_NAME = "vllm"
 CACHE_MOUNT = "/cache"
 MODELS_MOUNT = "/models"
@@ -318,6 +321,7 @@ def spec_hash(value: Any) -> str:
 def deployment(ref: ModelRef, spec: VLLMModelSpec, settings: OperatorSettings) -> Manifest:
     served_name = spec.served_model_name or ref.name
     pod = pod_spec(spec, served_name, settings)
+    adapters = [a.model_dump(by_alias=True) for a in (spec.lora.adapters if spec.lora else [])]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -325,6 +329,7 @@ def deployment(ref: ModelRef, spec: VLLMModelSpec, settings: OperatorSettings) -
             "name": ref.name,
             "namespace": ref.namespace,
             "labels": common_labels(ref.name),
+            "annotations": {STATIC_ADAPTERS: json.dumps(adapters, separators=(",", ":"))},
             **owner_references(ref),
         },
         "spec": {
@@ -365,6 +370,24 @@ def service(ref: ModelRef) -> Manifest:
             "ports": [{"name": "http", "port": SERVER_PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }
+
+
+def static_adapters(observed: Any) -> list[LoraAdapter] | None:
+    """The adapters a running Deployment's pods were started with, if it says."""
+    raw = ((observed or {}).get("metadata", {}).get("annotations") or {}).get(STATIC_ADAPTERS)
+    if raw is None:
+        return None
+    try:
+        return [LoraAdapter.model_validate(a) for a in json.loads(raw)]
+    except ValueError:
+        return None
+
+
+def with_adapters(spec: VLLMModelSpec, adapters: list[LoraAdapter]) -> VLLMModelSpec:
+    """The spec as the running pods know it: same fields, the adapters they started with."""
+    if spec.lora is None:
+        return spec
+    return spec.model_copy(update={"lora": spec.lora.model_copy(update={"adapters": adapters})})
 
 
 def children(ref: ModelRef, spec: VLLMModelSpec, settings: OperatorSettings) -> list[Manifest]:

@@ -12,6 +12,7 @@ import httpx
 
 from vllm_operator import metrics
 from vllm_operator.api import SERVER_PORT
+from vllm_operator.lora import AdapterCall
 from vllm_operator.throughput import PodSample, parse_metrics
 
 K = TypeVar("K", bound=Hashable)
@@ -104,6 +105,38 @@ class Scraper:
             kv_cache_usage=kv,
             adapters=adapters,
         )
+
+    async def call_adapters(self, calls: Sequence[AdapterCall], ips: Mapping[str, str]) -> list[str]:
+        """Run load/unload calls (pod name -> IP in `ips`); returns each call's error or ''."""
+        limits = httpx.Limits(max_connections=self.concurrency)
+        # Loading an adapter reads its weights: allow more than a scrape's timeout.
+        async with httpx.AsyncClient(
+            timeout=max(30.0, self.timeout), limits=limits, trust_env=False
+        ) as client:
+            return list(await asyncio.gather(*(self._call(client, c, ips.get(c.pod, "")) for c in calls)))
+
+    async def _call(self, client: httpx.AsyncClient, call: AdapterCall, ip: str) -> str:
+        body = {"lora_name": call.name, **({"lora_path": call.path} if call.action == "load" else {})}
+        try:
+            response = await client.post(f"http://{ip}:{self.port}/v1/{call.action}_lora_adapter", json=body)
+        except httpx.HTTPError as exc:
+            return describe(exc)
+        if response.is_success:
+            return ""
+        return f"{call.action} answered {response.status_code}: {server_message(response)}"
+
+
+def server_message(response: httpx.Response) -> str:
+    """The message of an OpenAI-shaped (or plain) error body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message", ""))[:300]
+    if isinstance(body, dict) and "message" in body:
+        return str(body["message"])[:300]
+    return str(body)[:300]
 
 
 class ScrapeError(Exception):

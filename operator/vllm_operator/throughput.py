@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_operator.api import AdapterStatus, Metrics, PodStatus, VLLMModelStatus
+from vllm_operator.api import AdapterStatus, ConditionStatus, Metrics, PodStatus, VLLMModelStatus
 
 # Sample names of vLLM's (and the bundled server's) Prometheus exposition.
 GENERATION_TOKENS = "vllm:generation_tokens_total"
@@ -76,6 +76,7 @@ class Aggregate:
     pods: list[PodStatus]
     adapters: list[AdapterStatus]
     unhealthy: dict[str, str]
+    adapters_ready: tuple[ConditionStatus, str, str] | None = None
 
 
 def aggregate(previous: Mapping[str, PodSample], current: Sequence[PodSample], scraped_at: str) -> Aggregate:

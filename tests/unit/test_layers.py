@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "vllm_operator"
-PURE = ["api", "render", "status", "settings", "crd", "docs", "reconcile"]
+PURE = ["api", "render", "status", "settings", "crd", "docs", "reconcile", "throughput", "lora"]
 FORBIDDEN_IN_PURE = {
     "kopf",
     "kubernetes",

@@ -1,0 +1,275 @@
+"""Synchronous client: the same API as AsyncClient, on httpx.Client (thread-safe)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from vllm_operator.client._core import (
+    PATHS,
+    Attempts,
+    Kind,
+    Messages,
+    Result,
+    SSEDecoder,
+    StreamChunk,
+    StreamState,
+    auth_headers,
+    parse_body,
+    request_body,
+    result_of,
+    timeout_of,
+)
+from vllm_operator.client.async_client import BatchResult
+from vllm_operator.client.endpoints import EndpointPool, Strategy
+from vllm_operator.client.errors import ClientError, StreamInterruptedError
+from vllm_operator.client.metrics import BatchMetrics, RequestMetrics
+from vllm_operator.client.retry import RetryPolicy
+
+
+class Stream:
+    """A streaming completion: iterate for chunks, then read `result`."""
+
+    def __init__(self, chunks: Iterator[StreamChunk], state: list[StreamState]) -> None:
+        """Wrap the chunk generator; `state` holds the live StreamState once started."""
+        self._chunks = chunks
+        self._state = state
+        self._result: Result | None = None
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        """The chunks, one per event that carries text."""
+        return self._chunks
+
+    @property
+    def result(self) -> Result:
+        """The whole completion; valid after the iteration ended."""
+        if self._result is None:
+            if not self._state or not self._state[-1].done:
+                raise RuntimeError("the stream has not finished yet")
+            self._result = self._state[-1].result()
+        return self._result
+
+    def collect(self) -> Result:
+        """Consume the rest of the stream and return the result."""
+        for _ in self._chunks:
+            pass
+        return self.result
+
+    def close(self) -> None:
+        """Stop early, closing the connection."""
+        self._chunks.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> Stream:
+        """Use in `with` to close on early exit."""
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Close the stream."""
+        self.close()
+
+
+class Client:
+    """Chat, completions, streaming and server endpoints, with retries and failover."""
+
+    def __init__(
+        self,
+        base_url: str | Sequence[str],
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        strategy: Strategy = "round_robin",
+        retry: RetryPolicy | None = None,
+        max_retries: int | None = None,
+        timeout: float | httpx.Timeout | None = 60.0,
+        max_connections: int = 100,
+        http: httpx.Client | None = None,
+    ) -> None:
+        """`base_url` with or without /v1; a list spreads or fails over between servers."""
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.pool = EndpointPool(urls, strategy)
+        self.model = model
+        policy = retry or RetryPolicy()
+        if max_retries is not None:
+            policy = RetryPolicy(
+                max_retries, policy.initial_delay, policy.max_delay, policy.max_retry_after, policy.jitter
+            )
+        self.retry = policy
+        self._own_http = http is None
+        self._http = http or httpx.Client(
+            timeout=timeout_of(timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+        self._headers = auth_headers(api_key)
+
+    def close(self) -> None:
+        """Close the connection pool (unless it was passed in)."""
+        if self._own_http:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        """Use in `with`."""
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Close."""
+        self.close()
+
+    # ---- transport -----------------------------------------------------------------------------
+
+    def _send(self, attempts: Attempts, method: str, path: str, body: Any, stream: bool) -> httpx.Response:
+        """Send with retries; returns a 2xx response (streamed responses still open)."""
+        while True:
+            err: ClientError
+            try:
+                req = self._http.build_request(method, attempts.url + path, json=body, headers=self._headers)
+                resp = self._http.send(req, stream=stream)
+            except httpx.TransportError as exc:
+                err = attempts.transport_error(exc)
+            else:
+                if resp.status_code < 400:
+                    attempts.ok()
+                    return resp
+                resp.read()
+                resp.close()
+                err = attempts.status_error(resp, parse_body(resp))
+            time.sleep(attempts.wait_or_raise(err))
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[Any, RequestMetrics]:
+        """Any JSON endpoint, with retries: (parsed body, metrics)."""
+        metrics = RequestMetrics(started=time.monotonic())
+        attempts = Attempts(self.pool, self.retry, metrics)
+        resp = self._send(attempts, method, path, body, stream=False)
+        metrics.total_s = time.monotonic() - metrics.started
+        return parse_body(resp), metrics
+
+    def _events(self, kind: Kind, body: dict[str, Any], holder: list[StreamState]) -> Iterator[StreamChunk]:
+        """Stream events; a connection lost before the first chunk is retried like any other."""
+        metrics = RequestMetrics(started=time.monotonic())
+        attempts = Attempts(self.pool, self.retry, metrics)
+        while True:
+            resp = self._send(attempts, "POST", PATHS[kind], body, stream=True)
+            state = StreamState(kind, metrics, attempts.url)
+            holder[:] = [state]
+            decoder = SSEDecoder()
+            try:
+                for line in resp.iter_lines():
+                    data = decoder.line(line)
+                    if data is None:
+                        continue
+                    chunk = state.event(data)
+                    if chunk is not None:
+                        yield chunk
+                    if state.done:
+                        break
+                if not state.done:
+                    raise httpx.RemoteProtocolError("the stream ended without [DONE]")
+                return
+            except httpx.TransportError as exc:
+                err = attempts.transport_error(exc)
+                if metrics.chunks:
+                    raise StreamInterruptedError(
+                        f"stream interrupted after {metrics.chunks} chunks: {exc!r}",
+                        url=attempts.url,
+                        chunks=metrics.chunks,
+                        text="".join(state.parts),
+                    ) from exc
+            finally:
+                resp.close()
+            time.sleep(attempts.wait_or_raise(err))
+
+    # ---- completions ---------------------------------------------------------------------------
+
+    def _complete(self, kind: Kind, payload: Any, model: str | None, params: Mapping[str, Any]) -> Result:
+        """A non-streaming chat or text completion."""
+        body = request_body(kind, model or self.model, payload, False, params)
+        data, metrics = self.request("POST", PATHS[kind], body)
+        return result_of(kind, data, metrics)
+
+    def _stream(self, kind: Kind, payload: Any, model: str | None, params: Mapping[str, Any]) -> Stream:
+        """A streaming chat or text completion (nothing is sent before iterating)."""
+        body = request_body(kind, model or self.model, payload, True, params)
+        holder: list[StreamState] = []
+        return Stream(self._events(kind, body, holder), holder)
+
+    def chat(self, messages: Messages, *, model: str | None = None, **params: Any) -> Result:
+        """POST /v1/chat/completions; `messages` is a list of messages or one user string."""
+        return self._complete("chat", messages, model, params)
+
+    def chat_stream(self, messages: Messages, *, model: str | None = None, **params: Any) -> Stream:
+        """Streaming chat: `for chunk in client.chat_stream(...)`, then `.result`."""
+        return self._stream("chat", messages, model, params)
+
+    def completion(self, prompt: str | list[int], *, model: str | None = None, **params: Any) -> Result:
+        """POST /v1/completions."""
+        return self._complete("completion", prompt, model, params)
+
+    def completion_stream(
+        self, prompt: str | list[int], *, model: str | None = None, **params: Any
+    ) -> Stream:
+        """Streaming text completion."""
+        return self._stream("completion", prompt, model, params)
+
+    def batch_chat(
+        self,
+        prompts: Sequence[Messages],
+        *,
+        concurrency: int = 8,
+        stream: bool = False,
+        model: str | None = None,
+        **params: Any,
+    ) -> BatchResult:
+        """Many chats on `concurrency` threads; errors are kept, not raised."""
+
+        def one(p: Messages) -> Result | ClientError:
+            try:
+                if stream:
+                    return self.chat_stream(p, model=model, **params).collect()
+                return self.chat(p, model=model, **params)
+            except ClientError as exc:
+                return exc
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            results = list(pool.map(one, prompts))
+        wall = time.monotonic() - t0
+        ok = [r.metrics for r in results if isinstance(r, Result)]
+        return BatchResult(results, BatchMetrics.of(ok, len(results) - len(ok), wall))
+
+    # ---- server endpoints ----------------------------------------------------------------------
+
+    def _get(self, path: str) -> Any:
+        """GET a JSON endpoint."""
+        return self.request("GET", path)[0]
+
+    def models(self) -> list[dict[str, Any]]:
+        """GET /v1/models: the base model and loaded adapters."""
+        return list(self._get("/v1/models").get("data", []))
+
+    def stats(self) -> dict[str, Any]:
+        """GET /v1/stats of the bundled server."""
+        return dict(self._get("/v1/stats"))
+
+    def info(self) -> dict[str, Any]:
+        """GET /v1/info of the bundled server."""
+        return dict(self._get("/v1/info"))
+
+    def lora_adapters(self) -> list[dict[str, Any]]:
+        """GET /v1/lora_adapters."""
+        return list(self._get("/v1/lora_adapters"))
+
+    def load_lora_adapter(self, name: str, path: str) -> str:
+        """POST /v1/load_lora_adapter; returns the server's message."""
+        return str(self.request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})[0])
+
+    def unload_lora_adapter(self, name: str) -> str:
+        """POST /v1/unload_lora_adapter; returns the server's message."""
+        return str(self.request("POST", "/v1/unload_lora_adapter", {"lora_name": name})[0])

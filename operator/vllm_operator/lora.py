@@ -1,0 +1,77 @@
+"""Pure planning of LoRA adapters on running pods, and the AdaptersReady condition."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from vllm_operator.api import ConditionStatus, VLLMModelSpec
+from vllm_operator.render import resolve_source
+from vllm_operator.throughput import PodSample
+
+Verdict = tuple[ConditionStatus, str, str]
+
+
+@dataclass(frozen=True)
+class AdapterCall:
+    """One load or unload the operator asks of one pod."""
+
+    pod: str
+    action: Literal["load", "unload"]
+    name: str
+    path: str = ""
+
+
+def desired(spec: VLLMModelSpec) -> dict[str, str]:
+    """Adapter name -> the path the server loads it from."""
+    if spec.lora is None:
+        return {}
+    return {a.name: resolve_source(a.source, "lora-" + a.name).path for a in spec.lora.adapters}
+
+
+def plan_calls(
+    wanted: Mapping[str, str],
+    samples: Sequence[PodSample],
+    waiting: Mapping[tuple[str, str], float],
+    now: float,
+) -> list[AdapterCall]:
+    """Loads of missing and unloads of unwanted adapters on every healthy pod.
+
+    `waiting` holds (pod, adapter) pairs whose last call failed, with the time before which
+    they are not retried (backoff).
+    """
+    calls = []
+    for sample in sorted(samples, key=lambda s: s.name):
+        if not (sample.ready and sample.healthy):
+            continue
+        served = set(sample.adapters)
+        for name in sorted(set(wanted) - served):
+            if waiting.get((sample.name, name), 0.0) <= now:
+                calls.append(AdapterCall(sample.name, "load", name, wanted[name]))
+        for name in sorted(served - set(wanted)):
+            if waiting.get((sample.name, name), 0.0) <= now:
+                calls.append(AdapterCall(sample.name, "unload", name))
+    return calls
+
+
+def backoff(failures: int, base: float = 2.0, cap: float = 120.0) -> float:
+    """Seconds before the next try after `failures` failed calls in a row."""
+    return float(min(cap, base * 2 ** max(0, failures - 1)))
+
+
+def condition(wanted: Mapping[str, str], samples: Sequence[PodSample], errors: Mapping[str, str]) -> Verdict:
+    """AdaptersReady, as the pods' own /v1/models show it; `errors` are the servers' last refusals."""
+    pods = [s for s in samples if s.ready and s.healthy]
+    missing = {name: sorted(s.name for s in pods if name not in s.adapters) for name in sorted(wanted)}
+    missing = {name: lacking for name, lacking in missing.items() if lacking}
+    if not pods:
+        return ("Unknown", "NoHealthyPods", "no ready and healthy pod to ask")
+    if not missing:
+        return ("True", "AdaptersServed", f"{len(wanted)} adapter(s) served by all {len(pods)} pod(s)")
+    parts = []
+    for name, lacking in missing.items():
+        why = f": {errors[name]}" if name in errors else " (loading)"
+        parts.append(f"adapter {name} missing on {', '.join(lacking)}{why}")
+    failed = any(name in errors for name in missing)
+    return ("False", "LoadFailed" if failed else "Loading", "; ".join(parts)[:1024])

@@ -1,0 +1,118 @@
+"""LoRA adapters: planning calls, the AdaptersReady verdict, and no pod roll for adapter changes."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from tests.unit.test_reconcile import SETTINGS, FakeCluster, model
+from vllm_operator import lora, reconcile
+from vllm_operator.api import parse_spec
+from vllm_operator.throughput import PodSample
+
+
+def pod(name: str, *adapters: str, healthy: bool = True, ready: bool = True) -> PodSample:
+    return PodSample(name=name, at=0, ready=ready, healthy=healthy, adapters=tuple(adapters))
+
+
+WANTED = {"sql": "/lora/sql", "chat": "org/chat-lora"}
+
+
+def test_desired_resolves_sources() -> None:
+    spec = parse_spec(
+        {
+            "model": "m",
+            "lora": {
+                "adapters": [{"name": "sql", "source": "hf://o/sql"}, {"name": "x", "source": "pvc://c/x"}]
+            },
+        }
+    )
+    assert lora.desired(spec) == {"sql": "o/sql", "x": "/models/c/x"}
+    assert lora.desired(parse_spec({"model": "m"})) == {}
+
+
+PLANS: list[tuple[str, list[PodSample], dict[tuple[str, str], float], list[tuple[str, str, str]]]] = [
+    ("all served", [pod("a", "sql", "chat")], {}, []),
+    ("load missing", [pod("a", "sql")], {}, [("a", "load", "chat")]),
+    ("unload unwanted", [pod("a", "sql", "chat", "old")], {}, [("a", "unload", "old")]),
+    (
+        "new pod gets all",
+        [pod("a", "sql", "chat"), pod("b")],
+        {},
+        [("b", "load", "chat"), ("b", "load", "sql")],
+    ),
+    ("unhealthy pod left alone", [pod("a", healthy=False), pod("b", ready=False)], {}, []),
+    ("backoff respected", [pod("a", "sql")], {("a", "chat"): 100.0}, []),
+    ("backoff over", [pod("a", "sql")], {("a", "chat"): 5.0}, [("a", "load", "chat")]),
+]
+
+
+@pytest.mark.parametrize(("case", "pods", "waiting", "calls"), PLANS, ids=[p[0] for p in PLANS])
+def test_plan_calls(
+    case: str, pods: list[PodSample], waiting: dict[tuple[str, str], float], calls: list[tuple[str, str, str]]
+) -> None:
+    planned = lora.plan_calls(WANTED, pods, waiting, now=10.0)
+    assert [(c.pod, c.action, c.name) for c in planned] == calls
+    assert all(c.path == WANTED[c.name] for c in planned if c.action == "load")
+
+
+def test_backoff_grows_and_caps() -> None:
+    assert [lora.backoff(n) for n in (1, 2, 3, 10)] == [2.0, 4.0, 8.0, 120.0]
+
+
+CONDITIONS: list[tuple[str, list[PodSample], dict[str, str], str, str, list[str]]] = [
+    ("served", [pod("a", "sql", "chat"), pod("b", "sql", "chat")], {}, "True", "AdaptersServed", []),
+    ("still loading", [pod("a", "sql")], {}, "False", "Loading", ["chat", "a", "loading"]),
+    ("load failed", [pod("a", "sql")], {"chat": "load answered 400: not found"}, "False", "LoadFailed",
+     ["chat", "not found"]),
+    ("no pods", [pod("a", healthy=False)], {}, "Unknown", "NoHealthyPods", []),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "pods", "errors", "status", "reason", "words"), CONDITIONS, ids=[c[0] for c in CONDITIONS]
+)
+def test_condition(
+    case: str, pods: list[PodSample], errors: dict[str, str], status: str, reason: str, words: list[str]
+) -> None:
+    verdict = lora.condition(WANTED, pods, errors)
+    assert verdict[:2] == (status, reason)
+    assert all(w in verdict[2] for w in words), verdict
+    if status == "False":
+        assert "sql" not in verdict[2]
+
+
+def deployment_args(cluster: FakeCluster) -> list[str]:
+    return cluster.objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]  # type: ignore[no-any-return]
+
+
+def with_adapters(obj: dict[str, Any], *names: str) -> dict[str, Any]:
+    obj = copy.deepcopy(obj)
+    obj["spec"]["lora"] = {"adapters": [{"name": n, "source": f"/lora/{n}"} for n in names]}
+    obj["metadata"]["generation"] += 1
+    return obj
+
+
+def test_adding_an_adapter_does_not_roll_pods() -> None:
+    cluster = FakeCluster(with_adapters(model(), "sql"))
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert "sql=/lora/sql" in deployment_args(cluster)
+    cluster.model = with_adapters(cluster.model, "sql", "chat")
+    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert plan.apply == []
+    cluster.model = with_adapters(cluster.model)
+    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert plan.apply == []
+
+
+def test_a_roll_for_another_reason_starts_pods_with_every_adapter() -> None:
+    cluster = FakeCluster(with_adapters(model(), "sql"))
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    cluster.model = with_adapters(cluster.model, "sql", "chat")
+    cluster.model["spec"]["maxModelLen"] = 4096
+    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert [m["kind"] for m in plan.apply] == ["Deployment"]
+    args = deployment_args(cluster)
+    assert "sql=/lora/sql" in args and "chat=/lora/chat" in args
