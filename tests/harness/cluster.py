@@ -301,6 +301,7 @@ class LocalCluster:
             "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
             f"--cidr={self.spec.pod_cidr}", "--node-ip=127.0.0.1",
+            # Heartbeats through Leases, as kubelets do: the node controller keeps them Ready.
             "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{self.ports.kwok}",
             # INFO logs every node-lease renewal (a line per node every 10 s).
