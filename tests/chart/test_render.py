@@ -144,6 +144,25 @@ def rules(manifests: list[Manifest]) -> list[dict[str, Any]]:
     return [rule for role in roles for rule in role["rules"]]
 
 
+# Exactly what the operator calls; tests/chart/test_install.py runs it with these and no more.
+EXPECTED_RULES = [
+    {"apiGroups": ["serving.vllm-operator.io"], "resources": ["vllmmodels"],
+     "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["serving.vllm-operator.io"], "resources": ["vllmmodels/status"], "verbs": ["patch"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"],
+     "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+]  # fmt: skip
+
+
+def test_rbac_rules_are_exactly_what_the_operator_uses(tmp_path: Path) -> None:
+    assert one(render(tmp_path, {}), "ClusterRole")["rules"] == EXPECTED_RULES
+    for role in by_kind(render(tmp_path, VALUE_SETS["namespaced"]), "Role"):
+        assert role["rules"] == EXPECTED_RULES
+
+
 @pytest.mark.parametrize("name", ["defaults", "namespaced"])
 def test_rbac_grants_no_secrets_and_no_wildcards(tmp_path: Path, name: str) -> None:
     for rule in rules(render(tmp_path, VALUE_SETS[name])):

@@ -67,10 +67,13 @@ The operator image: repository and tag (the chart's appVersion unless set).
 {{- end }}
 
 {{/*
-The rules the operator needs, shared by the ClusterRole and the namespaced Roles.
-Each one is a call the operator makes (see the chart tests, which run the operator with
-exactly these): kopf watches and annotates VLLMModels; the reconciler reads, creates and
-server-side applies Deployments and Services, lists Pods, patches status and posts Events.
+The rules the operator needs, shared by the ClusterRole and the namespaced Roles: exactly the
+calls it makes. The chart tests run the operator as this ServiceAccount; each verb was checked
+by taking it away and watching the operator fail. kopf watches VLLMModels and keeps its state
+in their annotations (patch); the reconciler reads a model (get), reads and server-side applies
+Deployments and Services (get, create, patch), lists Pods, patches the status subresource and
+posts Events. No update (server-side apply is a patch), no delete (owner references let the
+garbage collector do it), no Secrets (pods read them through the kubelet).
 */}}
 {{- define "vllm-operator.rules" -}}
 - apiGroups: ["serving.vllm-operator.io"]
@@ -78,19 +81,19 @@ server-side applies Deployments and Services, lists Pods, patches status and pos
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["serving.vllm-operator.io"]
   resources: ["vllmmodels/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "update"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "patch", "update"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{/*

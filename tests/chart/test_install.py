@@ -1,0 +1,198 @@
+"""The chart in the local cluster: install, run the operator as its ServiceAccount, upgrade, uninstall.
+
+kwok fakes pods, so the chart's own Deployment runs no image; the operator runs instead as a
+local process with the Deployment's arguments and environment and a token of the chart's
+ServiceAccount, which proves the RBAC is enough for its whole job (and no more).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.chart.helm import ROOT
+from tests.chart.release import CRD_NAME, Release, exists
+from tests.harness.cluster import LocalCluster
+
+pytestmark = pytest.mark.cluster
+
+# Marks the model Deployments our operator made: another operator in the same session
+# (the e2e tests' admin one) would use the default server image.
+SERVER_IMAGE = "chart-test.invalid/vllm-server:sa"
+# kwok's pods serve nothing: scraping would only report every pod unhealthy.
+TEST_SETTINGS = (f"--set=settings.serverImage={SERVER_IMAGE}", "--set=settings.scrapeIntervalSeconds=0")
+MODEL = "llama-8b"
+# An RBAC refusal as the API server words it (quotes may be escaped in a logged JSON body).
+DENIED = re.compile(r'cannot (\w+) resource \\?"([\w./]+)\\?"')
+# kopf watches CRDs (to notice new ones) and, when given namespaces, lists namespaces (to
+# match patterns); refused, it logs and carries on: the chart grants neither, being cluster-wide.
+OPTIONAL_CALLS = {
+    ("list", "customresourcedefinitions"), ("watch", "customresourcedefinitions"),
+    ("list", "namespaces"), ("watch", "namespaces"),
+}
+
+
+@pytest.fixture
+def make_namespace(cluster: LocalCluster) -> Iterator[Callable[[], str]]:
+    """Creates extra fresh namespaces on demand; deletes them afterwards."""
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"t-{uuid.uuid4().hex[:10]}"
+        cluster.kubectl("create", "namespace", name, check=True)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture
+def release(cluster: LocalCluster, namespace: str) -> Iterator[Release]:
+    """The chart's release in a fresh namespace, uninstalled afterwards whatever happened."""
+    installed = Release(cluster, namespace)
+    yield installed
+    installed.uninstall(check=False)
+
+
+def example_model() -> dict[str, Any]:
+    """examples/model.yaml without its HF token (the operator may not read Secrets anyway)."""
+    model: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "model.yaml").read_text())
+    del model["spec"]["hfTokenSecretRef"]
+    return model
+
+
+def get_json(cluster: LocalCluster, *args: str) -> Any:
+    """`kubectl get ... -o json`, parsed."""
+    return json.loads(cluster.kubectl("get", *args, "-o", "json", check=True).stdout)
+
+
+def serve_example(cluster: LocalCluster, namespace: str) -> None:
+    """Apply the example model and wait until the operator reports it Ready."""
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(example_model()), check=True)
+    cluster.kubectl(
+        "wait", "-n", namespace, "--for=condition=Ready", f"vllmmodel/{MODEL}", "--timeout=120s",
+        check=True, timeout=130,
+    )  # fmt: skip
+
+
+def assert_operator_did_its_job(cluster: LocalCluster, namespace: str) -> None:
+    """Children applied with our settings, status written, Events posted."""
+    deployment = get_json(cluster, "deployment", MODEL, "-n", namespace)
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == SERVER_IMAGE
+    assert exists(cluster, "service", MODEL, namespace)
+    status = get_json(cluster, "vllmmodel", MODEL, "-n", namespace)["status"]
+    assert status["phase"] == "Ready"
+    assert status["endpoint"] == f"http://{MODEL}.{namespace}.svc:8000/v1"
+    events = get_json(cluster, "events", "-n", namespace, f"--field-selector=involvedObject.name={MODEL}")
+    reasons = {e["reason"] for e in events["items"] if e.get("reportingComponent") == "vllm-operator"}
+    assert "Created" in reasons, reasons
+
+
+def denied_calls(log: str) -> set[tuple[str, str]]:
+    """(verb, resource) of every call the API server refused for lack of RBAC, from the log."""
+    return set(DENIED.findall(log))
+
+
+def assert_no_denied_calls(log: str) -> None:
+    """Nothing was refused but kopf's cluster-wide discovery reads, which it can do without."""
+    unexpected = denied_calls(log) - OPTIONAL_CALLS
+    assert not unexpected, f"the operator was refused {sorted(unexpected)}"
+
+
+def run_operator_and_serve(release: Release, model_namespace: str, tmp_path: Path) -> str:
+    """Run the operator as the chart's ServiceAccount until the example model is Ready; its log."""
+    operator = release.operator(release.token_kubeconfig(tmp_path / "operator.kubeconfig"))
+    operator.start()
+    try:
+        serve_example(release.cluster, model_namespace)
+        assert_operator_did_its_job(release.cluster, model_namespace)
+    except Exception:
+        print(operator.tail())
+        raise
+    finally:
+        operator.stop()
+    return operator.log.read_text(errors="replace")
+
+
+def test_all_namespaces(
+    release: Release, make_namespace: Callable[[], str], tmp_path: Path
+) -> None:
+    notes = release.install(*TEST_SETTINGS).stdout
+    assert "kubectl -n default apply -f examples/model.yaml" in notes
+    cluster = release.cluster
+    assert exists(cluster, "clusterrole", release.name)
+    assert exists(cluster, "clusterrolebinding", release.name)
+    assert release.deployment()["status"].get("readyReplicas") == 1  # kwok "runs" it
+
+    model_namespace = make_namespace()
+    assert_no_denied_calls(run_operator_and_serve(release, model_namespace, tmp_path))
+
+    assert release.can("create", "deployments", "-n", make_namespace())
+    assert not release.can("get", "secrets", "-n", model_namespace)
+    assert not release.can("list", "secrets", "--all-namespaces")
+    assert not release.can("delete", "deployments", "-n", model_namespace)
+    assert not release.can("list", "namespaces")
+
+
+def test_listed_namespaces_only(
+    release: Release, make_namespace: Callable[[], str], tmp_path: Path
+) -> None:
+    watched = [make_namespace(), make_namespace()]
+    release.install(*TEST_SETTINGS, f"--set=watchNamespaces={{{','.join(watched)}}}")
+    cluster = release.cluster
+    assert not exists(cluster, "clusterrole", release.name)
+    for namespace in watched:
+        assert exists(cluster, "role", release.name, namespace)
+        assert exists(cluster, "rolebinding", release.name, namespace)
+
+    assert_no_denied_calls(run_operator_and_serve(release, watched[1], tmp_path))
+
+    other = make_namespace()
+    assert release.can("create", "deployments", "-n", watched[0])
+    assert not release.can("create", "deployments", "-n", other)
+    assert not release.can("create", "deployments", "-n", release.namespace)
+    assert not release.can("list", "vllmmodels.serving.vllm-operator.io", "--all-namespaces")
+    assert not release.can("get", "secrets", "-n", watched[0])
+
+    release.uninstall()
+    for namespace in watched:
+        assert not exists(cluster, "role", release.name, namespace)
+        assert not exists(cluster, "rolebinding", release.name, namespace)
+
+
+def operator_env(release: Release) -> dict[str, str]:
+    """The environment of the installed operator Deployment."""
+    container = release.deployment()["spec"]["template"]["spec"]["containers"][0]
+    return {item["name"]: item["value"] for item in container["env"]}
+
+
+def test_upgrade_then_uninstall_keeps_the_crd(release: Release) -> None:
+    release.install(*TEST_SETTINGS)
+    assert operator_env(release)["VLLM_OPERATOR_SERVER_IMAGE"] == SERVER_IMAGE
+
+    release.upgrade("--set=settings.serverImage=chart-test.invalid/vllm-server:v2")
+    env = operator_env(release)
+    assert env["VLLM_OPERATOR_SERVER_IMAGE"] == "chart-test.invalid/vllm-server:v2"
+    assert env["VLLM_OPERATOR_SCRAPE_INTERVAL_SECONDS"] == "0"  # --reuse-values kept the rest
+    history = json.loads(release.cluster.helm("history", release.name, "-n", release.namespace,
+                                              "-o", "json", check=True).stdout)
+    assert [(h["revision"], h["status"]) for h in history] == [(1, "superseded"), (2, "deployed")]
+
+    release.uninstall()
+    cluster = release.cluster
+    for kind, scope in (("deployment", release.namespace), ("serviceaccount", release.namespace),
+                        ("service", release.namespace), ("clusterrole", None), ("clusterrolebinding", None)):
+        name = f"{release.name}-metrics" if kind == "service" else release.name
+        assert not exists(cluster, kind, name, scope), f"{kind} {name} left behind"
+    crd = get_json(cluster, "crd", CRD_NAME)
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
