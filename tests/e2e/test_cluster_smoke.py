@@ -96,7 +96,8 @@ def test_gpu_deployment_becomes_ready(cluster: LocalCluster, namespace: str) -> 
     cluster.kubectl("scale", "-n", namespace, "deployment/gpu", "--replicas=0", check=True)
     wait_until(
         lambda: not get_json(cluster, "pods", "-n", namespace, "-l", "app=gpu")["items"],
-        "pods of the scaled-down Deployment to be deleted", timeout=60,
+        "pods of the scaled-down Deployment to be deleted",
+        timeout=60,
     )
 
 
@@ -215,11 +216,10 @@ def test_server_side_apply(cluster: LocalCluster, namespace: str) -> None:
     assert ("smoke", "Apply") in managers
 
 
-def test_apiserver_restart_keeps_the_cluster_working(
-    cluster: LocalCluster, namespace: str
-) -> None:
+def test_apiserver_restart_keeps_the_cluster_working(cluster: LocalCluster, namespace: str) -> None:
     """After restart_apiserver(), controllers, scheduler and kwok carry on (runs last)."""
     cluster.restart_apiserver()
     apply(cluster, gpu_deployment("after", 2), "-n", namespace)
-    cluster.kubectl("wait", "-n", namespace, "--for=condition=Available", "deployment/after",
-                    "--timeout=60s", check=True)
+    cluster.kubectl(
+        "wait", "-n", namespace, "--for=condition=Available", "deployment/after", "--timeout=60s", check=True
+    )

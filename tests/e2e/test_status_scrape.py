@@ -11,7 +11,9 @@ import json
 import statistics
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,10 @@ from vllm_operator.throughput import GENERATION_TOKENS, parse_metrics
 
 pytestmark = [pytest.mark.cluster, pytest.mark.engine]
 INTERVAL = 2
+SELECTOR = "app.kubernetes.io/instance=tiny"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def scraping_operator(operator: OperatorProcess, cluster: LocalCluster) -> Iterator[OperatorProcess]:
     """The session's operator, swapped for one that scrapes every INTERVAL seconds."""
     operator.stop()
@@ -42,6 +45,72 @@ def scraping_operator(operator: OperatorProcess, cluster: LocalCluster) -> Itera
     yield scraper
     scraper.stop()
     operator.start()
+
+
+@dataclass
+class LiveModel:
+    """A VLLMModel whose two kwok pods are backed by real servers at their IPs."""
+
+    namespace: str
+    pods: dict[str, str]  # pod name -> IP
+    servers: dict[str, RealServer]
+    adapter: Path
+
+
+@pytest.fixture(scope="module")
+def live(
+    scraping_operator: OperatorProcess,
+    cluster: LocalCluster,
+    tiny_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiveModel]:
+    from tests.server.tinymodel import build_tiny_lora
+
+    tmp = tmp_path_factory.mktemp("live")
+    adapter = build_tiny_lora(tiny_model, tmp / "sql-lora")
+    namespace = f"live-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", namespace, check=True)
+    wait_until(
+        lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", namespace).returncode == 0,
+        "default ServiceAccount",
+        timeout=30,
+    )
+    manifest = {
+        "apiVersion": "serving.vllm-operator.io/v1alpha1",
+        "kind": "VLLMModel",
+        "metadata": {"name": "tiny"},
+        "spec": {"model": "/models/tiny", "replicas": 2, "lora": {"maxLoraRank": 8, "adapters": []}},
+    }
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest), check=True)
+    cluster.kubectl(
+        "wait", "-n", namespace, "--for=condition=Ready", "pod", "-l", SELECTOR, "--timeout=120s",
+        check=True, timeout=130,
+    )  # fmt: skip
+    items = get(cluster, namespace, "pods", "-l", SELECTOR)["items"]
+    pods = {p["metadata"]["name"]: p["status"]["podIP"] for p in items}
+    assert len(pods) == 2 and all(ip.startswith("127.") for ip in pods.values()), pods
+    lora_flags = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "4"]
+    servers: dict[str, RealServer] = {}
+    try:
+        for name, ip in pods.items():
+            servers[name] = start_server(
+                tiny_model, lora_flags, host=ip, port=8000, served_name="tiny", log_path=tmp / f"{name}.log"
+            )
+        cluster.kubectl(
+            "wait",
+            "-n",
+            namespace,
+            "--for=condition=Ready",
+            "vllmmodel/tiny",
+            "--timeout=60s",
+            check=True,
+            timeout=70,
+        )
+        yield LiveModel(namespace, pods, servers, adapter)
+    finally:
+        for server in servers.values():
+            server.stop(timeout=20)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false")
 
 
 def get(cluster: LocalCluster, ns: str, *what: str) -> Any:
@@ -79,60 +148,124 @@ def load(hosts: list[str], stop: threading.Event, per_host: int = 3) -> None:
         thread.start()
 
 
-def test_status_reports_live_throughput_and_unhealthy_pods(
-    scraping_operator: OperatorProcess,
-    cluster: LocalCluster,
-    namespace: str,
-    tiny_model: Path,
-    tmp_path: Path,
-) -> None:
-    manifest = {
-        "apiVersion": "serving.vllm-operator.io/v1alpha1",
-        "kind": "VLLMModel",
-        "metadata": {"name": "tiny"},
-        "spec": {"model": "/models/tiny", "replicas": 2},
-    }
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest), check=True)
-    selector = "app.kubernetes.io/instance=tiny"
-    cluster.kubectl(
-        "wait", "-n", namespace, "--for=condition=Ready", "pod", "-l", selector, "--timeout=120s",
-        check=True, timeout=130,
-    )  # fmt: skip
-    pods = {
-        p["metadata"]["name"]: p["status"]["podIP"]
-        for p in get(cluster, namespace, "pods", "-l", selector)["items"]
-    }
-    assert len(pods) == 2 and all(ip.startswith("127.") for ip in pods.values()), pods
+def served_adapters(live: LiveModel) -> dict[str, set[str]]:
+    """Per pod, the adapters its server lists in /v1/models (asked directly, not via the operator)."""
+    out = {}
+    for name, ip in live.pods.items():
+        data = httpx.get(f"http://{ip}:8000/v1/models", timeout=5).json()["data"]
+        out[name] = {m["id"] for m in data if m["id"] != "tiny"}
+    return out
 
-    servers = {
-        name: start_server(
-            tiny_model, [], host=ip, port=8000, served_name="tiny", log_path=tmp_path / f"{name}.log"
-        )
-        for name, ip in pods.items()
+
+def set_adapters(cluster: LocalCluster, live: LiveModel, adapters: list[dict[str, str]]) -> float:
+    patch = json.dumps({"spec": {"lora": {"maxLoraRank": 8, "adapters": adapters}}})
+    cluster.kubectl("patch", "-n", live.namespace, "vllm", "tiny", "--type=merge", "-p", patch, check=True)
+    return time.monotonic()
+
+
+def adapters_ready(cluster: LocalCluster, live: LiveModel) -> dict[str, Any]:
+    obj = get(cluster, live.namespace, "vllmmodel", "tiny")
+    return next((c for c in obj["status"].get("conditions", []) if c["type"] == "AdaptersReady"), {})
+
+
+def test_adapters_hot_loaded_verified_and_removed_without_restarts(
+    live: LiveModel, cluster: LocalCluster
+) -> None:
+    uids = {
+        p["metadata"]["name"]: p["metadata"]["uid"] for p in get(cluster, live.namespace, "pods")["items"]
     }
+    template = get(cluster, live.namespace, "deployment", "tiny")["spec"]["template"]
+    sql = {"name": "sql", "source": str(live.adapter)}
+
+    changed = set_adapters(cluster, live, [sql])
+    wait_until(
+        lambda: all("sql" in a for a in served_adapters(live).values()), "sql on every pod", timeout=60
+    )
+    served_after = time.monotonic() - changed
+
+    def status_says(ready_pods: int) -> bool:
+        obj = get(cluster, live.namespace, "vllmmodel", "tiny")
+        counts = {a["name"]: a["readyPods"] for a in obj["status"].get("loraAdapters", [])}
+        return counts.get("sql", 0) == ready_pods and adapters_ready(cluster, live).get("status") == "True"
+
+    wait_until(lambda: status_says(2), "status: sql on 2 pods, AdaptersReady", timeout=30)
+    status_after = time.monotonic() - changed
+    print(
+        f"adapter served on every pod {served_after:.1f}s after the spec change; "
+        f"status said so at {status_after:.1f}s"
+    )
+    ip = next(iter(live.pods.values()))
+    reply = httpx.post(
+        f"http://{ip}:8000/v1/chat/completions",
+        json={"model": "sql", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        timeout=30,
+    )
+    assert reply.status_code == 200, reply.text
+
+    set_adapters(cluster, live, [])
+    wait_until(
+        lambda: all(not a for a in served_adapters(live).values()), "sql gone from every pod", timeout=60
+    )
+    wait_until(
+        lambda: not get(cluster, live.namespace, "vllmmodel", "tiny")["status"].get("loraAdapters"),
+        "status: no adapters",
+        timeout=30,
+    )
+
+    broken = {"name": "broken", "source": "/nonexistent/adapter"}
+    set_adapters(cluster, live, [broken, sql])
+    wait_until(
+        lambda: (
+            adapters_ready(cluster, live).get("reason") == "LoadFailed"
+            and all("sql" in a for a in served_adapters(live).values())
+        ),
+        "AdaptersReady=False for broken while sql loads",
+        timeout=60,
+    )
+    condition = adapters_ready(cluster, live)
+    assert condition["status"] == "False"
+    assert "adapter broken" in condition["message"] and "adapter sql" not in condition["message"]
+    events = json.loads(
+        cluster.kubectl("get", "events", "-n", live.namespace, "-o", "json", check=True).stdout
+    )
+    failed = [e for e in events["items"] if e["reason"] == "AdapterFailed"]
+    assert failed and all("broken" in e["message"] for e in failed), failed
+
+    after = {
+        p["metadata"]["name"]: p["metadata"]["uid"] for p in get(cluster, live.namespace, "pods")["items"]
+    }
+    assert after == uids, "pods were restarted"
+    assert get(cluster, live.namespace, "deployment", "tiny")["spec"]["template"] == template
+    set_adapters(cluster, live, [sql])
+
+
+def test_status_reports_live_throughput_and_unhealthy_pods(live: LiveModel, cluster: LocalCluster) -> None:
+    namespace, pods, servers = live.namespace, live.pods, live.servers
     stop = threading.Event()
     try:
-        cluster.kubectl(
-            "wait",
-            "-n",
-            namespace,
-            "--for=condition=Ready",
-            "vllmmodel/tiny",
-            "--timeout=60s",
-            check=True,
-            timeout=70,
-        )
         load(list(pods.values()), stop)
         time.sleep(3 * INTERVAL)  # warm up: every status window is under load from here on
 
+        def scraped_at() -> tuple[str, float]:
+            metrics = get(cluster, namespace, "vllmmodel", "tiny")["status"].get("metrics", {})
+            return metrics.get("scrapedAt", ""), float(metrics.get("generationTokensPerSecond", 0))
+
+        def next_window(after: str) -> tuple[str, float]:
+            while True:
+                stamp, value = scraped_at()
+                if stamp and stamp != after:
+                    return stamp, value
+                time.sleep(0.05)
+
+        # Align both ends with scrape rounds, so that the servers' counters and the status'
+        # windows cover the same time; the lag of noticing a round is the same at both ends.
+        stamp, _ = next_window(scraped_at()[0])
         before = sum(generated_tokens(servers[n], ip) for n, ip in pods.items())
         started = time.monotonic()
         readings: dict[str, float] = {}
-        while time.monotonic() - started < 24:
-            metrics = get(cluster, namespace, "vllmmodel", "tiny")["status"].get("metrics", {})
-            if metrics.get("scrapedAt"):
-                readings[metrics["scrapedAt"]] = metrics["generationTokensPerSecond"]
-            time.sleep(0.5)
+        while len(readings) < 12:
+            stamp, value = next_window(stamp)
+            readings[stamp] = value
         after = sum(generated_tokens(servers[n], ip) for n, ip in pods.items())
         truth = (after - before) / (time.monotonic() - started)
 
@@ -165,5 +298,3 @@ def test_status_reports_live_throughput_and_unhealthy_pods(
         assert [p["healthy"] for p in obj["status"]["pods"] if p["name"] == victim] == [False]
     finally:
         stop.set()
-        for server in servers.values():
-            server.stop(timeout=20)
