@@ -5,14 +5,17 @@ Runs last (file order) because it stops the session's server.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.server.realserver import RealServer
+from tests.server.realserver import ENGINE_FLAGS, RealServer, free_port
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(300)]
 
@@ -50,3 +53,25 @@ def test_sigterm_drains_streams_then_exits_zero(real_server: RealServer) -> None
     assert '"completion_tokens":400' in events[-2]
     assert refused == [True], "new connections were still accepted after SIGTERM"
     assert real_server.proc.wait(60) == 0
+
+
+def test_engine_that_cannot_start_exits_nonzero(tmp_path_factory: pytest.TempPathFactory,
+                                                tiny_model: object) -> None:
+    """A model folder without a config: the server must exit 1 (so Kubernetes restarts it)."""
+    empty = tmp_path_factory.mktemp("empty-model")
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_server", "--model", str(empty), "--host", "127.0.0.1",
+         "--port", str(free_port()), *ENGINE_FLAGS],
+        capture_output=True, text=True, timeout=240,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
+             "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "engine failed to start" in proc.stderr
+
+
+def test_bad_engine_flag_exits_2_before_serving(tiny_model: object) -> None:
+    proc = subprocess.run([sys.executable, "-m", "vllm_server", "--model", "/m",
+                           "--no-such-engine-flag"], capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
