@@ -58,6 +58,11 @@ demo-down:
 bench-operator: tools
 	PYTHONPATH=. $(PY) bench/operator_bench.py
 
+# bench load at concurrency 64 vs the server's own counters and two bare load generators.
+.PHONY: bench-client
+bench-client: engine
+	PYTHONPATH=. $(PY) bench/client_bench.py
+
 # ---------------------------------------------------------------------------
 # Helm chart (charts/vllm-operator): the CRD copy inside the chart and the README values table.
 .PHONY: chart-crd chart-docs chart-test

@@ -33,6 +33,10 @@ MODEL = "llama-8b"
 DENIED = re.compile(r'cannot (\w+) resource \\?"([\w./]+)\\?"')
 # kopf watches CRDs (to notice new ones) and, when given namespaces, lists namespaces (to
 # match patterns); refused, it logs and carries on: the chart grants neither, being cluster-wide.
+# Watching listed namespaces, kopf first retries listing namespaces for ~110 s (its backoffs:
+# 1+2+5+10+30+60 s) before it falls back to the names it was given, and serves nothing
+# meanwhile; setting kopf's `settings.scanning.disabled` in the operator removes the wait.
+READY_SECONDS = 240
 OPTIONAL_CALLS = {
     ("list", "customresourcedefinitions"), ("watch", "customresourcedefinitions"),
     ("list", "namespaces"), ("watch", "namespaces"),
@@ -79,8 +83,8 @@ def serve_example(cluster: LocalCluster, namespace: str) -> None:
     """Apply the example model and wait until the operator reports it Ready."""
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(example_model()), check=True)
     cluster.kubectl(
-        "wait", "-n", namespace, "--for=condition=Ready", f"vllmmodel/{MODEL}", "--timeout=120s",
-        check=True, timeout=130,
+        "wait", "-n", namespace, "--for=condition=Ready", f"vllmmodel/{MODEL}", f"--timeout={READY_SECONDS}s",
+        check=True, timeout=READY_SECONDS + 10,
     )  # fmt: skip
 
 
