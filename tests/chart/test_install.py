@@ -31,16 +31,16 @@ TEST_SETTINGS = (f"--set=settings.serverImage={SERVER_IMAGE}", "--set=settings.s
 MODEL = "llama-8b"
 # An RBAC refusal as the API server words it (quotes may be escaped in a logged JSON body).
 DENIED = re.compile(r'cannot (\w+) resource \\?"([\w./]+)\\?"')
-# kopf watches CRDs (to notice new ones) and, when given namespaces, lists namespaces (to
-# match patterns); refused, it logs and carries on: the chart grants neither, being cluster-wide.
-# Watching listed namespaces, kopf first retries listing namespaces for ~110 s (its backoffs:
-# 1+2+5+10+30+60 s) before it falls back to the names it was given, and serves nothing
-# meanwhile; setting kopf's `settings.scanning.disabled` in the operator removes the wait.
-READY_SECONDS = 240
+# kopf watches CRDs (to notice new ones) and, given namespaces, lists namespaces (to match
+# patterns); refused, it logs and carries on. The chart grants neither: both are cluster-wide.
 OPTIONAL_CALLS = {
     ("list", "customresourcedefinitions"), ("watch", "customresourcedefinitions"),
     ("list", "namespaces"), ("watch", "namespaces"),
 }
+# Watching listed namespaces, kopf first retries listing namespaces for ~110 s (its backoffs:
+# 1+2+5+10+30+60 s) before it falls back to the names it was given, and serves nothing
+# meanwhile; setting kopf's `settings.scanning.disabled` in the operator removes the wait.
+READY_SECONDS = 240
 
 
 @pytest.fixture

@@ -288,6 +288,9 @@ def test_every_value_is_documented() -> None:
     values, schema, docs = values_doc.load()
     undocumented = [path for path, _, _ in values_doc.entries(schema, values) if not docs.get(path)]
     assert not undocumented, f"add a `# --` comment in values.yaml for {undocumented}"
+    not_camel = [path for path, _, _ in values_doc.entries(schema, values)
+                 if not re.fullmatch(r"[a-z][a-zA-Z0-9]*", path.rsplit(".", 1)[-1])]
+    assert not not_camel, f"values keys are camelCase: {not_camel}"
 
 
 def test_every_value_is_in_the_schema() -> None:
