@@ -22,6 +22,7 @@ from vllm_operator.client import (
     RetryPolicy,
     StreamInterruptedError,
 )
+from vllm_operator.client.async_client import Backend
 
 OVERLOADED = error_body("The server is overloaded; retry later.", "service_unavailable_error",
                         "queue_full")
@@ -223,3 +224,46 @@ def test_sync_batch_streams(stub: Stub) -> None:
         batch = c.batch_chat(["a", "b", "c"], concurrency=2, stream=True)
     assert all(isinstance(r, Result) and r.text == "hello!" for r in batch.results)
     assert batch.metrics.completion_tokens == 9 and batch.metrics.ttft_p50_s is not None
+
+
+# ---- the async client on both HTTP backends --------------------------------------------------
+
+
+@pytest.fixture(params=["httpx", "aiohttp"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """httpx's own transport, or aiohttp's through httpx-aiohttp."""
+    value: Backend = request.param
+    return value
+
+
+async def test_backend_retries_drops_and_503(stub: Stub, backend: Backend,
+                                             fast_retry: RetryPolicy) -> None:
+    stub.then(Reply(drop=True), Reply(503, OVERLOADED, {"Retry-After": "0.1"}))
+    async with AsyncClient(stub.url, retry=fast_retry, backend=backend) as c:
+        r = await c.chat("hi")
+    assert r.metrics.retries == 2 and len(stub.seen) == 3 and gaps(stub)[1] >= 0.09
+
+
+async def test_backend_mid_stream_break(stub: Stub, backend: Backend, fast_retry: RetryPolicy) -> None:
+    stub.then(Reply(events=chat_events(["a", "b", "c"]), drop_after=1))
+    async with AsyncClient(stub.url, retry=fast_retry, backend=backend) as c:
+        with pytest.raises(StreamInterruptedError) as info:
+            await c.chat_stream("hi").collect()
+    assert info.value.text == "a" and len(stub.seen) == 1
+
+
+async def test_backend_timeout_and_400(stub: Stub, backend: Backend, fast_retry: RetryPolicy) -> None:
+    stub.then(Reply(delay=1.0), Reply(400, error_body("bad", "invalid_request_error")))
+    async with AsyncClient(stub.url, retry=fast_retry, timeout=0.2, max_retries=0,
+                           backend=backend) as c:
+        with pytest.raises(APITimeoutError):
+            await c.chat("hi")
+        with pytest.raises(BadRequestError):
+            await c.chat("hi")
+
+
+async def test_backend_failover(stub: Stub, backend: Backend, fast_retry: RetryPolicy) -> None:
+    async with AsyncClient([closed_port(), stub.url], strategy="failover", retry=fast_retry,
+                           backend=backend) as c:
+        r = await c.chat("hi")
+    assert r.metrics.endpoint == stub.url and r.metrics.retries == 1

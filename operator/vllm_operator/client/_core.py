@@ -221,7 +221,11 @@ class Attempts:
     def transport_error(self, exc: Exception) -> ClientError:
         """Map an httpx error to ours and mark the endpoint as failing."""
         self.pool.failed(self.url)
-        if isinstance(exc, httpx.TimeoutException):
+        # The aiohttp transport maps any dropped connection to ConnectTimeout: look at the cause.
+        cause = exc.__cause__
+        if isinstance(exc, httpx.TimeoutException) and (
+            cause is None or isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__
+        ):
             return APITimeoutError(f"timed out: {exc!r}", url=self.url)
         return APIConnectionError(f"connection failed: {exc!r}", url=self.url)
 
