@@ -336,3 +336,40 @@ async def test_stats_and_metrics_move(client: httpx.AsyncClient) -> None:
            'status="200"}' in text
     assert 'status="404"' in text
     assert "vllm_server_http_request_duration_seconds_bucket" in text
+
+
+async def _call_then_disconnect(app: object, body: bytes, after: float) -> list[dict[str, object]]:
+    """Drive the ASGI app directly; the client disconnects `after` seconds in."""
+    import asyncio
+
+    sent: list[dict[str, object]] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, object]:
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(after)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+             "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": CHAT, "raw_path": CHAT.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    await app(scope, receive, send)  # type: ignore[operator]
+    return sent
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_client_disconnect_aborts_engine_request(stream: bool) -> None:
+    engine = FakeEngine(delay=0.01)
+    app = create_app(fake_settings(), engine=engine)
+    body = json.dumps({"messages": MSGS, "max_tokens": 100, "stream": stream}).encode()
+    await _call_then_disconnect(app, body, after=0.1)
+    (rid,) = engine.produced
+    assert rid in engine.aborted and rid in engine.closed
+    assert engine.produced[rid] < 50  # stopped long before max_tokens
+    assert app.state.serving.inflight == 0

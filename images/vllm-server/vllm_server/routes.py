@@ -94,15 +94,17 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
     watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        # Also reached when we are cancelled ourselves (shutdown): stop both, re-raise.
         watcher.cancel()
         if not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            raise ApiError(499, "Client disconnected.", code="client_closed_request")
-    return task.result()
+    if task in done:
+        return task.result()
+    raise ApiError(499, "Client disconnected.", code="client_closed_request")
 
 
 def _json(model: BaseModel) -> Response:
