@@ -42,6 +42,7 @@ lint: venv
 generate: venv
 	$(VENV)/bin/vllm-operator crd > crds/serving.vllm-operator.io_vllmmodels.yaml
 	$(VENV)/bin/vllm-operator docs --readme README.md
+	cp crds/serving.vllm-operator.io_vllmmodels.yaml charts/vllm-operator/files/crd.yaml
 
 unit: venv
 	$(PY) -m pytest -q tests/unit

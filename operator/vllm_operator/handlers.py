@@ -31,6 +31,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 8
+    # Our resources are known and the CRD comes first (chart, README): no cluster-wide scans,
+    # so a namespaced operator needs no cluster-scoped read rights and starts at once.
+    settings.scanning.disabled = True
     memo.controller = Controller(k8s.KubeCluster(k8s.load_config()), OperatorSettings.from_env())
 
 

@@ -37,10 +37,7 @@ OPTIONAL_CALLS = {
     ("list", "customresourcedefinitions"), ("watch", "customresourcedefinitions"),
     ("list", "namespaces"), ("watch", "namespaces"),
 }
-# Watching listed namespaces, kopf first retries listing namespaces for ~110 s (its backoffs:
-# 1+2+5+10+30+60 s) before it falls back to the names it was given, and serves nothing
-# meanwhile; setting kopf's `settings.scanning.disabled` in the operator removes the wait.
-READY_SECONDS = 240
+READY_SECONDS = 60
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ CRD_FILE = ROOT / "crds" / "serving.vllm-operator.io_vllmmodels.yaml"
 
 def install_crd(cluster: LocalCluster) -> None:
     """Apply the generated CRD and wait until the API server serves it."""
-    cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE), check=True)
+    # Forced: an earlier test may have installed it through the Helm chart.
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE), check=True)
     cluster.kubectl(
         "wait",
         "--for=condition=Established",
