@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 GROUP_VERSION = "serving.vllm-operator.io/v1alpha1"
@@ -30,16 +31,27 @@ def target_of(obj: dict[str, Any]) -> tuple[str, str]:
 
 
 def read_vllmmodel(namespace: str, name: str) -> dict[str, Any]:
-    """GET the VLLMModel with KUBECONFIG (or the in-cluster config)."""
+    """GET the VLLMModel with KUBECONFIG (or the in-cluster config); ValueError when it cannot."""
     from kubernetes import client, config
 
     try:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        try:
+            config.load_kube_config()  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException as exc:
+        raise ValueError(f"--model-ref needs KUBECONFIG or an in-cluster config: {exc}") from None
     path = f"/apis/{GROUP_VERSION}/namespaces/{namespace}/vllmmodels/{name}"
     with client.ApiClient() as api:
-        obj = api.call_api(
-            path, "GET", response_type="object", auth_settings=["BearerToken"], _return_http_data_only=True
+        _, url, headers, _, _ = api.param_serialize(
+            "GET", path, header_params={"Accept": "application/json"}, auth_settings=["BearerToken"]
         )
-    return dict(obj)
+        try:
+            response = api.call_api("GET", url, header_params=headers)
+            response.read()
+        except Exception as exc:  # urllib3 errors: no API server there
+            raise ValueError(f"VLLMModel {namespace}/{name}: cannot reach the API server: {exc}") from None
+    if not 200 <= response.status <= 299:
+        raise ValueError(f"VLLMModel {namespace}/{name}: {response.status} {response.reason}")
+    obj: dict[str, Any] = json.loads(response.data)
+    return obj
