@@ -271,8 +271,13 @@ def plot(report: LoadReport, path: str) -> None:
         for k in range(s.output_tokens):
             t = first + (end - first) * k / max(1, s.output_tokens - 1)
             bins[min(seconds - 1, int(t))] += 1
-    ax2.plot(range(seconds), bins, drawstyle="steps-post")
+    # The last second is partial: a rate, not a count, keeps it comparable.
+    last = report.duration_s - (seconds - 1)
+    if last > 0.05:
+        bins[-1] /= last
+    ax2.plot([*range(seconds), report.duration_s], [*bins, bins[-1]], drawstyle="steps-post")
     ax2.set_ylabel("output tokens/s")
+    ax2.set_ylim(bottom=0)
     ax2.set_xlabel("seconds since start")
     fig.tight_layout()
     fig.savefig(path)
