@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 GROUP_VERSION = "serving.vllm-operator.io/v1alpha1"
@@ -31,27 +30,22 @@ def target_of(obj: dict[str, Any]) -> tuple[str, str]:
 
 
 def read_vllmmodel(namespace: str, name: str) -> dict[str, Any]:
-    """GET the VLLMModel with KUBECONFIG (or the in-cluster config); ValueError when it cannot."""
-    from kubernetes import client, config
+    """GET the VLLMModel through `vllm_operator.k8s`; ValueError when it cannot."""
+    import kubernetes
+    import urllib3
+
+    from vllm_operator import k8s
 
     try:
-        try:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException as exc:
+        cluster = k8s.KubeCluster(k8s.load_config())
+    except kubernetes.config.ConfigException as exc:
         raise ValueError(f"--model-ref needs KUBECONFIG or an in-cluster config: {exc}") from None
-    path = f"/apis/{GROUP_VERSION}/namespaces/{namespace}/vllmmodels/{name}"
-    with client.ApiClient() as api:
-        _, url, headers, _, _ = api.param_serialize(
-            "GET", path, header_params={"Accept": "application/json"}, auth_settings=["BearerToken"]
-        )
-        try:
-            response = api.call_api("GET", url, header_params=headers)
-            response.read()
-        except Exception as exc:  # urllib3 errors: no API server there
-            raise ValueError(f"VLLMModel {namespace}/{name}: cannot reach the API server: {exc}") from None
-    if not 200 <= response.status <= 299:
-        raise ValueError(f"VLLMModel {namespace}/{name}: {response.status} {response.reason}")
-    obj: dict[str, Any] = json.loads(response.data)
+    try:
+        obj = cluster.get("VLLMModel", namespace, name)
+    except (k8s.TransientError, urllib3.exceptions.HTTPError) as exc:
+        raise ValueError(f"VLLMModel {namespace}/{name}: cannot reach the API server: {exc}") from None
+    except kubernetes.client.exceptions.ApiException as exc:
+        raise ValueError(f"VLLMModel {namespace}/{name}: {exc.status} {exc.reason}") from None
+    if obj is None:
+        raise ValueError(f"VLLMModel {namespace}/{name}: 404 Not Found")
     return obj
