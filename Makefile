@@ -76,3 +76,9 @@ chart-docs: venv
 
 chart-test: venv tools
 	$(PY) -m pytest -q tests/chart
+
+bench-scrape: venv
+	PYTHONPATH=. $(PY) bench/scrape_bench.py
+
+bench-server: engine
+	PYTHONPATH=. $(PY) bench/server_bench.py

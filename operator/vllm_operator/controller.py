@@ -117,10 +117,10 @@ class Controller:
             if body is None:
                 continue
             try:
-                served = parse_spec(body.get("spec")).served_model_name or key[1]
+                spec = parse_spec(body.get("spec"))
             except SpecError:
                 continue
-            out[key] = targets_of(observed.pods, served)
+            out[key] = targets_of(observed.pods, spec.served_model_name or key[1], spec.lora is not None)
         return out
 
     async def scrape_round(self, scraper: Scraper) -> int:

@@ -26,9 +26,11 @@ class Target:
     ip: str
     ready: bool
     served_name: str = ""
+    lora: bool = False
+    """Whether to read /v1/models for the adapters (models without LoRA skip it)."""
 
 
-def targets_of(pods: Sequence[Mapping[str, Any]], served_name: str) -> list[Target]:
+def targets_of(pods: Sequence[Mapping[str, Any]], served_name: str, lora: bool = False) -> list[Target]:
     """Scrape targets from pod objects: every pod is listed, only ready ones with an IP are read."""
     out = []
     for pod in pods:
@@ -38,7 +40,7 @@ def targets_of(pods: Sequence[Mapping[str, Any]], served_name: str) -> list[Targ
         ready = any(
             c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
         )
-        out.append(Target(meta.get("name", "?"), status.get("podIP") or "", ready, served_name))
+        out.append(Target(meta.get("name", "?"), status.get("podIP") or "", ready, served_name, lora))
     return out
 
 
@@ -64,7 +66,9 @@ class Scraper:
 
     async def scrape_all(self, targets: Mapping[K, Sequence[Target]]) -> dict[K, list[PodSample]]:
         gate = asyncio.Semaphore(self.concurrency)
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        # No idle connections kept: httpx scans its whole pool for every request, and with
+        # hundreds of pods that scan, not the network, was the cost of a round.
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=self.timeout, limits=limits, trust_env=False) as client:
 
             async def one(target: Target) -> PodSample:
@@ -87,8 +91,12 @@ class Scraper:
             page = await client.get(f"{base}/metrics")
             page.raise_for_status()
             counters, running, waiting, kv = parse_metrics(page.text)
-            models = await client.get(f"{base}/v1/models")
-            adapters = adapters_from_models(models.json(), target.served_name) if models.is_success else ()
+            adapters: tuple[str, ...] = ()
+            if target.lora:
+                models = await client.get(f"{base}/v1/models")
+                adapters = (
+                    adapters_from_models(models.json(), target.served_name) if models.is_success else ()
+                )
         except (httpx.HTTPError, ScrapeError, ValueError) as exc:
             metrics.SCRAPE_FAILURES.inc()
             return PodSample(name=target.name, at=started, ready=True, healthy=False, error=describe(exc))
