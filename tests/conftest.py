@@ -15,3 +15,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.server.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random rank-8 LoRA adapter for the tiny model (made with peft)."""
+    from tests.server.tinymodel import build_tiny_lora
+
+    return build_tiny_lora(tiny_model, tmp_path_factory.mktemp("lora") / "adapter")

