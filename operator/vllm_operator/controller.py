@@ -126,10 +126,10 @@ class Controller:
     async def scrape_round(self, scraper: Scraper) -> int:
         """Scrape every pod once and write the statuses that moved; returns the status writes."""
         started = time.monotonic()
-        samples = await scraper.scrape_all(self.targets())
+        targets = self.targets()
+        samples = await scraper.scrape_all(targets)
         scraped_at = reconcile.utcnow()
         writes = 0
-        targets = self.targets()
         for key, current in samples.items():
             current, adapters_ready, events = await self.manage_adapters(
                 key, current, targets.get(key, []), scraper
@@ -199,9 +199,10 @@ class Controller:
             if body is None or observed is None or body["metadata"].get("deletionTimestamp"):
                 return False
             try:
-                plan = reconcile.plan_scrape(body, observed, health, self.settings, now, events)
+                spec = parse_spec(body.get("spec"))
             except SpecError:
                 return False
+            plan = reconcile.plan_scrape(body, spec, observed, health, self.settings, now, events)
             reconcile.execute(self.cluster, body, plan)
             count_writes(plan)
             return plan.status is not None

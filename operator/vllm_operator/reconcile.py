@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,7 +11,6 @@ from vllm_operator import render, status, throughput
 from vllm_operator.api import SpecError, VLLMModelSpec, VLLMModelStatus, dump, parse_spec, parse_status
 from vllm_operator.settings import OperatorSettings
 
-log = logging.getLogger(__name__)
 Obj = Mapping[str, Any]
 
 
@@ -78,7 +76,7 @@ def plan_invalid(obj: Obj, error: SpecError, now: str) -> Plan:
 
 def plan_rollout(
     ref: render.ModelRef, spec: VLLMModelSpec, settings: OperatorSettings, current: Sequence[Obj | None]
-) -> tuple[list[dict[str, Any]], Plan]:
+) -> Plan:
     """Children to apply, without rolling pods for a change of LoRA adapters alone.
 
     Running pods keep the adapters they started with in their args; the scrape loop
@@ -89,9 +87,8 @@ def plan_rollout(
         pinned = render.children(ref, render.with_adapters(spec, started_with), settings)
         plan = plan_children(pinned, current)
         if not any(m["kind"] == "Deployment" for m in plan.apply):
-            return pinned, plan
-    desired = render.children(ref, spec, settings)
-    return desired, plan_children(desired, current)
+            return plan
+    return plan_children(render.children(ref, spec, settings), current)
 
 
 @dataclass(frozen=True)
@@ -121,25 +118,28 @@ def reconcile(
         return plan, None
 
     ref = ref_of(obj)
+    # Same order as render.children: Service, then Deployment.
     current = [cluster.get(kind, ref.namespace, ref.name) for kind in ("Service", "Deployment")]
-    desired, children_plan = plan_rollout(ref, spec, settings, current)
+    children_plan = plan_rollout(ref, spec, settings, current)
     applied = {m["kind"]: cluster.apply(m) for m in children_plan.apply}
-    deployment = applied.get("Deployment") or current[[m["kind"] for m in desired].index("Deployment")]
+    # The applied object is the newest; status needs its generation and rollout state.
+    deployment = applied.get("Deployment") or current[1]
     observed = Observed(deployment, cluster.list_pods(ref.namespace, render.selector_string(ref.name)))
 
     previous = parse_status(obj.get("status"))
-    new = desired_status(obj, observed, health, settings, now())
+    new = desired_status(obj, spec, observed, health, settings, now())
     plan = Plan(
         apply=children_plan.apply,
         status=None if status.same(previous, new) else new,
         events=children_plan.events + transition_events(previous, new),
     )
-    execute(cluster, obj, plan, already_applied=True)
+    execute(cluster, obj, plan)
     return plan, observed
 
 
 def desired_status(
     obj: Obj,
+    spec: VLLMModelSpec,
     observed: Observed,
     health: throughput.Aggregate | None,
     settings: OperatorSettings,
@@ -147,10 +147,10 @@ def desired_status(
 ) -> VLLMModelStatus:
     """The whole status of a valid model: rollout state, pod health and throughput."""
     ref = ref_of(obj)
-    spec = parse_spec(obj.get("spec"))
+    generation = int(obj["metadata"].get("generation") or 0)
     new = status.observed(
         parse_status(obj.get("status")),
-        generation=int(obj["metadata"].get("generation") or 0),
+        generation=generation,
         desired_replicas=spec.replicas,
         deployment=observed.deployment,
         pods=observed.pods,
@@ -163,7 +163,6 @@ def desired_status(
         return new
     conditions = new.conditions
     if health.adapters_ready is not None:
-        generation = int(obj["metadata"].get("generation") or 0)
         conditions = status.set_condition(conditions, "AdaptersReady", health.adapters_ready, generation, now)
     return new.model_copy(
         update={
@@ -177,6 +176,7 @@ def desired_status(
 
 def plan_scrape(
     obj: Obj,
+    spec: VLLMModelSpec,
     observed: Observed,
     health: throughput.Aggregate,
     settings: OperatorSettings,
@@ -185,7 +185,7 @@ def plan_scrape(
 ) -> Plan:
     """After a scrape round: a status write only when the figures moved meaningfully."""
     previous = parse_status(obj.get("status"))
-    new = desired_status(obj, observed, health, settings, now)
+    new = desired_status(obj, spec, observed, health, settings, now)
     if not throughput.worth_writing(previous, new, settings.rate_hysteresis):
         return Plan(events=list(events))
     return Plan(status=new, events=transition_events(previous, new) + list(events))
@@ -204,12 +204,9 @@ def transition_events(previous: VLLMModelStatus, new: VLLMModelStatus) -> list[t
     return []
 
 
-def execute(cluster: Cluster, obj: Obj, plan: Plan, already_applied: bool = False) -> None:
-    """Carry out a plan; status last, so that it describes what was applied."""
+def execute(cluster: Cluster, obj: Obj, plan: Plan) -> None:
+    """Write a plan's status and events; its children were applied first, by `reconcile`."""
     meta = obj["metadata"]
-    if not already_applied:
-        for manifest in plan.apply:
-            cluster.apply(manifest)
     if plan.status is not None:
         cluster.write_status(meta["namespace"], meta["name"], dump(plan.status), obj.get("status") or {})
     for kind, reason, message in plan.events:
