@@ -12,7 +12,7 @@ import yaml
 
 from vllm_operator import api, crd, docs, render
 from vllm_operator.client import bench_cli
-from vllm_operator.settings import OperatorSettings
+from vllm_operator.settings import OperatorSettings, SettingsError
 
 EXIT_INVALID = 2
 
@@ -46,8 +46,19 @@ def render_documents(documents: Sequence[dict[str, Any]], settings: OperatorSett
     return manifests
 
 
+def _settings() -> OperatorSettings | None:
+    try:
+        return OperatorSettings.from_env()
+    except SettingsError as error:
+        for problem in error.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return None
+
+
 def cmd_render(args: argparse.Namespace) -> int:
-    settings = OperatorSettings.from_env()
+    settings = _settings()
+    if settings is None:
+        return EXIT_INVALID
     try:
         manifests = render_documents(_load_models(args.filename), settings)
     except api.SpecError as error:
@@ -82,6 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not args.all_namespaces and not args.namespace:
         print("error: give --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
+        return EXIT_INVALID
+    if _settings() is None:  # refuse bad settings before connecting, not in a kopf handler
         return EXIT_INVALID
     kopf.configure(verbose=args.verbose)
     if args.metrics_port:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ENV_PREFIX = "VLLM_OPERATOR_"
 
@@ -43,12 +43,27 @@ class OperatorSettings(BaseModel):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
-        """Read VLLM_OPERATOR_<FIELD> variables; dicts are given as JSON."""
+        """Read VLLM_OPERATOR_<FIELD> variables (non-strings as JSON); SettingsError names the bad one."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for name, field in cls.model_fields.items():
             raw = environ.get(ENV_PREFIX + name.upper())
             if raw is None:
                 continue
-            values[name] = json.loads(raw) if field.annotation is not str else raw
-        return cls.model_validate(values)
+            try:
+                values[name] = json.loads(raw) if field.annotation is not str else raw
+            except ValueError:
+                raise SettingsError([f"{ENV_PREFIX}{name.upper()}: {raw!r} is not valid JSON"]) from None
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = [f"{ENV_PREFIX}{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors()]
+            raise SettingsError(problems) from None
+
+
+class SettingsError(ValueError):
+    """Operator settings from the environment that do not validate."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
