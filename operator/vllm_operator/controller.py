@@ -10,12 +10,13 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from kubernetes.client.exceptions import ApiException
 
 from vllm_operator import lora, metrics, reconcile, throughput
-from vllm_operator.api import ConditionStatus, SpecError, parse_spec
+from vllm_operator.api import ConditionStatus, SecretKeyRef, SpecError, parse_spec
+from vllm_operator.k8s import TransientError
 from vllm_operator.render import INSTANCE_LABEL
 from vllm_operator.scrape import Scraper, Target, targets_of
 from vllm_operator.settings import OperatorSettings
@@ -23,12 +24,23 @@ from vllm_operator.settings import OperatorSettings
 log = logging.getLogger(__name__)
 Obj = Mapping[str, Any]
 Key = tuple[str, str]
+Verdict = tuple[ConditionStatus, str, str]
+# A key read is cached for a minute (a failed read for a few seconds): one GET per keyed
+# model per minute, and a fixed Secret or RBAC rule is noticed soon.
+API_KEY_TTL = 60.0
+API_KEY_RETRY = 5.0
+
+
+class OperatorCluster(reconcile.Cluster, Protocol):
+    """What the controller needs beyond a reconcile: reading a model's API key."""
+
+    def secret_value(self, namespace: str, name: str, key: str) -> str | None: ...
 
 
 class Controller:
     """Reconciles models on their own changes and on changes of the objects they own."""
 
-    def __init__(self, cluster: reconcile.Cluster, settings: OperatorSettings) -> None:
+    def __init__(self, cluster: OperatorCluster, settings: OperatorSettings) -> None:
         self.cluster = cluster
         self.settings = settings
         self._locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
@@ -40,6 +52,9 @@ class Controller:
         # Adapter calls that failed: (pod, adapter) -> (retry not before, failures in a row).
         self.adapter_waits: dict[Key, dict[tuple[str, str], tuple[float, int]]] = {}
         self.adapter_errors: dict[Key, dict[str, str]] = {}
+        # (namespace, secret, key) -> (good until, value, why it could not be read).
+        self.api_keys: dict[tuple[str, str, str], tuple[float, str, str]] = {}
+        self.key_problems: dict[Key, str] = {}
 
     def _lock(self, key: Key) -> threading.Lock:
         with self._guard:
@@ -104,14 +119,20 @@ class Controller:
             self.samples,
             self.adapter_waits,
             self.adapter_errors,
+            self.key_problems,
         ):
             cache.pop(key, None)
 
     # ---- scrape rounds -------------------------------------------------------------------
 
     def targets(self) -> dict[Key, list[Target]]:
-        """Pods to scrape per model, from what the last reconcile of each model saw."""
+        """Pods to scrape per model, from what the last reconcile of each model saw.
+
+        A LoRA model whose server wants an API key gets it from its Secret here (blocking I/O).
+        """
         out = {}
+        now = time.monotonic()
+        self.api_keys = {k: v for k, v in self.api_keys.items() if v[0] > now}
         for key, observed in list(self.observed.items()):
             body = self.models.get(key)
             if body is None:
@@ -120,13 +141,41 @@ class Controller:
                 spec = parse_spec(body.get("spec"))
             except SpecError:
                 continue
-            out[key] = targets_of(observed.pods, spec.served_model_name or key[1], spec.lora is not None)
+            lora_on = spec.lora is not None
+            api_key = ""
+            self.key_problems.pop(key, None)
+            if lora_on and spec.api_key_secret_ref is not None:
+                api_key, problem = self.api_key(key[0], spec.api_key_secret_ref)
+                if problem:
+                    self.key_problems[key] = problem
+                    lora_on = False  # every /v1 call would be refused
+            found = targets_of(observed.pods, spec.served_model_name or key[1], lora_on)
+            out[key] = [dataclasses.replace(t, api_key=api_key) for t in found] if api_key else found
         return out
+
+    def api_key(self, namespace: str, ref: SecretKeyRef) -> tuple[str, str]:
+        """A model's API key from its Secret, or "" and why it could not be read."""
+        cache_key = (namespace, ref.name, ref.key)
+        now = time.monotonic()
+        cached = self.api_keys.get(cache_key)
+        if cached is not None and cached[0] > now:
+            return cached[1], cached[2]
+        value, problem = "", ""
+        try:
+            value = self.cluster.secret_value(namespace, ref.name, ref.key) or ""
+            if not value:
+                problem = f"Secret {ref.name} has no key {ref.key!r} (spec.apiKeySecretRef)"
+        except ApiException as exc:
+            problem = secret_problem(ref, exc.status)
+        except TransientError as exc:
+            problem = f"could not read Secret {ref.name}: {exc}"
+        self.api_keys[cache_key] = (now + (API_KEY_TTL if value else API_KEY_RETRY), value, problem)
+        return value, problem
 
     async def scrape_round(self, scraper: Scraper) -> int:
         """Scrape every pod once and write the statuses that moved; returns the status writes."""
         started = time.monotonic()
-        targets = self.targets()
+        targets = await asyncio.to_thread(self.targets)
         samples = await scraper.scrape_all(targets)
         scraped_at = reconcile.utcnow()
         writes = 0
@@ -145,9 +194,7 @@ class Controller:
 
     async def manage_adapters(
         self, key: Key, current: list[throughput.PodSample], targets: list[Target], scraper: Scraper
-    ) -> tuple[
-        list[throughput.PodSample], tuple[ConditionStatus, str, str] | None, list[tuple[str, str, str]]
-    ]:
+    ) -> tuple[list[throughput.PodSample], Verdict | None, list[tuple[str, str, str]]]:
         """Load and unload adapters so every healthy pod serves the spec's; verify from /v1/models."""
         body = self.models.get(key)
         try:
@@ -156,18 +203,20 @@ class Controller:
             spec = None
         if spec is None or spec.lora is None:
             return current, None, []
-        if spec.api_key_secret_ref is not None:
-            message = "the operator does not hold the API key, so it cannot load or verify adapters"
-            return current, ("Unknown", "ApiKeyRequired", message), []
+        if key in self.key_problems:
+            return current, ("Unknown", "ApiKeyUnreadable", self.key_problems[key]), []
         wanted = lora.desired(spec)
         waits = self.adapter_waits.setdefault(key, {})
         errors = self.adapter_errors.setdefault(key, {})
         now = time.monotonic()
-        calls = lora.plan_calls(wanted, current, {k: v[0] for k, v in waits.items()}, now)
+        fetched = {t.name: t.fetched for t in targets}
+        waiting = {k: v[0] for k, v in waits.items()}
+        calls = lora.plan_calls(wanted, current, waiting, now, lora.downloaded(spec), fetched)
         events: list[tuple[str, str, str]] = []
         if calls:
             by_name = {t.name: t for t in targets}
-            results = await scraper.call_adapters(calls, {t.name: t.ip for t in targets})
+            api_key = next((t.api_key for t in targets if t.api_key), "")
+            results = await scraper.call_adapters(calls, {t.name: t.ip for t in targets}, api_key)
             for call, error in zip(calls, results, strict=True):
                 pair = (call.pod, call.name)
                 if not error:
@@ -225,6 +274,18 @@ def count_writes(plan: reconcile.Plan) -> None:
     metrics.STATUS_WRITES.inc(plan.status is not None)
     for kind, _, _ in plan.events:
         metrics.EVENTS.labels(kind).inc()
+
+
+def secret_problem(ref: SecretKeyRef, status: int) -> str:
+    """Why the API key could not be read, and how to fix it."""
+    if status == 403:
+        return (
+            f"the operator may not read Secret {ref.name} (spec.apiKeySecretRef): install the chart "
+            "with rbac.readApiKeySecrets=true to let it load and verify adapters on keyed servers"
+        )
+    if status == 404:
+        return f"Secret {ref.name} not found (spec.apiKeySecretRef)"
+    return f"could not read Secret {ref.name}: HTTP {status}"
 
 
 def api_message(exc: ApiException) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import random
@@ -75,6 +77,7 @@ PATHS = {
     "Service": "/api/v1/namespaces/{namespace}/services",
     "Pod": "/api/v1/namespaces/{namespace}/pods",
     "Event": "/api/v1/namespaces/{namespace}/events",
+    "Secret": "/api/v1/namespaces/{namespace}/secrets",
     "VLLMModel": f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}",
 }
 
@@ -124,6 +127,20 @@ class KubeCluster:
                 return None
             raise
         return result
+
+    def secret_value(self, namespace: str, name: str, key: str) -> str | None:
+        """One key of a Secret, decoded; None when the Secret has no such key.
+
+        Raises ApiException (403: no RBAC to read it, 404: no such Secret). The value is never logged.
+        """
+        secret = self.request("GET", f"{PATHS['Secret'].format(namespace=namespace)}/{name}")
+        raw = (secret.get("data") or {}).get(key)
+        if raw is None:
+            return None
+        try:
+            return base64.b64decode(raw, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
 
     def apply(self, manifest: Obj) -> dict[str, Any]:
         kind, meta = manifest["kind"], manifest["metadata"]

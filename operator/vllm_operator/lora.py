@@ -30,23 +30,38 @@ def desired(spec: VLLMModelSpec) -> dict[str, str]:
     return {a.name: resolve_source(a.source, "lora-" + a.name).path for a in spec.lora.adapters}
 
 
+def downloaded(spec: VLLMModelSpec) -> frozenset[str]:
+    """Paths of adapters that exist on a pod only if its init step downloaded them."""
+    if spec.lora is None:
+        return frozenset()
+    resolved = [resolve_source(a.source, "lora-" + a.name) for a in spec.lora.adapters]
+    return frozenset(r.path for r in resolved if r.download_uri)
+
+
 def plan_calls(
     wanted: Mapping[str, str],
     samples: Sequence[PodSample],
     waiting: Mapping[tuple[str, str], float],
     now: float,
+    needs_fetch: frozenset[str] = frozenset(),
+    fetched: Mapping[str, frozenset[str]] | None = None,
 ) -> list[AdapterCall]:
     """Loads of missing and unloads of unwanted adapters on every healthy pod.
 
     `waiting` holds (pod, adapter) pairs whose last call failed, with the time before which
-    they are not retried (backoff).
+    they are not retried (backoff). A path in `needs_fetch` is loaded only on pods whose init
+    step downloaded it (`fetched`, pod -> paths); the others are being replaced by a rollout.
+    Pods whose /v1/models could not be read are left alone: what they serve is unknown.
     """
     calls = []
     for sample in sorted(samples, key=lambda s: s.name):
-        if not (sample.ready and sample.healthy):
+        if not (sample.ready and sample.healthy) or sample.models_error:
             continue
         served = set(sample.adapters)
+        on_disk = (fetched or {}).get(sample.name, frozenset())
         for name in sorted(set(wanted) - served):
+            if wanted[name] in needs_fetch and wanted[name] not in on_disk:
+                continue
             if waiting.get((sample.name, name), 0.0) <= now:
                 calls.append(AdapterCall(sample.name, "load", name, wanted[name]))
         for name in sorted(served - set(wanted)):
@@ -63,10 +78,14 @@ def backoff(failures: int, base: float = 2.0, cap: float = 120.0) -> float:
 def condition(wanted: Mapping[str, str], samples: Sequence[PodSample], errors: Mapping[str, str]) -> Verdict:
     """AdaptersReady, as the pods' own /v1/models show it; `errors` are the servers' last refusals."""
     pods = [s for s in samples if s.ready and s.healthy]
-    missing = {name: sorted(s.name for s in pods if name not in s.adapters) for name in sorted(wanted)}
-    missing = {name: lacking for name, lacking in missing.items() if lacking}
     if not pods:
         return ("Unknown", "NoHealthyPods", "no ready and healthy pod to ask")
+    unread = [f"pod {s.name}: {s.models_error}" for s in pods if s.models_error]
+    pods = [s for s in pods if not s.models_error]
+    missing = {name: sorted(s.name for s in pods if name not in s.adapters) for name in sorted(wanted)}
+    missing = {name: lacking for name, lacking in missing.items() if lacking}
+    if not missing and unread:
+        return ("Unknown", "AdaptersUnverified", "; ".join(unread)[:1024])
     if not missing:
         return ("True", "AdaptersServed", f"{len(wanted)} adapter(s) served by all {len(pods)} pod(s)")
     parts = []
@@ -74,4 +93,4 @@ def condition(wanted: Mapping[str, str], samples: Sequence[PodSample], errors: M
         why = f": {errors[name]}" if name in errors else " (loading)"
         parts.append(f"adapter {name} missing on {', '.join(lacking)}{why}")
     failed = any(name in errors for name in missing)
-    return ("False", "LoadFailed" if failed else "Loading", "; ".join(parts)[:1024])
+    return ("False", "LoadFailed" if failed else "Loading", "; ".join(parts + unread)[:1024])

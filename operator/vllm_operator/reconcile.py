@@ -81,9 +81,10 @@ def plan_rollout(
 
     Running pods keep the adapters they started with in their args; the scrape loop
     hot-loads the rest. When the pods roll for another reason, they start with all of them.
+    A new s3:// or gs:// adapter is such a reason: only a pod's init step downloads it.
     """
     started_with = render.static_adapters(current[1])
-    if started_with is not None:
+    if started_with is not None and not render.unfetched_adapters(spec, started_with):
         pinned = render.children(ref, render.with_adapters(spec, started_with), settings)
         plan = plan_children(pinned, current)
         if not any(m["kind"] == "Deployment" for m in plan.apply):

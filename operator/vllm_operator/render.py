@@ -269,6 +269,14 @@ def _downloads(spec: VLLMModelSpec, settings: OperatorSettings) -> list[dict[str
     return containers
 
 
+def fetched_paths(pod: Any) -> frozenset[str]:
+    """Paths a running pod's init containers downloaded into its cache (see `_downloads`)."""
+    init = ((pod or {}).get("spec") or {}).get("initContainers") or []
+    return frozenset(
+        c["args"][-1] for c in init if str(c.get("name", "")).startswith("fetch-") and c.get("args")
+    )
+
+
 def pod_spec(spec: VLLMModelSpec, served_name: str, settings: OperatorSettings) -> dict[str, Any]:
     volumes, mounts = _volumes(spec, settings)
     container: dict[str, Any] = {
@@ -388,6 +396,20 @@ def with_adapters(spec: VLLMModelSpec, adapters: list[LoraAdapter]) -> VLLMModel
     if spec.lora is None:
         return spec
     return spec.model_copy(update={"lora": spec.lora.model_copy(update={"adapters": adapters})})
+
+
+def unfetched_adapters(spec: VLLMModelSpec, started_with: list[LoraAdapter]) -> list[str]:
+    """Adapters from s3:// or gs:// that the running pods did not download when they started.
+
+    Only a pod's init step downloads, so these cannot be hot-loaded: the pods must roll.
+    """
+    if spec.lora is None:
+        return []
+    return [
+        a.name
+        for a in spec.lora.adapters
+        if resolve_source(a.source, "lora-" + a.name).download_uri and a not in started_with
+    ]
 
 
 def children(ref: ModelRef, spec: VLLMModelSpec, settings: OperatorSettings) -> list[Manifest]:

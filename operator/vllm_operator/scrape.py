@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
@@ -13,6 +13,7 @@ import httpx
 from vllm_operator import metrics
 from vllm_operator.api import SERVER_PORT
 from vllm_operator.lora import AdapterCall
+from vllm_operator.render import fetched_paths
 from vllm_operator.throughput import PodSample, parse_metrics
 
 K = TypeVar("K", bound=Hashable)
@@ -28,6 +29,10 @@ class Target:
     served_name: str = ""
     lora: bool = False
     """Whether to read /v1/models for the adapters (models without LoRA skip it)."""
+    fetched: frozenset[str] = frozenset()
+    """Paths the pod's init steps downloaded (s3:// and gs:// sources)."""
+    api_key: str = field(default="", repr=False)
+    """Bearer key for the server's /v1 routes; kept out of reprs so that it never reaches a log."""
 
 
 def targets_of(pods: Sequence[Mapping[str, Any]], served_name: str, lora: bool = False) -> list[Target]:
@@ -40,7 +45,16 @@ def targets_of(pods: Sequence[Mapping[str, Any]], served_name: str, lora: bool =
         ready = any(
             c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
         )
-        out.append(Target(meta.get("name", "?"), status.get("podIP") or "", ready, served_name, lora))
+        out.append(
+            Target(
+                meta.get("name", "?"),
+                status.get("podIP") or "",
+                ready,
+                served_name,
+                lora,
+                fetched_paths(pod) if lora else frozenset(),
+            )
+        )
     return out
 
 
@@ -92,11 +106,13 @@ class Scraper:
             page.raise_for_status()
             counters, running, waiting, kv = parse_metrics(page.text)
             adapters: tuple[str, ...] = ()
+            models_error = ""
             if target.lora:
-                models = await client.get(f"{base}/v1/models")
-                adapters = (
-                    adapters_from_models(models.json(), target.served_name) if models.is_success else ()
-                )
+                models = await client.get(f"{base}/v1/models", headers=bearer(target.api_key))
+                if models.is_success:
+                    adapters = adapters_from_models(models.json(), target.served_name)
+                else:
+                    models_error = f"/v1/models answered {models.status_code}: {server_message(models)}"
         except (httpx.HTTPError, ScrapeError, ValueError) as exc:
             metrics.SCRAPE_FAILURES.inc()
             return PodSample(name=target.name, at=started, ready=True, healthy=False, error=describe(exc))
@@ -112,14 +128,17 @@ class Scraper:
             waiting=waiting,
             kv_cache_usage=kv,
             adapters=adapters,
+            models_error=models_error,
         )
 
-    async def call_adapters(self, calls: Sequence[AdapterCall], ips: Mapping[str, str]) -> list[str]:
+    async def call_adapters(
+        self, calls: Sequence[AdapterCall], ips: Mapping[str, str], api_key: str = ""
+    ) -> list[str]:
         """Run load/unload calls (pod name -> IP in `ips`); returns each call's error or ''."""
         limits = httpx.Limits(max_connections=self.concurrency)
         # Loading an adapter reads its weights: allow more than a scrape's timeout.
         async with httpx.AsyncClient(
-            timeout=max(30.0, self.timeout), limits=limits, trust_env=False
+            timeout=max(30.0, self.timeout), limits=limits, trust_env=False, headers=bearer(api_key)
         ) as client:
             return list(await asyncio.gather(*(self._call(client, c, ips.get(c.pod, "")) for c in calls)))
 
@@ -132,6 +151,11 @@ class Scraper:
         if response.is_success:
             return ""
         return f"{call.action} answered {response.status_code}: {server_message(response)}"
+
+
+def bearer(api_key: str) -> dict[str, str]:
+    """The Authorization header for a server started with --api-key, or none."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def server_message(response: httpx.Response) -> str:

@@ -38,6 +38,8 @@ class PodSample:
     waiting: float = 0.0
     kv_cache_usage: float = 0.0
     adapters: tuple[str, ...] = ()
+    models_error: str = ""
+    """Why /v1/models could not be read (then `adapters` says nothing), e.g. a refused API key."""
 
 
 def parse_metrics(text: str) -> tuple[dict[str, float], float, float, float]:

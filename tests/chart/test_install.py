@@ -19,7 +19,7 @@ import yaml
 
 from tests.chart.helm import ROOT
 from tests.chart.release import CRD_NAME, Release, exists
-from tests.harness.cluster import LocalCluster
+from tests.harness.cluster import LocalCluster, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -197,3 +197,52 @@ def test_upgrade_then_uninstall_keeps_the_crd(release: Release) -> None:
     crd = get_json(cluster, "crd", CRD_NAME)
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
+
+
+def adapters_ready(cluster: LocalCluster, namespace: str) -> dict[str, Any]:
+    status = get_json(cluster, "vllmmodel", MODEL, "-n", namespace).get("status", {})
+    return next((c for c in status.get("conditions", []) if c["type"] == "AdaptersReady"), {})
+
+
+def test_api_key_secrets_are_read_only_when_the_chart_allows_it(
+    release: Release, make_namespace: Callable[[], str], tmp_path: Path
+) -> None:
+    # Scraping on: the key is read in scrape rounds (kwok's pods refuse the connections).
+    release.install(f"--set=settings.serverImage={SERVER_IMAGE}", "--set=settings.scrapeIntervalSeconds=1")
+    cluster, namespace = release.cluster, make_namespace()
+    secret = ("create", "secret", "generic", "llama-key", "-n", namespace, "--from-literal=token=sk-chart")
+    cluster.kubectl(*secret, check=True)
+    model = example_model()
+    model["spec"]["lora"] = {"adapters": [{"name": "sql", "source": "hf://org/sql-lora"}]}
+    model["spec"]["apiKeySecretRef"] = {"name": "llama-key", "key": "token"}
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model), check=True)
+
+    operator = release.operator(release.token_kubeconfig(tmp_path / "operator.kubeconfig"))
+    operator.start()
+    try:
+        wait_until(
+            lambda: adapters_ready(cluster, namespace).get("reason") == "ApiKeyUnreadable",
+            "AdaptersReady to say the key is unreadable",
+            timeout=READY_SECONDS,
+        )
+        refused = adapters_ready(cluster, namespace)
+        assert refused["status"] == "Unknown" and "rbac.readApiKeySecrets=true" in refused["message"]
+
+        release.upgrade("--set=rbac.readApiKeySecrets=true")
+        assert release.can("get", "secrets", "-n", namespace)
+        assert not release.can("list", "secrets", "-n", namespace)
+        assert not release.can("watch", "secrets", "-n", namespace)
+        # The key is read now; what is left is that kwok's pods serve nothing.
+        wait_until(
+            lambda: adapters_ready(cluster, namespace).get("reason") == "NoHealthyPods",
+            "AdaptersReady past the key",
+            timeout=READY_SECONDS,
+        )
+    except Exception:
+        print(operator.tail())
+        raise
+    finally:
+        operator.stop()
+    log = operator.log.read_text(errors="replace")
+    assert_no_denied_calls(log)
+    assert "sk-chart" not in log

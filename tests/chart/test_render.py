@@ -171,6 +171,17 @@ def test_rbac_grants_no_secrets_and_no_wildcards(tmp_path: Path, name: str) -> N
         assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(rule["verbs"])
 
 
+@pytest.mark.parametrize("name", ["defaults", "namespaced"])
+def test_reading_api_keys_adds_get_on_secrets_only(tmp_path: Path, name: str) -> None:
+    values = {**VALUE_SETS[name], "rbac": {"readApiKeySecrets": True}}
+    manifests = render(tmp_path, values)
+    roles = by_kind(manifests, "ClusterRole") + by_kind(manifests, "Role")
+    assert roles
+    get_secrets = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
+    for role in roles:
+        assert role["rules"] == [*EXPECTED_RULES, get_secrets]
+
+
 def test_rbac_can_be_left_to_the_user(tmp_path: Path) -> None:
     manifests = render(tmp_path, {"rbac": {"create": False}})
     assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & {m["kind"] for m in manifests}

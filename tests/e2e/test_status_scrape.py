@@ -2,7 +2,8 @@
 
 kwok hands out pod IPs from the cluster's loopback pod CIDR; the test starts a real
 `vllm_server` on the tiny model at each pod's IP and port 8000, loads them, and compares what
-the status says with what the servers' own counters say.
+the status says with what the servers' own counters say. The servers want an API key, as the
+model's `apiKeySecretRef` says: the operator must read it to manage and verify adapters.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from vllm_operator.throughput import GENERATION_TOKENS, parse_metrics
 pytestmark = [pytest.mark.cluster, pytest.mark.engine]
 INTERVAL = 2
 SELECTOR = "app.kubernetes.io/instance=tiny"
+API_KEY = f"sk-live-{uuid.uuid4().hex}"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +58,8 @@ class LiveModel:
     pods: dict[str, str]  # pod name -> IP
     servers: dict[str, RealServer]
     adapter: Path
+    before_secret: dict[str, Any]
+    """AdaptersReady while the model's API key Secret did not exist yet."""
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +84,35 @@ def live(
         "apiVersion": "serving.vllm-operator.io/v1alpha1",
         "kind": "VLLMModel",
         "metadata": {"name": "tiny"},
-        "spec": {"model": "/models/tiny", "replicas": 2, "lora": {"maxLoraRank": 8, "adapters": []}},
+        "spec": {
+            "model": "/models/tiny",
+            "replicas": 2,
+            "lora": {"maxLoraRank": 8, "adapters": []},
+            "apiKeySecretRef": {"name": "tiny-key", "key": "token"},
+        },
     }
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest), check=True)
+
+    def condition() -> dict[str, Any]:
+        obj = get(cluster, namespace, "vllmmodel", "tiny")
+        return next(
+            (c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "AdaptersReady"), {}
+        )
+
+    wait_until(
+        lambda: condition().get("reason") == "ApiKeyUnreadable", "AdaptersReady without a key", timeout=60
+    )
+    before_secret = condition()
+    cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "tiny-key",
+        "-n",
+        namespace,
+        f"--from-literal=token={API_KEY}",
+        check=True,
+    )
     cluster.kubectl(
         "wait", "-n", namespace, "--for=condition=Ready", "pod", "-l", SELECTOR, "--timeout=120s",
         check=True, timeout=130,
@@ -89,7 +120,7 @@ def live(
     items = get(cluster, namespace, "pods", "-l", SELECTOR)["items"]
     pods = {p["metadata"]["name"]: p["status"]["podIP"] for p in items}
     assert len(pods) == 2 and all(ip.startswith("127.") for ip in pods.values()), pods
-    lora_flags = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "4"]
+    lora_flags = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "4", "--api-key", API_KEY]
     servers: dict[str, RealServer] = {}
     try:
         for name, ip in pods.items():
@@ -106,7 +137,7 @@ def live(
             check=True,
             timeout=70,
         )
-        yield LiveModel(namespace, pods, servers, adapter)
+        yield LiveModel(namespace, pods, servers, adapter, before_secret)
     finally:
         for server in servers.values():
             server.stop(timeout=20)
@@ -126,7 +157,7 @@ def load(hosts: list[str], stop: threading.Event, per_host: int = 3) -> None:
     """Streamed chat requests, `per_host` at a time to every server, until `stop` is set."""
 
     def worker(host: str) -> None:
-        with httpx.Client(base_url=f"http://{host}:8000", timeout=60) as client:
+        with httpx.Client(base_url=f"http://{host}:8000", timeout=60, headers=AUTH) as client:
             while not stop.is_set():
                 body = {
                     "model": "tiny",
@@ -152,7 +183,7 @@ def served_adapters(live: LiveModel) -> dict[str, set[str]]:
     """Per pod, the adapters its server lists in /v1/models (asked directly, not via the operator)."""
     out = {}
     for name, ip in live.pods.items():
-        data = httpx.get(f"http://{ip}:8000/v1/models", timeout=5).json()["data"]
+        data = httpx.get(f"http://{ip}:8000/v1/models", headers=AUTH, timeout=5).json()["data"]
         out[name] = {m["id"] for m in data if m["id"] != "tiny"}
     return out
 
@@ -166,6 +197,20 @@ def set_adapters(cluster: LocalCluster, live: LiveModel, adapters: list[dict[str
 def adapters_ready(cluster: LocalCluster, live: LiveModel) -> dict[str, Any]:
     obj = get(cluster, live.namespace, "vllmmodel", "tiny")
     return next((c for c in obj["status"].get("conditions", []) if c["type"] == "AdaptersReady"), {})
+
+
+def test_a_missing_api_key_secret_is_named_and_the_key_never_shown(
+    live: LiveModel, cluster: LocalCluster, scraping_operator: OperatorProcess
+) -> None:
+    before = live.before_secret
+    assert (before["status"], before["reason"]) == ("Unknown", "ApiKeyUnreadable"), before
+    assert "Secret tiny-key not found" in before["message"] and "spec.apiKeySecretRef" in before["message"]
+    # With the Secret in place the operator verifies the (empty) adapter set on both pods.
+    wait_until(lambda: adapters_ready(cluster, live).get("status") == "True", "AdaptersReady", timeout=30)
+    events = cluster.kubectl("get", "events", "-n", live.namespace, "-o", "json", check=True).stdout
+    model = cluster.kubectl("get", "vllm", "tiny", "-n", live.namespace, "-o", "json", check=True).stdout
+    for text in (scraping_operator.log.read_text(errors="replace"), events, model):
+        assert API_KEY not in text
 
 
 def test_adapters_hot_loaded_verified_and_removed_without_restarts(
@@ -198,6 +243,7 @@ def test_adapters_hot_loaded_verified_and_removed_without_restarts(
     reply = httpx.post(
         f"http://{ip}:8000/v1/chat/completions",
         json={"model": "sql", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        headers=AUTH,
         timeout=30,
     )
     assert reply.status_code == 200, reply.text

@@ -13,8 +13,15 @@ from vllm_operator.api import parse_spec
 from vllm_operator.throughput import PodSample
 
 
-def pod(name: str, *adapters: str, healthy: bool = True, ready: bool = True) -> PodSample:
-    return PodSample(name=name, at=0, ready=ready, healthy=healthy, adapters=tuple(adapters))
+def pod(
+    name: str, *adapters: str, healthy: bool = True, ready: bool = True, models_error: str = ""
+) -> PodSample:
+    return PodSample(
+        name=name, at=0, ready=ready, healthy=healthy, adapters=tuple(adapters), models_error=models_error
+    )
+
+
+REFUSED = "/v1/models answered 401: Invalid or missing API key."
 
 
 WANTED = {"sql": "/lora/sql", "chat": "org/chat-lora"}
@@ -46,7 +53,9 @@ PLANS: list[tuple[str, list[PodSample], dict[tuple[str, str], float], list[tuple
     ("unhealthy pod left alone", [pod("a", healthy=False), pod("b", ready=False)], {}, []),
     ("backoff respected", [pod("a", "sql")], {("a", "chat"): 100.0}, []),
     ("backoff over", [pod("a", "sql")], {("a", "chat"): 5.0}, [("a", "load", "chat")]),
-]
+    ("unreadable pod left alone", [pod("a", models_error=REFUSED), pod("b", "sql")], {},
+     [("b", "load", "chat")]),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("case", "pods", "waiting", "calls"), PLANS, ids=[p[0] for p in PLANS])
@@ -56,6 +65,23 @@ def test_plan_calls(
     planned = lora.plan_calls(WANTED, pods, waiting, now=10.0)
     assert [(c.pod, c.action, c.name) for c in planned] == calls
     assert all(c.path == WANTED[c.name] for c in planned if c.action == "load")
+
+
+def test_downloaded_adapters_load_only_where_the_init_step_fetched_them() -> None:
+    spec = parse_spec(
+        {
+            "model": "m",
+            "lora": {
+                "adapters": [{"name": "s3a", "source": "s3://b/a"}, {"name": "hub", "source": "hf://o/hub"}]
+            },
+        }
+    )
+    wanted, remote = lora.desired(spec), lora.downloaded(spec)
+    assert remote == {"/cache/sources/lora-s3a"}
+    pods = [pod("old"), pod("new")]
+    fetched = {"old": frozenset(), "new": frozenset(remote)}
+    planned = lora.plan_calls(wanted, pods, {}, 0.0, remote, fetched)
+    assert [(c.pod, c.name) for c in planned] == [("new", "hub"), ("new", "s3a"), ("old", "hub")]
 
 
 def test_backoff_grows_and_caps() -> None:
@@ -68,6 +94,10 @@ CONDITIONS: list[tuple[str, list[PodSample], dict[str, str], str, str, list[str]
     ("load failed", [pod("a", "sql")], {"chat": "load answered 400: not found"}, "False", "LoadFailed",
      ["chat", "not found"]),
     ("no pods", [pod("a", healthy=False)], {}, "Unknown", "NoHealthyPods", []),
+    ("unverifiable", [pod("a", "sql", "chat"), pod("b", models_error=REFUSED)], {}, "Unknown",
+     "AdaptersUnverified", ["pod b", "401"]),
+    ("missing and unverifiable", [pod("a", "sql"), pod("b", models_error=REFUSED)], {}, "False",
+     "Loading", ["chat", "pod b", "401"]),
 ]  # fmt: skip
 
 
@@ -105,6 +135,31 @@ def test_adding_an_adapter_does_not_roll_pods() -> None:
     cluster.model = with_adapters(cluster.model)
     plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert plan.apply == []
+
+
+def test_a_new_downloaded_adapter_rolls_pods_and_nothing_else_does() -> None:
+    def adapters(*pairs: tuple[str, str]) -> dict[str, Any]:
+        obj = copy.deepcopy(cluster.model)
+        obj["spec"]["lora"] = {"adapters": [{"name": n, "source": src} for n, src in pairs]}
+        return obj
+
+    cluster = FakeCluster(model())
+    s3, hub = ("a", "s3://bucket/a"), ("b", "hf://org/b")
+    cluster.model = adapters(hub)
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    steps = [
+        ("add s3", [hub, s3], True),  # only an init step can download it
+        ("remove s3", [hub], False),  # unloaded; the pods keep the files
+        ("add it back", [hub, s3], False),  # these pods downloaded it at start
+        ("move it", [hub, ("a", "s3://bucket/a2")], True),
+        ("add hub", [("a", "s3://bucket/a2"), hub, ("c", "hf://org/c")], False),
+    ]
+    for step, pairs, rolls in steps:
+        cluster.model = adapters(*pairs)
+        plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+        assert [m["kind"] for m in plan.apply] == (["Deployment"] if rolls else []), step
+    init = cluster.objects["Deployment"]["spec"]["template"]["spec"]["initContainers"]
+    assert [c["args"] for c in init] == [["s3://bucket/a2", "/cache/sources/lora-a"]]
 
 
 def test_a_roll_for_another_reason_starts_pods_with_every_adapter() -> None:

@@ -280,3 +280,11 @@ def test_replicas() -> None:
 )
 def test_is_subset(desired: Any, observed: Any, subset: bool) -> None:
     assert render.is_subset(desired, observed) is subset
+
+
+def test_fetched_paths_read_back_what_the_init_steps_download() -> None:
+    lora = {"adapters": [{"name": "x", "source": "gs://b/x"}, {"name": "y", "source": "/lora/y"}]}
+    pod = {"spec": deploy(model="s3://bucket/llama", lora=lora)["spec"]["template"]["spec"]}
+    assert render.fetched_paths(pod) == {"/cache/sources/model", "/cache/sources/lora-x"}
+    assert render.fetched_paths({"spec": {}}) == frozenset()
+    assert render.fetched_paths(None) == frozenset()

@@ -73,7 +73,8 @@ by taking it away and watching the operator fail. kopf watches VLLMModels and ke
 in their annotations (patch); the reconciler reads a model (get), reads and server-side applies
 Deployments and Services (get, create, patch), lists Pods, patches the status subresource and
 posts Events. No update (server-side apply is a patch), no delete (owner references let the
-garbage collector do it), no Secrets (pods read them through the kubelet).
+garbage collector do it), no Secrets (pods read them through the kubelet) unless
+rbac.readApiKeySecrets asks for `get`, to call keyed servers' adapter endpoints.
 */}}
 {{- define "vllm-operator.rules" -}}
 - apiGroups: ["serving.vllm-operator.io"]
@@ -94,6 +95,11 @@ garbage collector do it), no Secrets (pods read them through the kubelet).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.rbac.readApiKeySecrets }}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end }}
 {{- end }}
 
 {{/*
