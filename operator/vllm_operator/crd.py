@@ -160,6 +160,12 @@ def crd() -> dict[str, Any]:
                             "format": "float",
                             "jsonPath": ".status.metrics.generationTokensPerSecond",
                         },
+                        {
+                            "name": "Adapters",
+                            "type": "string",
+                            "description": "Reason of AdaptersReady: AdaptersServed, Loading, LoadFailed ...",
+                            "jsonPath": '.status.conditions[?(@.type=="AdaptersReady")].reason',
+                        },
                         {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                         {

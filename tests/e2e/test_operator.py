@@ -127,7 +127,7 @@ def test_apply_creates_children_and_becomes_ready(
 
     table = cluster.kubectl("get", "-n", namespace, "vllm", "llama", check=True).stdout
     header, row = table.splitlines()[:2]
-    assert header.split()[:5] == ["NAME", "READY", "PHASE", "TOKENS/S", "ENDPOINT"]
+    assert header.split()[:6] == ["NAME", "READY", "PHASE", "TOKENS/S", "ADAPTERS", "ENDPOINT"]
     assert row.split()[1:3] == ["2/2", "Ready"]
     assert f"http://llama.{namespace}.svc:8000/v1" in row
 
@@ -201,6 +201,32 @@ def test_spec_update_rolls_and_scale_scales(
         "3/3 ready",
         timeout=90,
     )
+
+
+def test_a_new_s3_adapter_rolls_the_pods_a_hub_adapter_does_not(
+    operator: OperatorProcess, cluster: LocalCluster, namespace: str
+) -> None:
+    def seen() -> bool:
+        obj = get(cluster, namespace, "vllmmodel", "ad")
+        return bool(obj.get("status", {}).get("observedGeneration") == obj["metadata"]["generation"])
+
+    def set_adapters(*pairs: tuple[str, str]) -> None:
+        adapters = [{"name": name, "source": source} for name, source in pairs]
+        apply(cluster, namespace, model("ad", lora={"adapters": adapters}))
+        eventually(seen, "the operator to see the change")
+
+    hub = ("sql", "hf://org/sql-lora")
+    set_adapters(hub)
+    wait_ready(cluster, namespace, "ad")
+    before = pod_hash(cluster, namespace, "ad")
+    set_adapters(hub, ("chat", "hf://org/chat-lora"))
+    assert pod_hash(cluster, namespace, "ad") == before  # hot-loaded, no roll
+
+    set_adapters(hub, ("chat", "hf://org/chat-lora"), ("legal", "s3://bucket/legal"))
+    eventually(lambda: pod_hash(cluster, namespace, "ad") != before, "the pods to roll for the download")
+    pod = get(cluster, namespace, "deployment", "ad")["spec"]["template"]["spec"]
+    assert [c["args"] for c in pod["initContainers"]] == [["s3://bucket/legal", "/cache/sources/lora-legal"]]
+    assert "legal=/cache/sources/lora-legal" in pod["containers"][0]["args"]
 
 
 def test_deleted_child_comes_back_and_deleting_the_model_removes_all(

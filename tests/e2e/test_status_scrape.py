@@ -235,6 +235,9 @@ def test_adapters_hot_loaded_verified_and_removed_without_restarts(
 
     wait_until(lambda: status_says(2), "status: sql on 2 pods, AdaptersReady", timeout=30)
     status_after = time.monotonic() - changed
+    table = cluster.kubectl("get", "-n", live.namespace, "vllm", "tiny", check=True).stdout
+    header, row = table.splitlines()[:2]
+    assert dict(zip(header.split(), row.split(), strict=False))["ADAPTERS"] == "AdaptersServed", row
     print(
         f"adapter served on every pod {served_after:.1f}s after the spec change; "
         f"status said so at {status_after:.1f}s"
