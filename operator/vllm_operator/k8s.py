@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +41,8 @@ def load_config() -> kubernetes.client.ApiClient:
     try:
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+        # The client reads $KUBECONFIG once, at import; pass it so that the current value counts.
+        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
     return kubernetes.client.ApiClient()
 
 
