@@ -135,9 +135,11 @@ def test_bench_load_matches_server_stats(client_server: RealServer, client: Clie
     generated = after["tokens_generated"] - before["tokens_generated"]
     assert generated == s["output_tokens"] == 96 * 32
     assert after["prompt_tokens"] - before["prompt_tokens"] == s["prompt_tokens"]
-    # The server's own clock: its uptime advanced over the run (plus two stats calls).
+    # The server's own clock: its uptime advanced over the run plus the bench's setup and two
+    # stats calls, so its rate is a lower bound of the true one; that overhead is a few percent
+    # on a quiet machine and more on a loaded one, hence the loose upper bound.
     server_rate = generated / (after["uptime_seconds"] - before["uptime_seconds"])
-    assert s["output_tokens_per_s"] == pytest.approx(server_rate, rel=0.05)
+    assert server_rate * 0.99 <= s["output_tokens_per_s"] <= server_rate * 1.25, (s, server_rate)
     assert s["ttft_p50_ms"] <= s["ttft_p90_ms"] <= s["ttft_p99_ms"]
     assert s["itl_p50_ms"] is not None and s["e2e_p50_ms"] > s["ttft_p50_ms"]
 
