@@ -127,6 +127,9 @@ class CountingCluster:
     def event(self, owner: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
         self.events += 1
 
+    def secret_value(self, namespace: str, name: str, key: str) -> str | None:
+        return None  # the benchmark's models set no apiKeySecretRef
+
 
 def populate(controller: Controller, models: int, pods_per_model: int) -> None:
     """Models the Controller knows as a watch and a reconcile would have left them."""

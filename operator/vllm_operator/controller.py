@@ -10,12 +10,13 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kubernetes.client.exceptions import ApiException
 
 from vllm_operator import lora, metrics, reconcile, throughput
-from vllm_operator.api import ConditionStatus, SecretKeyRef, SpecError, parse_spec
+from vllm_operator.api import ConditionStatus, SecretKeyRef, SpecError, VLLMModelSpec, parse_spec
 from vllm_operator.k8s import TransientError
 from vllm_operator.render import INSTANCE_LABEL
 from vllm_operator.scrape import Scraper, Target, targets_of
@@ -37,6 +38,17 @@ class OperatorCluster(reconcile.Cluster, Protocol):
     def secret_value(self, namespace: str, name: str, key: str) -> str | None: ...
 
 
+@dataclass(frozen=True)
+class ModelScrape:
+    """One model in a scrape round: its spec, its pods, and the key their /v1 routes want."""
+
+    spec: VLLMModelSpec
+    pods: list[Target]
+    api_key: str = field(default="", repr=False)
+    key_problem: str = ""
+    """Why the API key could not be read; adapters are then left alone."""
+
+
 class Controller:
     """Reconciles models on their own changes and on changes of the objects they own."""
 
@@ -54,7 +66,6 @@ class Controller:
         self.adapter_errors: dict[Key, dict[str, str]] = {}
         # (namespace, secret, key) -> (good until, value, why it could not be read).
         self.api_keys: dict[tuple[str, str, str], tuple[float, str, str]] = {}
-        self.key_problems: dict[Key, str] = {}
 
     def _lock(self, key: Key) -> threading.Lock:
         with self._guard:
@@ -119,13 +130,12 @@ class Controller:
             self.samples,
             self.adapter_waits,
             self.adapter_errors,
-            self.key_problems,
         ):
             cache.pop(key, None)
 
     # ---- scrape rounds -------------------------------------------------------------------
 
-    def targets(self) -> dict[Key, list[Target]]:
+    def targets(self) -> dict[Key, ModelScrape]:
         """Pods to scrape per model, from what the last reconcile of each model saw.
 
         A LoRA model whose server wants an API key gets it from its Secret here (blocking I/O).
@@ -141,16 +151,13 @@ class Controller:
                 spec = parse_spec(body.get("spec"))
             except SpecError:
                 continue
-            lora_on = spec.lora is not None
-            api_key = ""
-            self.key_problems.pop(key, None)
-            if lora_on and spec.api_key_secret_ref is not None:
+            api_key, problem = "", ""
+            if spec.lora is not None and spec.api_key_secret_ref is not None:
                 api_key, problem = self.api_key(key[0], spec.api_key_secret_ref)
-                if problem:
-                    self.key_problems[key] = problem
-                    lora_on = False  # every /v1 call would be refused
-            found = targets_of(observed.pods, spec.served_model_name or key[1], lora_on)
-            out[key] = [dataclasses.replace(t, api_key=api_key) for t in found] if api_key else found
+            # Without the key every /v1 call would be refused: read /health and /metrics only.
+            lora_on = spec.lora is not None and not problem
+            pods = targets_of(observed.pods, spec.served_model_name or key[1], lora_on, api_key)
+            out[key] = ModelScrape(spec, pods, api_key, problem)
         return out
 
     def api_key(self, namespace: str, ref: SecretKeyRef) -> tuple[str, str]:
@@ -175,14 +182,12 @@ class Controller:
     async def scrape_round(self, scraper: Scraper) -> int:
         """Scrape every pod once and write the statuses that moved; returns the status writes."""
         started = time.monotonic()
-        targets = await asyncio.to_thread(self.targets)
-        samples = await scraper.scrape_all(targets)
+        models = await asyncio.to_thread(self.targets)
+        samples = await scraper.scrape_all({key: model.pods for key, model in models.items()})
         scraped_at = reconcile.utcnow()
         writes = 0
         for key, current in samples.items():
-            current, adapters_ready, events = await self.manage_adapters(
-                key, current, targets.get(key, []), scraper
-            )
+            current, adapters_ready, events = await self.manage_adapters(key, current, models[key], scraper)
             health = throughput.aggregate(self.samples.get(key, {}), current, scraped_at)
             health = dataclasses.replace(health, adapters_ready=adapters_ready)
             self.samples[key] = {s.name: s for s in current}
@@ -193,18 +198,14 @@ class Controller:
         return writes
 
     async def manage_adapters(
-        self, key: Key, current: list[throughput.PodSample], targets: list[Target], scraper: Scraper
+        self, key: Key, current: list[throughput.PodSample], model: ModelScrape, scraper: Scraper
     ) -> tuple[list[throughput.PodSample], Verdict | None, list[tuple[str, str, str]]]:
         """Load and unload adapters so every healthy pod serves the spec's; verify from /v1/models."""
-        body = self.models.get(key)
-        try:
-            spec = parse_spec(body.get("spec")) if body is not None else None
-        except SpecError:
-            spec = None
-        if spec is None or spec.lora is None:
+        spec, targets = model.spec, model.pods
+        if spec.lora is None:
             return current, None, []
-        if key in self.key_problems:
-            return current, ("Unknown", "ApiKeyUnreadable", self.key_problems[key]), []
+        if model.key_problem:
+            return current, ("Unknown", "ApiKeyUnreadable", model.key_problem), []
         wanted = lora.desired(spec)
         waits = self.adapter_waits.setdefault(key, {})
         errors = self.adapter_errors.setdefault(key, {})
@@ -215,8 +216,7 @@ class Controller:
         events: list[tuple[str, str, str]] = []
         if calls:
             by_name = {t.name: t for t in targets}
-            api_key = next((t.api_key for t in targets if t.api_key), "")
-            results = await scraper.call_adapters(calls, {t.name: t.ip for t in targets}, api_key)
+            results = await scraper.call_adapters(calls, {t.name: t.ip for t in targets}, model.api_key)
             for call, error in zip(calls, results, strict=True):
                 pair = (call.pod, call.name)
                 if not error:

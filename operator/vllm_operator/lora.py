@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from vllm_operator.api import ConditionStatus, VLLMModelSpec
-from vllm_operator.render import resolve_source
+from vllm_operator.render import adapter_source
 from vllm_operator.throughput import PodSample
 
 Verdict = tuple[ConditionStatus, str, str]
@@ -27,14 +27,14 @@ def desired(spec: VLLMModelSpec) -> dict[str, str]:
     """Adapter name -> the path the server loads it from."""
     if spec.lora is None:
         return {}
-    return {a.name: resolve_source(a.source, "lora-" + a.name).path for a in spec.lora.adapters}
+    return {a.name: adapter_source(a).path for a in spec.lora.adapters}
 
 
 def downloaded(spec: VLLMModelSpec) -> frozenset[str]:
     """Paths of adapters that exist on a pod only if its init step downloaded them."""
     if spec.lora is None:
         return frozenset()
-    resolved = [resolve_source(a.source, "lora-" + a.name) for a in spec.lora.adapters]
+    resolved = [adapter_source(a) for a in spec.lora.adapters]
     return frozenset(r.path for r in resolved if r.download_uri)
 
 

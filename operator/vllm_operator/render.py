@@ -100,6 +100,11 @@ def resolve_source(source: str, slot: str) -> ResolvedSource:
     return ResolvedSource(path=source)
 
 
+def adapter_source(adapter: LoraAdapter) -> ResolvedSource:
+    """Where the server finds a LoRA adapter; remote ones download to a folder of their own."""
+    return resolve_source(adapter.source, "lora-" + adapter.name)
+
+
 def server_args(spec: VLLMModelSpec, served_name: str) -> list[str]:
     """vLLM-style command line; the bundled server and upstream vLLM both accept it."""
     args = [
@@ -126,7 +131,7 @@ def server_args(spec: VLLMModelSpec, served_name: str) -> list[str]:
         if spec.lora.adapters:
             args.append("--lora-modules")
             args += [
-                f"{a.name}={resolve_source(a.source, 'lora-' + a.name).path}" for a in spec.lora.adapters
+                f"{a.name}={adapter_source(a).path}" for a in spec.lora.adapters
             ]
     return args + list(spec.engine_args)
 
@@ -217,7 +222,7 @@ def _volumes(spec: VLLMModelSpec, settings: OperatorSettings) -> tuple[list[Any]
     mounts: list[dict[str, Any]] = [{"name": "cache", "mountPath": CACHE_MOUNT}]
     claims = [resolve_source(spec.model, "model").pvc_claim]
     if spec.lora is not None:
-        claims += [resolve_source(a.source, a.name).pvc_claim for a in spec.lora.adapters]
+        claims += [adapter_source(a).pvc_claim for a in spec.lora.adapters]
     for claim in sorted({c for c in claims if c}):
         volumes.append(
             {
@@ -408,7 +413,7 @@ def unfetched_adapters(spec: VLLMModelSpec, started_with: list[LoraAdapter]) -> 
     return [
         a.name
         for a in spec.lora.adapters
-        if resolve_source(a.source, "lora-" + a.name).download_uri and a not in started_with
+        if adapter_source(a).download_uri and a not in started_with
     ]
 
 

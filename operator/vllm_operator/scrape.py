@@ -35,7 +35,9 @@ class Target:
     """Bearer key for the server's /v1 routes; kept out of reprs so that it never reaches a log."""
 
 
-def targets_of(pods: Sequence[Mapping[str, Any]], served_name: str, lora: bool = False) -> list[Target]:
+def targets_of(
+    pods: Sequence[Mapping[str, Any]], served_name: str, lora: bool = False, api_key: str = ""
+) -> list[Target]:
     """Scrape targets from pod objects: every pod is listed, only ready ones with an IP are read."""
     out = []
     for pod in pods:
@@ -53,6 +55,7 @@ def targets_of(pods: Sequence[Mapping[str, Any]], served_name: str, lora: bool =
                 served_name,
                 lora,
                 fetched_paths(pod) if lora else frozenset(),
+                api_key,
             )
         )
     return out

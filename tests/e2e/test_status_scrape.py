@@ -93,16 +93,12 @@ def live(
     }
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest), check=True)
 
-    def condition() -> dict[str, Any]:
-        obj = get(cluster, namespace, "vllmmodel", "tiny")
-        return next(
-            (c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "AdaptersReady"), {}
-        )
-
     wait_until(
-        lambda: condition().get("reason") == "ApiKeyUnreadable", "AdaptersReady without a key", timeout=60
+        lambda: adapters_ready(cluster, namespace).get("reason") == "ApiKeyUnreadable",
+        "AdaptersReady without a key",
+        timeout=60,
     )
-    before_secret = condition()
+    before_secret = adapters_ready(cluster, namespace)
     cluster.kubectl(
         "create",
         "secret",
@@ -194,9 +190,9 @@ def set_adapters(cluster: LocalCluster, live: LiveModel, adapters: list[dict[str
     return time.monotonic()
 
 
-def adapters_ready(cluster: LocalCluster, live: LiveModel) -> dict[str, Any]:
-    obj = get(cluster, live.namespace, "vllmmodel", "tiny")
-    return next((c for c in obj["status"].get("conditions", []) if c["type"] == "AdaptersReady"), {})
+def adapters_ready(cluster: LocalCluster, namespace: str) -> dict[str, Any]:
+    obj = get(cluster, namespace, "vllmmodel", "tiny")
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "AdaptersReady"), {})
 
 
 def test_a_missing_api_key_secret_is_named_and_the_key_never_shown(
@@ -206,7 +202,9 @@ def test_a_missing_api_key_secret_is_named_and_the_key_never_shown(
     assert (before["status"], before["reason"]) == ("Unknown", "ApiKeyUnreadable"), before
     assert "Secret tiny-key not found" in before["message"] and "spec.apiKeySecretRef" in before["message"]
     # With the Secret in place the operator verifies the (empty) adapter set on both pods.
-    wait_until(lambda: adapters_ready(cluster, live).get("status") == "True", "AdaptersReady", timeout=30)
+    wait_until(
+        lambda: adapters_ready(cluster, live.namespace).get("status") == "True", "AdaptersReady", timeout=30
+    )
     events = cluster.kubectl("get", "events", "-n", live.namespace, "-o", "json", check=True).stdout
     model = cluster.kubectl("get", "vllm", "tiny", "-n", live.namespace, "-o", "json", check=True).stdout
     for text in (scraping_operator.log.read_text(errors="replace"), events, model):
@@ -231,7 +229,10 @@ def test_adapters_hot_loaded_verified_and_removed_without_restarts(
     def status_says(ready_pods: int) -> bool:
         obj = get(cluster, live.namespace, "vllmmodel", "tiny")
         counts = {a["name"]: a["readyPods"] for a in obj["status"].get("loraAdapters", [])}
-        return counts.get("sql", 0) == ready_pods and adapters_ready(cluster, live).get("status") == "True"
+        return (
+            counts.get("sql", 0) == ready_pods
+            and adapters_ready(cluster, live.namespace).get("status") == "True"
+        )
 
     wait_until(lambda: status_says(2), "status: sql on 2 pods, AdaptersReady", timeout=30)
     status_after = time.monotonic() - changed
@@ -265,13 +266,13 @@ def test_adapters_hot_loaded_verified_and_removed_without_restarts(
     set_adapters(cluster, live, [broken, sql])
     wait_until(
         lambda: (
-            adapters_ready(cluster, live).get("reason") == "LoadFailed"
+            adapters_ready(cluster, live.namespace).get("reason") == "LoadFailed"
             and all("sql" in a for a in served_adapters(live).values())
         ),
         "AdaptersReady=False for broken while sql loads",
         timeout=60,
     )
-    condition = adapters_ready(cluster, live)
+    condition = adapters_ready(cluster, live.namespace)
     assert condition["status"] == "False"
     assert "adapter broken" in condition["message"] and "adapter sql" not in condition["message"]
     events = json.loads(
