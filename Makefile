@@ -1,26 +1,25 @@
-# Local control plane (tests/harness): build the toolchain, start and stop the cluster.
-PYTHON ?= .venv/bin/python
-
-.PHONY: tools cluster-up cluster-down cluster-status
-
-tools: venv
-	$(PYTHON) -m tests.harness.toolchain
-
-# e.g. make cluster-up CLUSTER_ARGS="--pod-cidr 127.1.0.0/16" (loopback pod IPs)
-cluster-up: tools
-	$(PYTHON) -m tests.harness.cluster up $(CLUSTER_ARGS)
-
-cluster-down:
-	$(PYTHON) -m tests.harness.cluster down
-
-cluster-status:
-	$(PYTHON) -m tests.harness.cluster status
-
-# ---------------------------------------------------------------------------
-# Everything on a fresh machine: `make test` installs what it needs and runs every test.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SYSTEM_PYTHON ?= python3
+
+# Local control plane (tests/harness): build the toolchain, start and stop the cluster.
+.PHONY: tools cluster-up cluster-down cluster-status
+
+tools: venv
+	$(PY) -m tests.harness.toolchain
+
+# e.g. make cluster-up CLUSTER_ARGS="--pod-cidr 127.1.0.0/16" (loopback pod IPs)
+cluster-up: tools
+	$(PY) -m tests.harness.cluster up $(CLUSTER_ARGS)
+
+cluster-down:
+	$(PY) -m tests.harness.cluster down
+
+cluster-status:
+	$(PY) -m tests.harness.cluster status
+
+# ---------------------------------------------------------------------------
+# Everything on a fresh machine: `make test` installs what it needs and runs every test.
 
 .PHONY: venv engine lint generate test unit demo demo-down bench-operator
 
@@ -39,10 +38,12 @@ lint: venv
 	$(VENV)/bin/ruff check operator images/vllm-server tests bench
 	$(VENV)/bin/mypy
 
+# Every generated file: the CRD, its chart copy, and the README's field and values tables.
 generate: venv
 	$(VENV)/bin/vllm-operator crd > crds/serving.vllm-operator.io_vllmmodels.yaml
 	$(VENV)/bin/vllm-operator docs --readme README.md
 	cp crds/serving.vllm-operator.io_vllmmodels.yaml charts/vllm-operator/files/crd.yaml
+	$(PY) -m tests.chart.values_doc --readme README.md
 
 unit: venv
 	$(PY) -m pytest -q tests/unit
@@ -65,14 +66,10 @@ bench-client: engine
 	PYTHONPATH=. $(PY) bench/client_bench.py
 
 # ---------------------------------------------------------------------------
-# Helm chart (charts/vllm-operator): the CRD copy inside the chart and the README values table.
-.PHONY: chart-crd chart-docs chart-test
+# Helm chart (charts/vllm-operator): its CRD copy and README values table come from `generate`.
+.PHONY: chart-crd chart-docs chart-test bench-scrape bench-server
 
-chart-crd:
-	cp crds/serving.vllm-operator.io_vllmmodels.yaml charts/vllm-operator/files/crd.yaml
-
-chart-docs: venv
-	$(PY) -m tests.chart.values_doc --readme README.md
+chart-crd chart-docs: generate
 
 chart-test: venv tools
 	$(PY) -m pytest -q tests/chart

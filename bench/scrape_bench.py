@@ -24,7 +24,7 @@ from vllm_operator.controller import Controller
 from vllm_operator.scrape import Scraper
 from vllm_operator.settings import OperatorSettings
 
-PORT = 18123  # the operator's server_port setting; 8000 may be taken on a dev machine
+PORT = 18123  # the pods' port is 8000, which may be taken on a dev machine
 HISTOGRAMS = [
     "vllm:time_to_first_token_seconds",
     "vllm:e2e_request_latency_seconds",

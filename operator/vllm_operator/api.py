@@ -6,6 +6,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -81,6 +82,17 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 
 ModelSource = Annotated[str, Field(pattern=MODEL_SOURCE_PATTERN, min_length=1, max_length=512)]
 Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=32)]
+
+
+def _container_resources(resources: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(resources) - {"requests", "limits", "claims"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}; use 'requests' and 'limits' as in a container")
+    return resources
+
+
+ContainerResources = Annotated[dict[str, Any], AfterValidator(_container_resources)]
+"""A container's `resources`: a typo'd key is refused rather than silently ignored."""
 
 
 class WireModel(BaseModel):
@@ -191,7 +203,7 @@ class VLLMModelSpec(WireModel):
     """Server image; defaults to the operator's setting."""
     gpu_resource_name: str = Field(default="nvidia.com/gpu", min_length=1, max_length=253)
     """Extended resource that counts GPUs on the nodes."""
-    resources: dict[str, Any] = Field(default_factory=dict)
+    resources: ContainerResources = Field(default_factory=dict)
     """Container resources (requests/limits) over the operator's defaults; the GPU count is derived."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     """Node labels the pods must match."""
@@ -227,14 +239,6 @@ class VLLMModelSpec(WireModel):
                     "(e.g. spec.tensorParallelSize, spec.maxModelLen) instead of engineArgs"
                 )
         return args
-
-    @field_validator("resources")
-    @classmethod
-    def _resources_shape(cls, resources: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(resources) - {"requests", "limits", "claims"}
-        if unknown:
-            raise ValueError(f"unknown keys {sorted(unknown)}; use 'requests' and 'limits' as in a container")
-        return resources
 
     @model_validator(mode="after")
     def _gpu_count_is_derived(self) -> VLLMModelSpec:

@@ -17,15 +17,17 @@ from vllm_operator.settings import OperatorSettings, SettingsError
 EXIT_INVALID = 2
 
 
-def _load_models(path: str) -> list[dict[str, Any]]:
+def _load_models(path: str) -> list[Any]:
     text = sys.stdin.read() if path == "-" else Path(path).read_text()
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def render_documents(documents: Sequence[dict[str, Any]], settings: OperatorSettings) -> list[dict[str, Any]]:
+def render_documents(documents: Sequence[Any], settings: OperatorSettings) -> list[dict[str, Any]]:
     """Manifests for every VLLMModel in `documents`; raises SpecError naming the bad one."""
     manifests: list[dict[str, Any]] = []
     for doc in documents:
+        if not isinstance(doc, dict):
+            raise api.SpecError([f"expected a {api.KIND} mapping, got a YAML {type(doc).__name__}"])
         if doc.get("apiVersion") != api.API_VERSION or doc.get("kind") != api.KIND:
             raise api.SpecError(
                 [
@@ -44,6 +46,17 @@ def render_documents(documents: Sequence[dict[str, Any]], settings: OperatorSett
         ref = render.ModelRef(name=name, namespace=meta.get("namespace", "default"), uid=meta.get("uid", ""))
         manifests.extend(render.children(ref, spec, settings))
     return manifests
+
+
+def port(text: str) -> int:
+    """A TCP port for argparse: refused with a clear message outside 0-65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port: use 0-65535")
+    return value
 
 
 def _settings() -> OperatorSettings | None:
@@ -118,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable)")
     p.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL")
-    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: off)")
+    p.add_argument("--metrics-port", type=port, default=9090, help="Prometheus /metrics port (0: off)")
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=cmd_run)
 

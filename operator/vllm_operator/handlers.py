@@ -42,7 +42,7 @@ async def start_scraping(memo: kopf.Memo, **_: Any) -> None:
     settings: OperatorSettings = memo.controller.settings
     if not settings.scrape_interval_seconds:
         return
-    scraper = Scraper(settings.server_port, settings.scrape_timeout_seconds, settings.scrape_concurrency)
+    scraper = Scraper(timeout=settings.scrape_timeout_seconds, concurrency=settings.scrape_concurrency)
     memo.scrape_task = asyncio.create_task(
         memo.controller.scrape_forever(settings.scrape_interval_seconds, scraper)
     )

@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vllm_operator.api import ContainerResources, Quantity
+
 ENV_PREFIX = "VLLM_OPERATOR_"
 
 
@@ -17,16 +19,17 @@ class OperatorSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    server_image: str = "ghcr.io/vllm-operator/vllm-server:0.1.0"
+    server_image: str = Field(default="ghcr.io/vllm-operator/vllm-server:0.1.0", min_length=1)
     """Image of the bundled server, used when a resource sets no `spec.image`."""
-    image_pull_policy: str = "IfNotPresent"
-    default_resources: dict[str, Any] = Field(default_factory=dict)
+    # A str with a pattern, not a Literal: from_env hands only str fields over unparsed.
+    image_pull_policy: str = Field(default="IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")
+    default_resources: ContainerResources = Field(default_factory=dict)
     """Container resources every model gets unless its spec overrides them."""
-    storage_initializer_image: str = "kserve/storage-initializer:v0.14.0"
+    storage_initializer_image: str = Field(default="kserve/storage-initializer:v0.14.0", min_length=1)
     """Init image that downloads s3:// and gs:// sources into the cache volume."""
-    run_as_user: int = 1000
-    """UID the server runs as (the bundled image's non-root user)."""
-    default_shm_size: str = "8Gi"
+    run_as_user: int = Field(default=1000, ge=1)
+    """UID the server runs as (the bundled image's non-root user; the pods refuse root)."""
+    default_shm_size: Quantity = "8Gi"
     """/dev/shm size for pods with more than one GPU when the spec sets none."""
     scrape_interval_seconds: float = Field(default=15.0, ge=0)
     """How often every ready pod's /metrics and /health are read; 0 turns scraping off."""
@@ -36,9 +39,7 @@ class OperatorSettings(BaseModel):
     """Pods read at once, across all models."""
     rate_hysteresis: float = Field(default=0.1, ge=0, lt=1)
     """Relative change of a rate below which the status is not rewritten (0.1: 10 %)."""
-    server_port: int = 8000
-    """Port the operator reaches the server pods on."""
-    cluster_domain: str = "svc"
+    cluster_domain: str = Field(default="svc", min_length=1)
     """Suffix of the endpoint host: NAME.NAMESPACE.<this>."""
 
     @classmethod

@@ -30,6 +30,15 @@ def test_from_env_reads_strings_and_json() -> None:
         ),
         ({"VLLM_OPERATOR_SCRAPE_INTERVAL_SECONDS": "-1"}, "VLLM_OPERATOR_SCRAPE_INTERVAL_SECONDS: "),
         ({"VLLM_OPERATOR_RATE_HYSTERESIS": "1.5"}, "VLLM_OPERATOR_RATE_HYSTERESIS: "),
+        ({"VLLM_OPERATOR_IMAGE_PULL_POLICY": "Sometimes"}, "VLLM_OPERATOR_IMAGE_PULL_POLICY: "),
+        ({"VLLM_OPERATOR_DEFAULT_SHM_SIZE": "8GB"}, "VLLM_OPERATOR_DEFAULT_SHM_SIZE: "),
+        ({"VLLM_OPERATOR_RUN_AS_USER": "0"}, "VLLM_OPERATOR_RUN_AS_USER: "),
+        ({"VLLM_OPERATOR_SERVER_IMAGE": ""}, "VLLM_OPERATOR_SERVER_IMAGE: "),
+        ({"VLLM_OPERATOR_CLUSTER_DOMAIN": ""}, "VLLM_OPERATOR_CLUSTER_DOMAIN: "),
+        (
+            {"VLLM_OPERATOR_DEFAULT_RESOURCES": '{"request": {"cpu": "2"}}'},
+            "VLLM_OPERATOR_DEFAULT_RESOURCES: Value error, unknown keys ['request']",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:
