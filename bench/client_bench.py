@@ -43,6 +43,7 @@ from tests.server.realserver import start_server  # noqa: E402
 from tests.server.tinymodel import build_tiny_model  # noqa: E402
 
 from vllm_operator.cli import main as cli_main  # noqa: E402
+from vllm_operator.client._core import request_body  # noqa: E402
 from vllm_operator.client.bench_load import make_prompt  # noqa: E402
 
 _GEN = re.compile(r"^vllm:generation_tokens_total\{[^}]*\} ([0-9.e+]+)$", re.M)
@@ -63,9 +64,8 @@ def counters(base: str, before: bool) -> dict[str, float]:
 
 def body(i: int, tokens: int) -> dict[str, Any]:
     """The request bench load sends for index i (same prompt, same sampling)."""
-    return {"model": "tiny", "messages": [{"role": "user", "content": make_prompt(i, 32)}],
-            "max_tokens": tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    params = {"max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
+    return request_body("chat", "tiny", make_prompt(i, 32), True, params)
 
 
 async def aiohttp_minimal(base: str, n: int, c: int, tokens: int) -> None:

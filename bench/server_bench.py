@@ -32,7 +32,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.server.realserver import start_server  # noqa: E402
+from tests.server.realserver import RealServer, start_server  # noqa: E402
 from tests.server.tinymodel import build_tiny_model  # noqa: E402
 
 SERVERS = {
@@ -54,6 +54,12 @@ class LevelResult:
     tokens_per_second: float
     ttft_p50_ms: float
     ttft_p95_ms: float
+
+    def line(self, prefix: str = "") -> str:
+        """The progress line of this level; `prefix` goes before the server name."""
+        return (f"  {prefix}{self.server:6s} c={self.concurrency:<3d} {self.tokens_per_second:8.1f} tok/s  "
+                f"TTFT p50 {self.ttft_p50_ms:7.1f} ms  p95 {self.ttft_p95_ms:7.1f} ms  "
+                f"errors {self.errors}")
 
 
 async def one_request(session: aiohttp.ClientSession, url: str, i: int,
@@ -138,22 +144,26 @@ async def warm_up(base: str, tokens: int) -> None:
         await asyncio.gather(*(one(i) for i in range(32)))
 
 
-def bench_server(name: str, model: Path, args: argparse.Namespace,
-                 logdir: Path) -> list[LevelResult]:
-    """Start one server, run every level, stop it."""
+def _start(name: str, model: Path, logdir: Path) -> RealServer:
+    """Start server `name` with its log in `logdir`, printing when it is ready."""
     log = logdir / f"{name}.log"
     print(f"starting {name} ({SERVERS[name]}), log {log}", flush=True)
     t0 = time.monotonic()
     srv = start_server(model, [], log_path=log, module=SERVERS[name])
     print(f"  ready after {time.monotonic() - t0:.1f}s", flush=True)
+    return srv
+
+
+def bench_server(name: str, model: Path, args: argparse.Namespace,
+                 logdir: Path) -> list[LevelResult]:
+    """Start one server, run every level, stop it."""
+    srv = _start(name, model, logdir)
     results = []
     try:
         asyncio.run(warm_up(srv.url, args.tokens))
         for c in args.concurrency:
             r = asyncio.run(run_level(srv.url, name, c, args.requests, args.tokens))
-            print(f"  {name:6s} c={c:<3d} {r.tokens_per_second:8.1f} tok/s  "
-                  f"TTFT p50 {r.ttft_p50_ms:7.1f} ms  p95 {r.ttft_p95_ms:7.1f} ms  "
-                  f"errors {r.errors}", flush=True)
+            print(r.line(), flush=True)
             results.append(r)
     finally:
         code = srv.stop()
@@ -167,11 +177,7 @@ def bench_interleaved(model: Path, args: argparse.Namespace,
     servers = {}
     try:
         for name in args.servers:
-            log = logdir / f"{name}.log"
-            print(f"starting {name} ({SERVERS[name]}), log {log}", flush=True)
-            t0 = time.monotonic()
-            servers[name] = start_server(model, [], log_path=log, module=SERVERS[name])
-            print(f"  ready after {time.monotonic() - t0:.1f}s", flush=True)
+            servers[name] = _start(name, model, logdir)
         for srv in servers.values():
             asyncio.run(warm_up(srv.url, args.tokens))
         results: dict[str, list[LevelResult]] = {name: [] for name in servers}
@@ -183,9 +189,7 @@ def bench_interleaved(model: Path, args: argparse.Namespace,
                     r = asyncio.run(run_level(servers[name].url, name, c, args.requests,
                                               args.tokens))
                     runs[name].append(r)
-                    print(f"  round {rnd} {name:6s} c={c:<3d} {r.tokens_per_second:8.1f} tok/s  "
-                          f"TTFT p50 {r.ttft_p50_ms:7.1f} ms  p95 {r.ttft_p95_ms:7.1f} ms  "
-                          f"errors {r.errors}", flush=True)
+                    print(r.line(f"round {rnd} "), flush=True)
             for name, rs in runs.items():
                 rs.sort(key=lambda r: r.tokens_per_second)
                 results[name].append(rs[len(rs) // 2])

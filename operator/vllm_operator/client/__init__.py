@@ -1,7 +1,7 @@
 """Client of vLLM OpenAI-compatible servers: async and sync, retries, failover, metrics."""
 
-from vllm_operator.client._core import Result, StreamChunk, Usage
-from vllm_operator.client.async_client import AsyncClient, AsyncStream, BatchResult
+from vllm_operator.client._core import BatchResult, Result, StreamChunk, Usage
+from vllm_operator.client.async_client import AsyncClient, AsyncStream
 from vllm_operator.client.endpoints import EndpointPool
 from vllm_operator.client.errors import (
     APIConnectionError,

@@ -1,25 +1,27 @@
-"""What the async and sync clients share: bodies, results, SSE decoding, retry bookkeeping."""
+"""What the async and sync clients share: bodies, results, SSE decoding, retry bookkeeping,
+construction and the stream wrapper."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, Literal, TypeVar
 
 import httpx
 
-from vllm_operator.client.endpoints import EndpointPool
+from vllm_operator.client.endpoints import EndpointPool, Strategy
 from vllm_operator.client.errors import (
     APIConnectionError,
     APIStatusError,
     APITimeoutError,
     ClientError,
+    StreamInterruptedError,
     status_error,
     stream_error,
 )
-from vllm_operator.client.metrics import RequestMetrics
+from vllm_operator.client.metrics import BatchMetrics, RequestMetrics
 from vllm_operator.client.retry import RetryPolicy, parse_retry_after, retryable_status
 
 Kind = Literal["chat", "completion"]
@@ -27,6 +29,9 @@ Message = Mapping[str, Any]
 Messages = str | Sequence[Message]
 
 PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+
+C = TypeVar("C")  # the chunk iterator of a stream, sync or async
+H = TypeVar("H")  # the httpx client, sync or async
 
 
 @dataclass
@@ -68,6 +73,20 @@ class StreamChunk:
     text: str
     finish_reason: str | None
     raw: dict[str, Any] = field(repr=False)
+
+
+@dataclass
+class BatchResult:
+    """Results in prompt order (a Result or the error that ended the item) and the aggregate."""
+
+    results: list[Result | ClientError]
+    metrics: BatchMetrics
+
+    @classmethod
+    def of(cls, results: list[Result | ClientError], wall: float) -> BatchResult:
+        """Aggregate the successful items of a batch that took `wall` seconds."""
+        ok = [r.metrics for r in results if isinstance(r, Result)]
+        return cls(results, BatchMetrics.of(ok, len(results) - len(ok), wall))
 
 
 def messages_of(messages: Messages, system: str | None = None) -> list[dict[str, Any]]:
@@ -148,6 +167,27 @@ class StreamState:
         self.usage: Usage | None = None
         self.done = False
         self._last: float | None = None
+        self._decoder = SSEDecoder()
+
+    def line(self, line: str) -> StreamChunk | None:
+        """Feed one SSE line; a chunk when it ends an event that carries one."""
+        data = self._decoder.line(line)
+        return None if data is None else self.event(data)
+
+    def check_done(self) -> None:
+        """Raise when the body ended before [DONE] (a dropped connection, retried like one)."""
+        if not self.done:
+            raise httpx.RemoteProtocolError("the stream ended without [DONE]")
+
+    def interrupted(self, exc: Exception) -> StreamInterruptedError:
+        """The error for a connection lost after some chunks, with the text received so far."""
+        chunks = self.metrics.chunks
+        return StreamInterruptedError(
+            f"stream interrupted after {chunks} chunks: {exc!r}",
+            url=self.url,
+            chunks=chunks,
+            text="".join(self.parts),
+        )
 
     def event(self, data: str) -> StreamChunk | None:
         """Handle one event's data; a chunk when it carries text or a finish reason."""
@@ -200,12 +240,12 @@ class StreamState:
 class Attempts:
     """Retry bookkeeping of one request across the endpoints of a pool."""
 
-    def __init__(self, pool: EndpointPool, policy: RetryPolicy, metrics: RequestMetrics) -> None:
-        """Fix the endpoint order for this request."""
+    def __init__(self, pool: EndpointPool, policy: RetryPolicy) -> None:
+        """Start the request's clock and fix the endpoint order for it."""
+        self.metrics = RequestMetrics(started=time.monotonic())
         self.pool = pool
         self.policy = policy
         self.order = pool.order()
-        self.metrics = metrics
         self.retries = 0
 
     @property
@@ -267,3 +307,51 @@ def timeout_of(timeout: float | httpx.Timeout | None) -> httpx.Timeout:
     if isinstance(timeout, httpx.Timeout):
         return timeout
     return httpx.Timeout(timeout, pool=None)
+
+
+class BaseStream(Generic[C]):
+    """A streaming completion: iterate for chunks, then read `result`."""
+
+    def __init__(self, chunks: C, state: list[StreamState]) -> None:
+        """Wrap the chunk generator; `state` holds the live StreamState once started."""
+        self._chunks = chunks
+        self._state = state
+        self._result: Result | None = None
+
+    @property
+    def result(self) -> Result:
+        """The whole completion; valid after the iteration ended."""
+        if self._result is None:
+            if not self._state or not self._state[-1].done:
+                raise RuntimeError("the stream has not finished yet")
+            self._result = self._state[-1].result()
+        return self._result
+
+
+class BaseClient(Generic[H]):
+    """Endpoints, model, retry policy, headers and HTTP client of a sync or async client."""
+
+    def __init__(
+        self,
+        base_url: str | Sequence[str],
+        *,
+        api_key: str | None,
+        model: str | None,
+        strategy: Strategy,
+        retry: RetryPolicy | None,
+        max_retries: int | None,
+        timeout: float | httpx.Timeout | None,
+        max_connections: int,
+        http: H | None,
+        make_http: Callable[[httpx.Timeout, httpx.Limits], H],
+    ) -> None:
+        """`make_http(timeout, limits)` builds the HTTP client when `http` is not passed in."""
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.pool = EndpointPool(urls, strategy)
+        self.model = model
+        policy = retry or RetryPolicy()
+        self.retry = policy if max_retries is None else replace(policy, max_retries=max_retries)
+        self._own_http = http is None
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http: H = http or make_http(timeout_of(timeout), limits)
+        self._headers = auth_headers(api_key)

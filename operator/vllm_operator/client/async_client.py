@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
@@ -14,21 +13,21 @@ import httpx
 from vllm_operator.client._core import (
     PATHS,
     Attempts,
+    BaseClient,
+    BaseStream,
+    BatchResult,
     Kind,
     Messages,
     Result,
-    SSEDecoder,
     StreamChunk,
     StreamState,
-    auth_headers,
     parse_body,
     request_body,
     result_of,
-    timeout_of,
 )
-from vllm_operator.client.endpoints import EndpointPool, Strategy
-from vllm_operator.client.errors import ClientError, StreamInterruptedError
-from vllm_operator.client.metrics import BatchMetrics, RequestMetrics
+from vllm_operator.client.endpoints import Strategy
+from vllm_operator.client.errors import ClientError
+from vllm_operator.client.metrics import RequestMetrics
 from vllm_operator.client.retry import RetryPolicy
 
 Backend = Literal["httpx", "aiohttp", "auto"]
@@ -51,35 +50,12 @@ def transport_of(backend: Backend, limits: httpx.Limits) -> httpx.AsyncBaseTrans
     return transport
 
 
-@dataclass
-class BatchResult:
-    """Results in prompt order (a Result or the error that ended the item) and the aggregate."""
-
-    results: list[Result | ClientError]
-    metrics: BatchMetrics
-
-
-class AsyncStream:
+class AsyncStream(BaseStream[AsyncIterator[StreamChunk]]):
     """A streaming completion: iterate for chunks, then read `result`."""
-
-    def __init__(self, chunks: AsyncIterator[StreamChunk], state: list[StreamState]) -> None:
-        """Wrap the chunk generator; `state` holds the live StreamState once started."""
-        self._chunks = chunks
-        self._state = state
-        self._result: Result | None = None
 
     def __aiter__(self) -> AsyncIterator[StreamChunk]:
         """The chunks, one per event that carries text."""
         return self._chunks
-
-    @property
-    def result(self) -> Result:
-        """The whole completion; valid after the iteration ended."""
-        if self._result is None:
-            if not self._state or not self._state[-1].done:
-                raise RuntimeError("the stream has not finished yet")
-            self._result = self._state[-1].result()
-        return self._result
 
     async def collect(self) -> Result:
         """Consume the rest of the stream and return the result."""
@@ -102,7 +78,7 @@ class AsyncStream:
         await self.aclose()
 
 
-class AsyncClient:
+class AsyncClient(BaseClient[httpx.AsyncClient]):
     """Chat, completions, streaming and server endpoints, with retries and failover."""
 
     def __init__(
@@ -125,21 +101,20 @@ class AsyncClient:
         aiohttp's C HTTP parser: about a third of httpx's CPU per streamed token at high
         concurrency (encode/httpx#3215).
         """
-        urls = [base_url] if isinstance(base_url, str) else list(base_url)
-        self.pool = EndpointPool(urls, strategy)
-        self.model = model
-        policy = retry or RetryPolicy()
-        if max_retries is not None:
-            policy = RetryPolicy(
-                max_retries, policy.initial_delay, policy.max_delay, policy.max_retry_after, policy.jitter
-            )
-        self.retry = policy
-        self._own_http = http is None
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self._http = http or httpx.AsyncClient(
-            timeout=timeout_of(timeout), limits=limits, transport=transport_of(backend, limits)
+        super().__init__(
+            base_url,
+            api_key=api_key,
+            model=model,
+            strategy=strategy,
+            retry=retry,
+            max_retries=max_retries,
+            timeout=timeout,
+            max_connections=max_connections,
+            http=http,
+            make_http=lambda t, limits: httpx.AsyncClient(
+                timeout=t, limits=limits, transport=transport_of(backend, limits)
+            ),
         )
-        self._headers = auth_headers(api_key)
 
     async def aclose(self) -> None:
         """Close the connection pool (unless it was passed in)."""
@@ -180,8 +155,8 @@ class AsyncClient:
 
     async def request(self, method: str, path: str, body: Any = None) -> tuple[Any, RequestMetrics]:
         """Any JSON endpoint, with retries: (parsed body, metrics)."""
-        metrics = RequestMetrics(started=time.monotonic())
-        attempts = Attempts(self.pool, self.retry, metrics)
+        attempts = Attempts(self.pool, self.retry)
+        metrics = attempts.metrics
         resp = await self._send(attempts, method, path, body, stream=False)
         metrics.total_s = time.monotonic() - metrics.started
         return parse_body(resp), metrics
@@ -190,35 +165,24 @@ class AsyncClient:
         self, kind: Kind, body: dict[str, Any], holder: list[StreamState]
     ) -> AsyncIterator[StreamChunk]:
         """Stream events; a connection lost before the first chunk is retried like any other."""
-        metrics = RequestMetrics(started=time.monotonic())
-        attempts = Attempts(self.pool, self.retry, metrics)
+        attempts = Attempts(self.pool, self.retry)
         while True:
             resp = await self._send(attempts, "POST", PATHS[kind], body, stream=True)
-            state = StreamState(kind, metrics, attempts.url)
+            state = StreamState(kind, attempts.metrics, attempts.url)
             holder[:] = [state]
-            decoder = SSEDecoder()
             try:
                 async for line in resp.aiter_lines():
-                    data = decoder.line(line)
-                    if data is None:
-                        continue
-                    chunk = state.event(data)
+                    chunk = state.line(line)
                     if chunk is not None:
                         yield chunk
                     if state.done:
                         break
-                if not state.done:
-                    raise httpx.RemoteProtocolError("the stream ended without [DONE]")
+                state.check_done()
                 return
             except httpx.TransportError as exc:
                 err = attempts.transport_error(exc)
-                if metrics.chunks:
-                    raise StreamInterruptedError(
-                        f"stream interrupted after {metrics.chunks} chunks: {exc!r}",
-                        url=attempts.url,
-                        chunks=metrics.chunks,
-                        text="".join(state.parts),
-                    ) from exc
+                if attempts.metrics.chunks:
+                    raise state.interrupted(exc) from exc
             finally:
                 await resp.aclose()
             await asyncio.sleep(attempts.wait_or_raise(err))
@@ -280,9 +244,7 @@ class AsyncClient:
 
         t0 = time.monotonic()
         results = list(await asyncio.gather(*(one(p) for p in prompts)))
-        wall = time.monotonic() - t0
-        ok = [r.metrics for r in results if isinstance(r, Result)]
-        return BatchResult(results, BatchMetrics.of(ok, len(results) - len(ok), wall))
+        return BatchResult.of(results, time.monotonic() - t0)
 
     # ---- server endpoints ----------------------------------------------------------------------
 

@@ -84,7 +84,8 @@ async def case_models(c: AsyncClient, cfg: CheckConfig) -> tuple[str, dict[str, 
 async def case_chat(c: AsyncClient, cfg: CheckConfig) -> tuple[str, dict[str, Any]]:
     """Non-streaming chat returns text, a finish reason and usage."""
     r = await c.chat("Tell me about Kubernetes operators.", max_tokens=cfg.max_tokens)
-    expect(not usage_ok(r, cfg.max_tokens), usage_ok(r, cfg.max_tokens))
+    problem = usage_ok(r, cfg.max_tokens)
+    expect(not problem, problem)
     expect(r.finish_reason in ("stop", "length"), f"finish_reason {r.finish_reason!r}")
     expect(bool(r.text), "empty text")
     return f"{r.metrics.completion_tokens} tokens, finish {r.finish_reason}", _figs(r)

@@ -116,12 +116,11 @@ async def _client(args: argparse.Namespace, max_retries: int, connections: int) 
     if client.model is None:
         try:
             models = await client.models()
+            if not models:
+                raise ValueError("/v1/models lists no model; give --model")
         except BaseException:
             await client.aclose()
             raise
-        if not models:
-            await client.aclose()
-            raise ValueError("/v1/models lists no model; give --model")
         client.model = str(models[0]["id"])
     return client
 
@@ -188,28 +187,22 @@ def cmd_load(args: argparse.Namespace) -> int:
         client = await _client(args, max_retries=0, connections=concurrency or args.requests)
         async with client:
             progress = bench_load.Progress(cfg.requests) if args.progress else None
-            done = [0, 0, 0]
-
-            def on_done(s: bench_load.Sample) -> None:
-                done[0] += 1
-                done[1] += 0 if s.ok else 1
-                done[2] += s.output_tokens
-                if progress is not None:
-                    progress.update(done[0], done[1], done[2])
 
             async def tick() -> None:
                 # Completions come in waves at high concurrency: keep the clock moving between.
                 while progress is not None:
                     await asyncio.sleep(progress.every)
-                    progress.update(done[0], done[1], done[2], force=True)
+                    progress.update(force=True)
 
             ticker = asyncio.create_task(tick())
             try:
-                report = await bench_load.run_load(client, cfg, on_done)
+                report = await bench_load.run_load(
+                    client, cfg, progress.add if progress is not None else None
+                )
             finally:
                 ticker.cancel()
             if progress is not None:
-                progress.finish(done[0], done[1], done[2])
+                progress.finish()
             return report
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sys
 import time
@@ -135,23 +136,35 @@ class Progress:
         self.width = width
         self.t0 = time.monotonic()
         self._last = 0.0
+        self.done = 0
+        self.errors = 0
+        self.tokens = 0
 
-    def update(self, done: int, errors: int, tokens: int, force: bool = False) -> None:
+    def add(self, sample: Sample) -> None:
+        """Count a finished request and redraw if due."""
+        self.done += 1
+        self.errors += 0 if sample.ok else 1
+        self.tokens += sample.output_tokens
+        self.update()
+
+    def update(self, force: bool = False) -> None:
         """Redraw if due."""
         now = time.monotonic()
         if not force and now - self._last < self.every:
             return
         self._last = now
         el = now - self.t0
-        fill = self.width * done // max(1, self.total)
+        fill = self.width * self.done // max(1, self.total)
         bar = "#" * fill + "-" * (self.width - fill)
-        rate = tokens / el if el > 0 else 0.0
-        self.out.write(f"\r[{bar}] {done}/{self.total}  errors {errors}  {rate:7.1f} tok/s  {el:6.1f}s ")
+        rate = self.tokens / el if el > 0 else 0.0
+        self.out.write(
+            f"\r[{bar}] {self.done}/{self.total}  errors {self.errors}  {rate:7.1f} tok/s  {el:6.1f}s "
+        )
         self.out.flush()
 
-    def finish(self, done: int, errors: int, tokens: int) -> None:
+    def finish(self) -> None:
         """Final state and a newline."""
-        self.update(done, errors, tokens, force=True)
+        self.update(force=True)
         self.out.write("\n")
         self.out.flush()
 
@@ -184,11 +197,8 @@ async def run_load(
     wall0 = time.time()
 
     async def task(i: int) -> None:
-        if sem is None:
+        async with sem or contextlib.nullcontext():
             s = await _one(client, cfg, i, t0)
-        else:
-            async with sem:
-                s = await _one(client, cfg, i, t0)
         samples.append(s)
         if on_done is not None:
             on_done(s)

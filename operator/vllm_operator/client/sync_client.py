@@ -13,46 +13,30 @@ import httpx
 from vllm_operator.client._core import (
     PATHS,
     Attempts,
+    BaseClient,
+    BaseStream,
+    BatchResult,
     Kind,
     Messages,
     Result,
-    SSEDecoder,
     StreamChunk,
     StreamState,
-    auth_headers,
     parse_body,
     request_body,
     result_of,
-    timeout_of,
 )
-from vllm_operator.client.async_client import BatchResult
-from vllm_operator.client.endpoints import EndpointPool, Strategy
-from vllm_operator.client.errors import ClientError, StreamInterruptedError
-from vllm_operator.client.metrics import BatchMetrics, RequestMetrics
+from vllm_operator.client.endpoints import Strategy
+from vllm_operator.client.errors import ClientError
+from vllm_operator.client.metrics import RequestMetrics
 from vllm_operator.client.retry import RetryPolicy
 
 
-class Stream:
+class Stream(BaseStream[Iterator[StreamChunk]]):
     """A streaming completion: iterate for chunks, then read `result`."""
-
-    def __init__(self, chunks: Iterator[StreamChunk], state: list[StreamState]) -> None:
-        """Wrap the chunk generator; `state` holds the live StreamState once started."""
-        self._chunks = chunks
-        self._state = state
-        self._result: Result | None = None
 
     def __iter__(self) -> Iterator[StreamChunk]:
         """The chunks, one per event that carries text."""
         return self._chunks
-
-    @property
-    def result(self) -> Result:
-        """The whole completion; valid after the iteration ended."""
-        if self._result is None:
-            if not self._state or not self._state[-1].done:
-                raise RuntimeError("the stream has not finished yet")
-            self._result = self._state[-1].result()
-        return self._result
 
     def collect(self) -> Result:
         """Consume the rest of the stream and return the result."""
@@ -75,7 +59,7 @@ class Stream:
         self.close()
 
 
-class Client:
+class Client(BaseClient[httpx.Client]):
     """Chat, completions, streaming and server endpoints, with retries and failover."""
 
     def __init__(
@@ -92,21 +76,18 @@ class Client:
         http: httpx.Client | None = None,
     ) -> None:
         """`base_url` with or without /v1; a list spreads or fails over between servers."""
-        urls = [base_url] if isinstance(base_url, str) else list(base_url)
-        self.pool = EndpointPool(urls, strategy)
-        self.model = model
-        policy = retry or RetryPolicy()
-        if max_retries is not None:
-            policy = RetryPolicy(
-                max_retries, policy.initial_delay, policy.max_delay, policy.max_retry_after, policy.jitter
-            )
-        self.retry = policy
-        self._own_http = http is None
-        self._http = http or httpx.Client(
-            timeout=timeout_of(timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        super().__init__(
+            base_url,
+            api_key=api_key,
+            model=model,
+            strategy=strategy,
+            retry=retry,
+            max_retries=max_retries,
+            timeout=timeout,
+            max_connections=max_connections,
+            http=http,
+            make_http=lambda t, limits: httpx.Client(timeout=t, limits=limits),
         )
-        self._headers = auth_headers(api_key)
 
     def close(self) -> None:
         """Close the connection pool (unless it was passed in)."""
@@ -145,43 +126,32 @@ class Client:
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[Any, RequestMetrics]:
         """Any JSON endpoint, with retries: (parsed body, metrics)."""
-        metrics = RequestMetrics(started=time.monotonic())
-        attempts = Attempts(self.pool, self.retry, metrics)
+        attempts = Attempts(self.pool, self.retry)
+        metrics = attempts.metrics
         resp = self._send(attempts, method, path, body, stream=False)
         metrics.total_s = time.monotonic() - metrics.started
         return parse_body(resp), metrics
 
     def _events(self, kind: Kind, body: dict[str, Any], holder: list[StreamState]) -> Iterator[StreamChunk]:
         """Stream events; a connection lost before the first chunk is retried like any other."""
-        metrics = RequestMetrics(started=time.monotonic())
-        attempts = Attempts(self.pool, self.retry, metrics)
+        attempts = Attempts(self.pool, self.retry)
         while True:
             resp = self._send(attempts, "POST", PATHS[kind], body, stream=True)
-            state = StreamState(kind, metrics, attempts.url)
+            state = StreamState(kind, attempts.metrics, attempts.url)
             holder[:] = [state]
-            decoder = SSEDecoder()
             try:
                 for line in resp.iter_lines():
-                    data = decoder.line(line)
-                    if data is None:
-                        continue
-                    chunk = state.event(data)
+                    chunk = state.line(line)
                     if chunk is not None:
                         yield chunk
                     if state.done:
                         break
-                if not state.done:
-                    raise httpx.RemoteProtocolError("the stream ended without [DONE]")
+                state.check_done()
                 return
             except httpx.TransportError as exc:
                 err = attempts.transport_error(exc)
-                if metrics.chunks:
-                    raise StreamInterruptedError(
-                        f"stream interrupted after {metrics.chunks} chunks: {exc!r}",
-                        url=attempts.url,
-                        chunks=metrics.chunks,
-                        text="".join(state.parts),
-                    ) from exc
+                if attempts.metrics.chunks:
+                    raise state.interrupted(exc) from exc
             finally:
                 resp.close()
             time.sleep(attempts.wait_or_raise(err))
@@ -240,9 +210,7 @@ class Client:
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             results = list(pool.map(one, prompts))
-        wall = time.monotonic() - t0
-        ok = [r.metrics for r in results if isinstance(r, Result)]
-        return BatchResult(results, BatchMetrics.of(ok, len(results) - len(ok), wall))
+        return BatchResult.of(results, time.monotonic() - t0)
 
     # ---- server endpoints ----------------------------------------------------------------------
 
