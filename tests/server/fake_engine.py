@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 
 from vllm_server.engine import (
@@ -10,6 +11,7 @@ from vllm_server.engine import (
     EngineInfo,
     EngineInputError,
     EngineOutput,
+    LoraAdapter,
     SamplingSpec,
     TokenLogprobs,
 )
@@ -24,7 +26,9 @@ class FakeEngine:
         self._info = EngineInfo(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                 dtype="float32")
         self.delay = delay
-        self.loras: dict[str, str] = {}
+        self.loras: dict[str, str] = {}  # name -> path
+        self.lora_ids: dict[str, int] = {}  # name -> id, as vLLM's lora_int_id (from 1)
+        self._next_lora_id = itertools.count(1)
         self.produced: dict[str, int] = {}  # request id -> tokens produced
         self.finished: set[str] = set()
         self.aborted: set[str] = set()
@@ -96,23 +100,21 @@ class FakeEngine:
                 self.aborted.add(request_id)
             self.closed.add(request_id)
 
-    async def abort(self, request_id: str) -> None:
-        """Record an abort."""
-        self.aborted.add(request_id)
-
     async def add_lora(self, name: str, path: str) -> None:
         """Paths containing 'bad' fail to load."""
         if "bad" in path:
             raise EngineInputError(f"cannot load {path}")
         self.loras[name] = path
+        self.lora_ids[name] = next(self._next_lora_id)
 
     async def remove_lora(self, name: str) -> None:
         """Forget an adapter."""
         del self.loras[name]
+        self.lora_ids.pop(name, None)
 
-    def lora_adapters(self) -> dict[str, str]:
-        """Loaded adapters."""
-        return dict(self.loras)
+    def lora_adapters(self) -> dict[str, LoraAdapter]:
+        """Loaded adapters (one set directly in `loras` by a test gets id 0)."""
+        return {n: LoraAdapter(p, self.lora_ids.get(n, 0)) for n, p in self.loras.items()}
 
     async def check_health(self) -> bool:
         """Configurable health."""

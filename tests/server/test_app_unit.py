@@ -373,3 +373,84 @@ async def test_client_disconnect_aborts_engine_request(stream: bool) -> None:
     assert rid in engine.aborted and rid in engine.closed
     assert engine.produced[rid] < 50  # stopped long before max_tokens
     assert app.state.serving.inflight == 0
+    # A client that leaves (499) is not an error.
+    assert app.state.serving.stats.errors == 0 and app.state.serving.stats.in_flight == 0
+
+
+async def _errors(c: httpx.AsyncClient) -> int:
+    """The `errors` counter of /v1/stats."""
+    n: int = (await c.get("/v1/stats")).json()["errors"]
+    return n
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_engine_refusal_counts_one_error(client: httpx.AsyncClient, stream: bool) -> None:
+    before = await _errors(client)
+    r = await client.post(CHAT, json={"messages": MSGS, "temperature": 1.8, "stream": stream})
+    assert r.status_code == 400
+    assert await _errors(client) == before + 1
+
+
+async def test_queue_full_counts_one_error() -> None:
+    from vllm_server.protocol import ChatCompletionRequest
+
+    engine = FakeEngine(max_num_seqs=1, delay=0.01)
+    app = create_app(fake_settings("--max-queued-requests", "0"), engine=engine)
+    serving = app.state.serving
+    stream = await serving.chat_stream(ChatCompletionRequest(
+        messages=MSGS, max_tokens=50, stream=True))  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://t") as c:
+        before = await _errors(c)
+        r = await c.post(CHAT, json={"messages": MSGS, "max_tokens": 1})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+        assert await _errors(c) == before + 1
+        await stream.aclose()
+        assert (await c.get("/v1/stats")).json()["requests_in_flight"] == 0
+
+
+async def test_in_band_stream_error_counts_one_error(client: httpx.AsyncClient,
+                                                     engine: FakeEngine) -> None:
+    orig = engine.generate
+
+    async def fails_midway(*a, **k):  # type: ignore[no-untyped-def]
+        async for out in orig(*a, **k):
+            yield out
+            raise RuntimeError("boom")
+
+    engine.generate = fails_midway  # type: ignore[method-assign]
+    r = await client.post(CHAT, json={"messages": MSGS, "max_tokens": 5, "stream": True})
+    events = sse_events(r.text)
+    assert json.loads(events[-2])["error"]["type"] == "server_error"
+    stats = (await client.get("/v1/stats")).json()
+    assert stats["errors"] == 1 and stats["requests_in_flight"] == 0
+
+
+async def test_lora_ids_stay_distinct(client: httpx.AsyncClient) -> None:
+    for name in ("a", "b"):
+        r = await client.post("/v1/load_lora_adapter", json={"lora_name": name,
+                                                             "lora_path": f"/p/{name}"})
+        assert r.status_code == 200, r.text
+    r = await client.post("/v1/unload_lora_adapter", json={"lora_name": "a"})
+    assert r.status_code == 200, r.text
+    r = await client.post("/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": "/p/c"})
+    assert r.status_code == 200, r.text
+    ids = {a["name"]: a["id"] for a in (await client.get("/v1/lora_adapters")).json()}
+    assert set(ids) == {"b", "c"}
+    assert ids["b"] != ids["c"] and 0 not in ids.values()
+
+
+async def test_startup_lora_adapters_report_their_engine_id() -> None:
+    import asyncio
+
+    engine = FakeEngine()
+    app = create_app(fake_settings("--lora-modules", "pre=/p/pre"),
+                     engine_factory=lambda _s: engine)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        for _ in range(100):
+            if (await c.get("/health")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        (pre,) = (await c.get("/v1/lora_adapters")).json()
+        assert pre["name"] == "pre" and pre["id"] != 0

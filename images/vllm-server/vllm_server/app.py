@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_server import __version__
-from vllm_server.engine import Engine, SamplingSpec
+from vllm_server.engine import Engine, SamplingSpec, build_engine
 from vllm_server.errors import ApiError
 from vllm_server.metrics import HttpMetrics, MetricsMiddleware
 from vllm_server.routes import api_router, open_router
@@ -45,7 +45,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task: asyncio.Task[None] | None = None
         if serving.engine is None:
-            factory = engine_factory or _default_factory
+            factory = engine_factory or build_engine
             task = asyncio.create_task(_start_engine(app, serving, factory))
         try:
             yield
@@ -68,7 +68,8 @@ def create_app(settings: Settings, engine: Engine | None = None,
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        # Count API errors only: a probe's 503 while loading is not a failed request.
+        # The one place HTTP errors are counted. Only API errors: a probe's 503 while loading
+        # is not a failed request, nor is a client that left (499).
         if exc.status != 499 and request.url.path.startswith("/v1/"):
             serving.stats.error()
         return _error_response(exc)
@@ -96,13 +97,6 @@ def create_app(settings: Settings, engine: Engine | None = None,
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_any)
     return app
-
-
-def _default_factory(settings: Settings) -> Engine:
-    """Build vLLM's engine (imported lazily: unit tests never need vLLM)."""
-    from vllm_server.engine import build_engine
-
-    return build_engine(settings)
 
 
 async def _start_engine(app: FastAPI, serving: Serving, factory: EngineFactory) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Generator, Sequence
 import uvicorn
 
 from vllm_server.app import create_app
+from vllm_server.engine import engine_args_from_argv
 from vllm_server.settings import Settings, parse_settings
 
 log = logging.getLogger("vllm_server")
@@ -37,10 +38,6 @@ class _Server(uvicorn.Server):
 
 def check_engine_args(settings: Settings) -> str | None:
     """Parse the engine command line with vLLM's parser now; return an error or None."""
-    try:
-        from vllm_server.engine import engine_args_from_argv
-    except ImportError:  # pragma: no cover - vllm_server.engine always imports
-        return None
     try:
         engine_args_from_argv(settings.engine_argv())
     except ImportError as exc:

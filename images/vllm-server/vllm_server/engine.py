@@ -69,6 +69,14 @@ class EngineOutput:
 
 
 @dataclass(frozen=True, slots=True)
+class LoraAdapter:
+    """A loaded LoRA adapter: where it came from and the engine's id for it."""
+
+    path: str
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
 class EngineInfo:
     """Static facts about the loaded engine."""
 
@@ -118,10 +126,6 @@ class Engine(Protocol):
         """Stream a request's outputs; closing the iterator aborts the request."""
         ...
 
-    async def abort(self, request_id: str) -> None:
-        """Abort a request (idempotent)."""
-        ...
-
     async def add_lora(self, name: str, path: str) -> None:
         """Load a LoRA adapter under a name."""
         ...
@@ -130,8 +134,8 @@ class Engine(Protocol):
         """Unload a LoRA adapter."""
         ...
 
-    def lora_adapters(self) -> dict[str, str]:
-        """Loaded adapters: name -> path."""
+    def lora_adapters(self) -> dict[str, LoraAdapter]:
+        """Loaded adapters by name (the engine assigns their ids)."""
         ...
 
     async def check_health(self) -> bool:
@@ -259,11 +263,13 @@ class VllmEngine:
         if not c.logprobs:
             return None
         decode = self._tokenizer.decode
+
+        def text(tid: int, lp: Any) -> str:
+            return str(lp.decoded_token) if lp.decoded_token is not None else decode([tid])
+
         result: list[TokenLogprobs] = []
         for token_id, entry in zip(c.token_ids, c.logprobs, strict=False):
             chosen = entry.get(token_id)
-            def text(tid: int, lp: Any) -> str:
-                return str(lp.decoded_token) if lp.decoded_token is not None else decode([tid])
             top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
             result.append(TokenLogprobs(
                 token=text(token_id, chosen) if chosen else decode([token_id]),
@@ -271,10 +277,6 @@ class VllmEngine:
                 top=[(text(t, lp), float(lp.logprob)) for t, lp in top],
             ))
         return result
-
-    async def abort(self, request_id: str) -> None:
-        """Abort a request in the engine."""
-        await self._llm.abort(request_id)
 
     async def add_lora(self, name: str, path: str) -> None:
         """Load an adapter; the engine reads its weights now, so a bad path fails here."""
@@ -292,9 +294,10 @@ class VllmEngine:
         req = self._loras.pop(name)
         await self._llm.remove_lora(req.lora_int_id)
 
-    def lora_adapters(self) -> dict[str, str]:
-        """Loaded adapters: name -> path."""
-        return {name: str(req.lora_path) for name, req in self._loras.items()}
+    def lora_adapters(self) -> dict[str, LoraAdapter]:
+        """Loaded adapters by name, with the lora_int_id vLLM knows them by."""
+        return {name: LoraAdapter(str(req.lora_path), int(req.lora_int_id))
+                for name, req in self._loras.items()}
 
     async def check_health(self) -> bool:
         """True unless the engine core died."""

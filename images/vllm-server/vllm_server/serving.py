@@ -72,8 +72,7 @@ class Serving:
         self.stats = stats or Stats()
         self.engine: Engine | None = None
         self.inflight = 0  # admitted requests (n counts n), for the bounded queue
-        self._base_names = set(settings.served_model_name or [settings.model])
-        self._lora_ids: dict[str, int] = {}
+        self._base_names = set(settings.model_names)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -107,11 +106,11 @@ class Serving:
         """Base model name(s) and loaded LoRA adapters."""
         mml = self._max_model_len()
         cards = [ModelCard(id=name, root=self.settings.model, max_model_len=mml)
-                 for name in (self.settings.served_model_name or [self.settings.model])]
+                 for name in self.settings.model_names]
         if self.engine is not None:
             parent = self.settings.model_name
-            cards += [ModelCard(id=name, root=path, parent=parent, max_model_len=mml)
-                      for name, path in self.engine.lora_adapters().items()]
+            cards += [ModelCard(id=name, root=a.path, parent=parent, max_model_len=mml)
+                      for name, a in self.engine.lora_adapters().items()]
         return ModelList(data=cards)
 
     def info(self) -> InfoResponse:
@@ -143,13 +142,13 @@ class Serving:
     def lora_adapters(self) -> list[LoraAdapterInfo]:
         """Loaded adapters."""
         eng = self._engine()
-        return [LoraAdapterInfo(name=n, path=p, id=self._lora_ids.get(n, 0))
-                for n, p in eng.lora_adapters().items()]
+        return [LoraAdapterInfo(name=n, path=a.path, id=a.id)
+                for n, a in eng.lora_adapters().items()]
 
     async def load_lora(self, req: LoadLoraAdapterRequest) -> str:
         """Load an adapter; its name becomes a model name."""
         eng = self._engine()
-        if not self.settings.enable_lora and not self.settings.lora_modules:
+        if not self.settings.lora_enabled:
             raise ApiError(400, "LoRA is not enabled; start the server with --enable-lora.",
                            param="lora_name", code="lora_disabled")
         if req.lora_name in self._base_names:
@@ -162,7 +161,6 @@ class Serving:
             await eng.add_lora(req.lora_name, req.lora_path)
         except EngineInputError as exc:
             raise ApiError(400, str(exc), param="lora_path") from exc
-        self._lora_ids[req.lora_name] = len(self._lora_ids) + 1
         return f"Success: LoRA adapter '{req.lora_name}' added successfully."
 
     async def unload_lora(self, req: UnloadLoraAdapterRequest) -> str:
@@ -172,7 +170,6 @@ class Serving:
             raise ApiError(404, f"The LoRA adapter `{req.lora_name}` is not loaded.",
                            param="lora_name", code="lora_not_found")
         await eng.remove_lora(req.lora_name)
-        self._lora_ids.pop(req.lora_name, None)
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
 
     # ---- shared request preparation ---------------------------------------------------------
@@ -190,7 +187,6 @@ class Serving:
         eng = self._engine()
         limit = eng.info.max_num_seqs + self.settings.max_queued_requests
         if self.inflight + n > limit:
-            self.stats.error()
             raise ApiError(503, "The server is overloaded; retry later.",
                            code="queue_full", headers={"Retry-After": "1"})
 
@@ -274,8 +270,7 @@ class Serving:
         try:
             first = await anext(gen)
         except BaseException as exc:
-            self.inflight -= p.params.n
-            self.stats.failed_request()
+            self._finish(p, 0, 0.0, ok=False)
             with contextlib.suppress(Exception):
                 await _aclose(gen)
             if isinstance(exc, StopAsyncIteration):
@@ -284,7 +279,11 @@ class Serving:
         return gen, first
 
     def _finish(self, p: _Prepared, tokens: int, t0: float, ok: bool) -> None:
-        """Release the queue slot and record stats."""
+        """Release the queue slot and record stats (`t0` only matters when `ok`).
+
+        A failure is not counted as an error here: errors are counted once, where they are
+        reported (the app's HTTP error handlers, or `_events` for in-band stream errors).
+        """
         self.inflight -= p.params.n
         if ok:
             self.stats.finished_request(len(p.prompt_ids), tokens, time.monotonic() - t0)
@@ -364,22 +363,20 @@ class Serving:
     async def chat_stream(self, req: ChatCompletionRequest) -> EventStream:
         """Start a streaming chat completion; returns the SSE event iterator."""
         p = self._prepare_chat(req)
-        top = req.top_logprobs or 0
-        return await self._stream(p, req, chat=True, top=top)
+        return await self._stream(p, req, chat=True)
 
     async def completion_stream(self, req: CompletionRequest) -> EventStream:
         """Start a streaming text completion; returns the SSE event iterator."""
         p = self._prepare_completion(req)
-        return await self._stream(p, req, chat=False, top=0)
+        return await self._stream(p, req, chat=False)
 
     async def _stream(self, p: _Prepared, req: ChatCompletionRequest | CompletionRequest,
-                      *, chat: bool, top: int) -> EventStream:
+                      *, chat: bool) -> EventStream:
         """Submit now (errors become HTTP statuses), then stream every delta as an SSE event."""
         t0 = time.monotonic()
         gen, first = await self._start(p)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        want_lp = p.params.logprobs is not None
-        events = self._events(p, gen, first, t0, chat, include_usage, want_lp, top)
+        events = self._events(p, gen, first, t0, chat, include_usage)
 
         async def never_started() -> None:
             # The client left before the first event: release what `_start` took.
@@ -389,9 +386,10 @@ class Serving:
         return EventStream(events, never_started)
 
     async def _events(self, p: _Prepared, gen: AsyncIterator[EngineOutput], out: EngineOutput,
-                      t0: float, chat: bool, include_usage: bool, want_lp: bool,
-                      top: int) -> AsyncGenerator[str, None]:
+                      t0: float, chat: bool, include_usage: bool) -> AsyncGenerator[str, None]:
         """The hot loop: one SSE event per delta, JSON assembled from pre-encoded pieces."""
+        # Chat: top_logprobs (or 0) when logprobs is on; completions' number is not used.
+        top = p.params.logprobs
         obj = "chat.completion.chunk" if chat else "text_completion"
         meta = (f'data: {{"id":"{p.request_id}","object":"{obj}","created":{p.created},'
                 f'"model":{_dumps(p.model)}')
@@ -420,7 +418,7 @@ class Serving:
                     lead = firsts[i]
                     if lead is not rest:
                         firsts[i] = rest
-                    if want_lp and d.logprobs:
+                    if top is not None and d.logprobs:
                         lp = (_dumps(_chat_logprobs(d.logprobs, top).model_dump()) if chat else
                               _dumps(_completion_logprobs(d.logprobs, 0).model_dump()))
                     else:
@@ -440,6 +438,7 @@ class Serving:
         except Exception as exc:
             # Headers are gone: report in-band, as OpenAI and vLLM do.
             failed = True
+            self.stats.error()
             err = _engine_error(exc)
             if not isinstance(err, ApiError):
                 log.exception("generation failed", exc_info=exc)

@@ -52,6 +52,16 @@ class Settings:
         """The name clients use for the base model."""
         return self.served_model_name[0] if self.served_model_name else self.model
 
+    @property
+    def model_names(self) -> list[str]:
+        """Every name clients may use for the base model."""
+        return self.served_model_name or [self.model]
+
+    @property
+    def lora_enabled(self) -> bool:
+        """LoRA is on: asked for, or implied by adapters to load at startup."""
+        return self.enable_lora or bool(self.lora_modules)
+
     def engine_argv(self) -> list[str]:
         """The command line handed to vLLM's own engine-argument parser."""
         argv = ["--model", self.model]
@@ -71,7 +81,7 @@ class Settings:
         ):
             if value is not None:
                 argv += [flag, str(value)]
-        if self.enable_lora or self.lora_modules:
+        if self.lora_enabled:
             argv.append("--enable-lora")
         return argv + list(self.engine_args)
 
@@ -171,8 +181,7 @@ def parse_settings(argv: Sequence[str] | None = None,
     lora_modules = list(ns.lora_modules or [])
     if not lora_modules and (env_lora := _env(e, "lora_modules")):
         lora_modules = [parse_lora_module(t) for t in env_lora.split()]
-    extra = os.environ.get(ENV_PREFIX + "ENGINE_ARGS") if env is None else env.get(
-        ENV_PREFIX + "ENGINE_ARGS")
+    extra = _env(e, "engine_args")
     engine_args = list(rest) + (extra.split() if extra else [])
     return Settings(
         model=ns.model,

@@ -44,12 +44,11 @@ class Stats:
         self._trim(now)
 
     def failed_request(self) -> None:
-        """An admitted request ended in an error."""
+        """An admitted request ended without completing; its error (if any) counts elsewhere."""
         self.in_flight -= 1
-        self.errors += 1
 
     def error(self) -> None:
-        """A request was refused before admission (bad input, overload, auth...)."""
+        """An error was reported to a client (HTTP error or in-band stream error), once each."""
         self.errors += 1
 
     def _trim(self, now: float) -> None:
