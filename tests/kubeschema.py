@@ -8,26 +8,19 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 from referencing import Registry, Resource
 
-from tests.harness import versions
+from tests.harness import toolchain, versions
 
 
+@functools.cache
 def spec_dir() -> Path:
     """The openapi-spec/v3 folder of the pinned Kubernetes, downloading the module if needed."""
-    module = f"k8s.io/kubernetes@{versions.KUBERNETES}"
-    out = subprocess.run(
-        [versions.GO, "mod", "download", "-json", module],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return Path(json.loads(out.stdout)["Dir"]) / "api" / "openapi-spec" / "v3"
+    return toolchain.module_dir("k8s.io/kubernetes", versions.KUBERNETES) / "api" / "openapi-spec" / "v3"
 
 
 def _file_for(api_version: str) -> str:

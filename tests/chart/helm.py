@@ -12,10 +12,9 @@ from typing import Any
 import yaml
 
 from tests.harness import toolchain
+from tests.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "vllm-operator"
-GENERATED_CRD = ROOT / "crds" / "serving.vllm-operator.io_vllmmodels.yaml"
+CHART = REPO_ROOT / "charts" / "vllm-operator"
 CHART_CRD = CHART / "files" / "crd.yaml"
 RELEASE = "vllm"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,8 @@ import yaml
 from tests.chart.helm import CHART
 from tests.e2e.operator_process import OperatorProcess
 from tests.harness.cluster import LocalCluster
+from tests.paths import CRD_NAME
 
-CRD_NAME = "vllmmodels.serving.vllm-operator.io"
 # Release name = chart name, so every resource is simply called vllm-operator.
 RELEASE = "vllm-operator"
 
@@ -59,9 +58,8 @@ class Release:
 
     def deployment(self) -> dict[str, Any]:
         """The operator Deployment the chart installed."""
-        proc = self.cluster.kubectl("get", "deployment", self.name, "-n", self.namespace, "-o", "json")
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)  # type: ignore[no-any-return]
+        deployment: dict[str, Any] = self.cluster.get_json("deployment", self.name, namespace=self.namespace)
+        return deployment
 
     def can(self, verb: str, resource: str, *scope: str) -> bool:
         """`kubectl auth can-i` as the operator's ServiceAccount."""

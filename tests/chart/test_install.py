@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.chart.helm import ROOT
-from tests.chart.release import CRD_NAME, Release, exists
-from tests.harness.cluster import LocalCluster, wait_until
+from tests.chart.release import Release, exists
+from tests.harness.cluster import LocalCluster, condition, wait_until
+from tests.paths import CRD_NAME, REPO_ROOT
 
 pytestmark = pytest.mark.cluster
 
@@ -66,19 +66,14 @@ def release(cluster: LocalCluster, namespace: str) -> Iterator[Release]:
 
 def example_model() -> dict[str, Any]:
     """examples/model.yaml without its HF token (the operator may not read Secrets anyway)."""
-    model: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "model.yaml").read_text())
+    model: dict[str, Any] = yaml.safe_load((REPO_ROOT / "examples" / "model.yaml").read_text())
     del model["spec"]["hfTokenSecretRef"]
     return model
 
 
-def get_json(cluster: LocalCluster, *args: str) -> Any:
-    """`kubectl get ... -o json`, parsed."""
-    return json.loads(cluster.kubectl("get", *args, "-o", "json", check=True).stdout)
-
-
 def serve_example(cluster: LocalCluster, namespace: str) -> None:
     """Apply the example model and wait until the operator reports it Ready."""
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(example_model()), check=True)
+    cluster.apply(example_model(), namespace=namespace)
     cluster.kubectl(
         "wait", "-n", namespace, "--for=condition=Ready", f"vllmmodel/{MODEL}", f"--timeout={READY_SECONDS}s",
         check=True, timeout=READY_SECONDS + 10,
@@ -87,13 +82,13 @@ def serve_example(cluster: LocalCluster, namespace: str) -> None:
 
 def assert_operator_did_its_job(cluster: LocalCluster, namespace: str) -> None:
     """Children applied with our settings, status written, Events posted."""
-    deployment = get_json(cluster, "deployment", MODEL, "-n", namespace)
+    deployment = cluster.get_json("deployment", MODEL, namespace=namespace)
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == SERVER_IMAGE
     assert exists(cluster, "service", MODEL, namespace)
-    status = get_json(cluster, "vllmmodel", MODEL, "-n", namespace)["status"]
+    status = cluster.get_json("vllmmodel", MODEL, namespace=namespace)["status"]
     assert status["phase"] == "Ready"
     assert status["endpoint"] == f"http://{MODEL}.{namespace}.svc:8000/v1"
-    events = get_json(cluster, "events", "-n", namespace, f"--field-selector=involvedObject.name={MODEL}")
+    events = cluster.get_json("events", f"--field-selector=involvedObject.name={MODEL}", namespace=namespace)
     reasons = {e["reason"] for e in events["items"] if e.get("reportingComponent") == "vllm-operator"}
     assert "Created" in reasons, reasons
 
@@ -194,14 +189,13 @@ def test_upgrade_then_uninstall_keeps_the_crd(release: Release) -> None:
                         ("service", release.namespace), ("clusterrole", None), ("clusterrolebinding", None)):
         name = f"{release.name}-metrics" if kind == "service" else release.name
         assert not exists(cluster, kind, name, scope), f"{kind} {name} left behind"
-    crd = get_json(cluster, "crd", CRD_NAME)
+    crd = cluster.get_json("crd", CRD_NAME)
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
 
 def adapters_ready(cluster: LocalCluster, namespace: str) -> dict[str, Any]:
-    status = get_json(cluster, "vllmmodel", MODEL, "-n", namespace).get("status", {})
-    return next((c for c in status.get("conditions", []) if c["type"] == "AdaptersReady"), {})
+    return condition(cluster.get_json("vllmmodel", MODEL, namespace=namespace), "AdaptersReady")
 
 
 def test_api_key_secrets_are_read_only_when_the_chart_allows_it(
@@ -215,7 +209,7 @@ def test_api_key_secrets_are_read_only_when_the_chart_allows_it(
     model = example_model()
     model["spec"]["lora"] = {"adapters": [{"name": "sql", "source": "hf://org/sql-lora"}]}
     model["spec"]["apiKeySecretRef"] = {"name": "llama-key", "key": "token"}
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(model), check=True)
+    cluster.apply(model, namespace=namespace)
 
     operator = release.operator(release.token_kubeconfig(tmp_path / "operator.kubeconfig"))
     operator.start()

@@ -15,8 +15,6 @@ from tests.chart import values_doc
 from tests.chart.helm import (
     CHART,
     CHART_CRD,
-    GENERATED_CRD,
-    ROOT,
     Manifest,
     by_kind,
     container,
@@ -25,6 +23,7 @@ from tests.chart.helm import (
     one,
     template,
 )
+from tests.paths import CRD_FILE, REPO_ROOT
 from vllm_operator.settings import ENV_PREFIX, OperatorSettings
 
 # Kinds the pinned Kubernetes schemas do not describe (the Prometheus Operator's CRD).
@@ -253,12 +252,12 @@ def test_metrics_service_and_service_monitor(tmp_path: Path) -> None:
 
 
 def test_chart_crd_copy_is_byte_identical_to_the_generated_one() -> None:
-    assert CHART_CRD.read_bytes() == GENERATED_CRD.read_bytes(), "run `make chart-crd`"
+    assert CHART_CRD.read_bytes() == CRD_FILE.read_bytes(), "run `make chart-crd`"
 
 
 def test_rendered_crd_is_the_generated_one_kept_on_uninstall(tmp_path: Path) -> None:
     crd = one(render(tmp_path, {}), "CustomResourceDefinition")
-    generated = yaml.safe_load(GENERATED_CRD.read_text())
+    generated = yaml.safe_load(CRD_FILE.read_text())
     assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     assert generated["metadata"]["labels"].items() <= crd["metadata"]["labels"].items()
     for key in ("annotations", "labels"):
@@ -282,6 +281,8 @@ BAD_VALUES = [
     ("bad namespace name", {"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
     ("string instead of list", {"watchNamespaces": "team-a"}, "/watchNamespaces"),
     ("out of range", {"settings": {"rateHysteresis": 1.5}}, "/settings/rateHysteresis"),
+    ("root user", {"settings": {"runAsUser": 0}}, "/settings/runAsUser"),
+    ("not a quantity", {"settings": {"defaultShmSize": "8GB"}}, "/settings/defaultShmSize"),
 ]
 
 
@@ -310,5 +311,12 @@ def test_every_value_is_in_the_schema() -> None:
 
 
 def test_readme_values_table_is_current() -> None:
-    readme = (ROOT / "README.md").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
     assert values_doc.splice(readme) == readme, "run `make chart-docs`"
+
+
+def test_every_name_fits_a_dns_label_even_with_the_longest_full_name(tmp_path: Path) -> None:
+    manifests = render(tmp_path, {"fullnameOverride": "x" * 63, "serviceMonitor": {"enabled": True}})
+    names = {m["kind"]: m["metadata"]["name"] for m in manifests if m["kind"] != "CustomResourceDefinition"}
+    assert names["Service"] == "x" * 55 + "-metrics"
+    assert all(len(name) <= 63 for name in names.values()), names

@@ -1,4 +1,4 @@
-"""Fixtures of the client tests: scripted stub servers and one real server per session."""
+"""Fixtures of the client tests: scripted stub servers and one real server for the folder."""
 
 from __future__ import annotations
 
@@ -41,11 +41,11 @@ def fast_retry() -> RetryPolicy:
     return RetryPolicy(max_retries=2, initial_delay=0.05, max_delay=0.2, jitter=0.0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client_server(
     tiny_model: Path, tiny_lora: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RealServer]:
-    """One real server on the tiny model for every client test: LoRA enabled, API key set."""
+    """One real server on the tiny model for this folder (LoRA, API key), stopped after its last test."""
     model, lora = tiny_model, tiny_lora
     second = tmp_path_factory.mktemp("client-lora2") / "adapter"
     shutil.copytree(lora, second)
@@ -62,7 +62,7 @@ def client_server(
         srv.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def lora_path(client_server: RealServer) -> Path:
     """A LoRA adapter directory the tests may load under any name."""
     return Path(client_server.extra["lora_path"])

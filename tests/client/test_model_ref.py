@@ -22,7 +22,7 @@ def test_bench_load_by_model_ref(cluster: LocalCluster, namespace: str, client_s
     model = {"apiVersion": "serving.vllm-operator.io/v1alpha1", "kind": "VLLMModel",
              "metadata": {"name": "bench-target", "namespace": namespace},
              "spec": {"model": "/models/tiny", "servedModelName": "tiny"}}
-    cluster.kubectl("apply", "-f", "-", input=json.dumps(model), check=True)
+    cluster.apply(model)
     # No operator here: write the status a ready model would have, pointing at the real server.
     status = {"status": {"phase": "Ready", "endpoint": f"{client_server.url}/v1"}}
     cluster.kubectl("patch", "vllmmodel", "bench-target", "-n", namespace, "--subresource=status",

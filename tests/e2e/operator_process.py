@@ -6,13 +6,10 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 from tests.harness.cluster import LocalCluster, wait_until
-from tests.harness.processes import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-CRD_FILE = ROOT / "crds" / "serving.vllm-operator.io_vllmmodels.yaml"
+from tests.harness.processes import free_ports
+from tests.paths import CRD_FILE, CRD_NAME, REPO_ROOT
 
 
 def install_crd(cluster: LocalCluster) -> None:
@@ -22,7 +19,7 @@ def install_crd(cluster: LocalCluster) -> None:
     cluster.kubectl(
         "wait",
         "--for=condition=Established",
-        "crd/vllmmodels.serving.vllm-operator.io",
+        f"crd/{CRD_NAME}",
         "--timeout=60s",
         check=True,
     )
@@ -42,8 +39,7 @@ class OperatorProcess:
         self.extra_env = env or {}
         self.namespaces = namespaces
         self.log = cluster.root / log_name
-        self.port = free_port()
-        self.metrics_port = free_port()
+        self.port, self.metrics_port = free_ports(2)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -68,7 +64,7 @@ class OperatorProcess:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=REPO_ROOT,
             )
         wait_until(self.healthy, "operator liveness endpoint", timeout=60)
 

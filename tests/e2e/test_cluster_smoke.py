@@ -11,23 +11,12 @@ from typing import Any
 import pytest
 
 from tests.harness import versions
-from tests.harness.cluster import GPU_RESOURCE, LocalCluster, wait_until
+from tests.harness.cluster import GPU_RESOURCE, LocalCluster, condition, wait_until
 
 pytestmark = pytest.mark.cluster
 
 # kwok never pulls images; the name only has to be valid.
 IMAGE = "registry.invalid/smoke:1"
-
-
-def get_json(cluster: LocalCluster, *args: str) -> Any:
-    """`kubectl get ... -o json`, parsed."""
-    return json.loads(cluster.kubectl("get", *args, "-o", "json", check=True).stdout)
-
-
-def apply(cluster: LocalCluster, manifest: dict[str, Any], *flags: str) -> str:
-    """kubectl apply a manifest from stdin; return stdout."""
-    proc = cluster.kubectl("apply", *flags, "-f", "-", input=json.dumps(manifest), check=True)
-    return proc.stdout
 
 
 def gpu_deployment(name: str, gpus: int) -> dict[str, Any]:
@@ -72,30 +61,29 @@ def test_helm_installs_a_kube_version_gated_chart(
         "data:\n  kube: {{ .Capabilities.KubeVersion.Version | quote }}\n"
     )
     cluster.helm("install", "smoke", str(chart), "-n", namespace, "--wait", check=True)
-    got = get_json(cluster, "configmap", "smoke", "-n", namespace)
+    got = cluster.get_json("configmap", "smoke", namespace=namespace)
     assert got["data"]["kube"] == versions.KUBERNETES
 
 
 def test_gpu_deployment_becomes_ready(cluster: LocalCluster, namespace: str) -> None:
     """Deployment -> ReplicaSet -> Pod scheduled on a GPU node, Running, Ready, with an IP."""
-    apply(cluster, gpu_deployment("gpu", 1), "-n", namespace)
+    cluster.apply(gpu_deployment("gpu", 1), namespace=namespace)
     cluster.kubectl(
         "wait", "-n", namespace, "--for=condition=Available", "deployment/gpu", "--timeout=60s", check=True
     )
-    pods = get_json(cluster, "pods", "-n", namespace, "-l", "app=gpu")["items"]
+    pods = cluster.get_json("pods", "-l", "app=gpu", namespace=namespace)["items"]
     assert len(pods) == 1
     pod = pods[0]
     assert pod["metadata"]["ownerReferences"][0]["kind"] == "ReplicaSet"
     assert pod["spec"]["nodeName"].startswith("kwok-gpu-")
     assert pod["status"]["phase"] == "Running"
-    ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
-    assert ready["Ready"] == "True"
+    assert condition(pod, "Ready")["status"] == "True"
     pod_ip = ipaddress.ip_address(pod["status"]["podIP"])
     assert pod_ip in ipaddress.ip_network(cluster.spec.pod_cidr)
     # kwok stands in for the kubelet on deletion too: scaled-away pods really go away.
     cluster.kubectl("scale", "-n", namespace, "deployment/gpu", "--replicas=0", check=True)
     wait_until(
-        lambda: not get_json(cluster, "pods", "-n", namespace, "-l", "app=gpu")["items"],
+        lambda: not cluster.get_json("pods", "-l", "app=gpu", namespace=namespace)["items"],
         "pods of the scaled-down Deployment to be deleted",
         timeout=60,
     )
@@ -103,42 +91,33 @@ def test_gpu_deployment_becomes_ready(cluster: LocalCluster, namespace: str) -> 
 
 def test_too_many_gpus_stays_pending(cluster: LocalCluster, namespace: str) -> None:
     """A pod asking for more GPUs than any node has is Unschedulable, with an event."""
-    apply(cluster, gpu_deployment("huge", 16), "-n", namespace)
+    cluster.apply(gpu_deployment("huge", 16), namespace=namespace)
 
     def unschedulable() -> bool:
-        pods = get_json(cluster, "pods", "-n", namespace, "-l", "app=huge")["items"]
-        conditions = pods[0]["status"].get("conditions", []) if pods else []
-        return any(c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable" for c in conditions)
+        pods = cluster.get_json("pods", "-l", "app=huge", namespace=namespace)["items"]
+        return bool(pods) and condition(pods[0], "PodScheduled").get("reason") == "Unschedulable"
 
     wait_until(unschedulable, "PodScheduled=False/Unschedulable", timeout=60)
-    pod = get_json(cluster, "pods", "-n", namespace, "-l", "app=huge")["items"][0]
+    pod = cluster.get_json("pods", "-l", "app=huge", namespace=namespace)["items"][0]
     assert pod["status"]["phase"] == "Pending"
-    events = get_json(
-        cluster,
-        "events",
-        "-n",
-        namespace,
-        "--field-selector",
-        f"involvedObject.name={pod['metadata']['name']}",
+    events = cluster.get_json(
+        "events", "--field-selector", f"involvedObject.name={pod['metadata']['name']}", namespace=namespace
     )
     assert any(e["reason"] == "FailedScheduling" and GPU_RESOURCE in e["message"] for e in events["items"])
 
 
 def test_owner_reference_garbage_collection(cluster: LocalCluster, namespace: str) -> None:
     """Deleting an owner deletes its dependants (the garbage collector runs)."""
-    apply(cluster, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}}, "-n", namespace)
-    uid = get_json(cluster, "configmap", "owner", "-n", namespace)["metadata"]["uid"]
+    owner = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}}
+    cluster.apply(owner, namespace=namespace)
+    uid = cluster.get_json("configmap", "owner", namespace=namespace)["metadata"]["uid"]
     owner_ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}
-    apply(
-        cluster,
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "child", "ownerReferences": [owner_ref]},
-        },
-        "-n",
-        namespace,
-    )
+    child = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "child", "ownerReferences": [owner_ref]},
+    }
+    cluster.apply(child, namespace=namespace)
     cluster.kubectl("delete", "configmap", "owner", "-n", namespace, check=True)
     wait_until(
         lambda: cluster.kubectl("get", "configmap", "child", "-n", namespace).returncode != 0,
@@ -179,7 +158,7 @@ def widget_crd(group: str) -> dict[str, Any]:
 def test_crd_cel_validation(cluster: LocalCluster, namespace: str) -> None:
     """A CEL x-kubernetes-validations rule refuses a bad object and admits a good one."""
     group = f"{namespace}.smoke.example.com"
-    apply(cluster, widget_crd(group))
+    cluster.apply(widget_crd(group))
     try:
         cluster.kubectl(
             "wait", "--for=condition=Established", f"crd/widgets.{group}", "--timeout=30s", check=True
@@ -207,10 +186,10 @@ def test_crd_cel_validation(cluster: LocalCluster, namespace: str) -> None:
 def test_server_side_apply(cluster: LocalCluster, namespace: str) -> None:
     """kubectl apply --server-side records our field manager and merges a second apply."""
     manifest = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa"}, "data": {"a": "1"}}
-    apply(cluster, manifest, "-n", namespace, "--server-side", "--field-manager=smoke")
+    cluster.apply(manifest, "--server-side", "--field-manager=smoke", namespace=namespace)
     manifest["data"] = {"a": "2"}
-    apply(cluster, manifest, "-n", namespace, "--server-side", "--field-manager=smoke")
-    got = get_json(cluster, "configmap", "ssa", "-n", namespace, "--show-managed-fields")
+    cluster.apply(manifest, "--server-side", "--field-manager=smoke", namespace=namespace)
+    got = cluster.get_json("configmap", "ssa", "--show-managed-fields", namespace=namespace)
     assert got["data"] == {"a": "2"}
     managers = {(m["manager"], m["operation"]) for m in got["metadata"]["managedFields"]}
     assert ("smoke", "Apply") in managers
@@ -219,7 +198,7 @@ def test_server_side_apply(cluster: LocalCluster, namespace: str) -> None:
 def test_apiserver_restart_keeps_the_cluster_working(cluster: LocalCluster, namespace: str) -> None:
     """After restart_apiserver(), controllers, scheduler and kwok carry on (runs last)."""
     cluster.restart_apiserver()
-    apply(cluster, gpu_deployment("after", 2), "-n", namespace)
+    cluster.apply(gpu_deployment("after", 2), namespace=namespace)
     cluster.kubectl(
         "wait", "-n", namespace, "--for=condition=Available", "deployment/after", "--timeout=60s", check=True
     )

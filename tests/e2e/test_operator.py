@@ -11,14 +11,14 @@ import pytest
 import yaml
 
 from tests.e2e.operator_process import OperatorProcess
-from tests.harness.cluster import LocalCluster, wait_until
+from tests.harness.cluster import LocalCluster, condition, wait_until
+from tests.paths import REPO_ROOT
 from vllm_operator import render
 from vllm_operator.api import parse_spec
 from vllm_operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.cluster
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
 
 
 def model(name: str, **spec: Any) -> dict[str, Any]:
@@ -28,20 +28,6 @@ def model(name: str, **spec: Any) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {"model": "org/tiny", **spec},
     }
-
-
-def apply(cluster: LocalCluster, ns: str, manifest: dict[str, Any]) -> None:
-    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(manifest), check=True)
-
-
-def get(cluster: LocalCluster, ns: str, *what: str) -> Any:
-    proc = cluster.kubectl("get", "-n", ns, *what, "-o", "json")
-    return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-
-def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
-    found = [c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == kind]
-    return found[0] if found else {}
 
 
 def wait_ready(cluster: LocalCluster, ns: str, name: str, timeout: int = 120) -> None:
@@ -100,21 +86,21 @@ def test_apply_creates_children_and_becomes_ready(
     operator: OperatorProcess, cluster: LocalCluster, namespace: str
 ) -> None:
     manifest = model("llama", tensorParallelSize=2, replicas=2, maxModelLen=4096)
-    apply(cluster, namespace, manifest)
+    cluster.apply(manifest, namespace=namespace)
     wait_ready(cluster, namespace, "llama")
 
-    obj = get(cluster, namespace, "vllmmodel", "llama")
+    obj = cluster.get_json("vllmmodel", "llama", namespace=namespace)
     desired = render.children(
         render.ModelRef("llama", namespace, obj["metadata"]["uid"]),
         parse_spec(manifest["spec"]),
         OperatorSettings.from_env({"VLLM_OPERATOR_SERVER_IMAGE": "ghcr.io/vllm-operator/vllm-server:0.1.0"}),
     )
     for child in desired:
-        observed = get(cluster, namespace, child["kind"].lower(), "llama")
+        observed = cluster.get_json(child["kind"].lower(), "llama", namespace=namespace, check=False)
         assert observed is not None, child["kind"]
         assert render.is_subset(child, observed), f"{child['kind']} differs from the rendered one"
 
-    pods = get(cluster, namespace, "pods", "-l", "app.kubernetes.io/instance=llama")["items"]
+    pods = cluster.get_json("pods", "-l", "app.kubernetes.io/instance=llama", namespace=namespace)["items"]
     assert len(pods) == 2
     assert all(p["spec"]["nodeName"].startswith("kwok-gpu-") for p in pods)
 
@@ -131,40 +117,40 @@ def test_apply_creates_children_and_becomes_ready(
     assert row.split()[1:3] == ["2/2", "Ready"]
     assert f"http://llama.{namespace}.svc:8000/v1" in row
 
-    events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json", check=True).stdout
-    reasons = {e["reason"] for e in json.loads(events)["items"] if e["involvedObject"]["name"] == "llama"}
+    events = cluster.get_json("events", namespace=namespace)["items"]
+    reasons = {e["reason"] for e in events if e["involvedObject"]["name"] == "llama"}
     assert {"Created", "Ready"} <= reasons
 
 
 def test_model_that_does_not_fit_stays_pending_and_says_why(
     operator: OperatorProcess, cluster: LocalCluster, namespace: str
 ) -> None:
-    apply(cluster, namespace, model("huge", tensorParallelSize=16))
+    cluster.apply(model("huge", tensorParallelSize=16), namespace=namespace)
 
     def explained() -> bool:
-        obj = get(cluster, namespace, "vllmmodel", "huge")
+        obj = cluster.get_json("vllmmodel", "huge", namespace=namespace, check=False)
         return bool(obj) and "Insufficient nvidia.com/gpu" in condition(obj, "Ready").get("message", "")
 
     eventually(explained, "the Ready condition to name the GPU shortage")
-    obj = get(cluster, namespace, "vllmmodel", "huge")
+    obj = cluster.get_json("vllmmodel", "huge", namespace=namespace)
     assert obj["status"]["phase"] == "Pending"
     assert condition(obj, "Degraded")["reason"] == "Unschedulable"
-    pods = get(cluster, namespace, "pods", "-l", "app.kubernetes.io/instance=huge")["items"]
+    pods = cluster.get_json("pods", "-l", "app.kubernetes.io/instance=huge", namespace=namespace)["items"]
     assert pods and all(not p["spec"].get("nodeName") for p in pods)
 
 
 def pod_hash(cluster: LocalCluster, ns: str, name: str) -> str:
-    dep = get(cluster, ns, "deployment", name)
+    dep = cluster.get_json("deployment", name, namespace=ns)
     return dep["spec"]["template"]["metadata"]["annotations"][render.POD_SPEC_HASH]  # type: ignore[no-any-return]
 
 
 def test_spec_update_rolls_and_scale_scales(
     operator: OperatorProcess, cluster: LocalCluster, namespace: str
 ) -> None:
-    apply(cluster, namespace, model("roll", maxModelLen=2048))
+    cluster.apply(model("roll", maxModelLen=2048), namespace=namespace)
     wait_ready(cluster, namespace, "roll")
     before = pod_hash(cluster, namespace, "roll")
-    old_pods = {p["metadata"]["name"] for p in get(cluster, namespace, "pods")["items"]}
+    old_pods = {p["metadata"]["name"] for p in cluster.get_json("pods", namespace=namespace)["items"]}
 
     cluster.kubectl(
         "patch",
@@ -178,12 +164,13 @@ def test_spec_update_rolls_and_scale_scales(
         check=True,
     )
     eventually(lambda: pod_hash(cluster, namespace, "roll") != before, "the pod template to change")
-    args = get(cluster, namespace, "deployment", "roll")["spec"]["template"]["spec"]["containers"][0]["args"]
+    deployment = cluster.get_json("deployment", "roll", namespace=namespace)
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--max-model-len") + 1] == "4096"
 
     def rolled() -> bool:
-        obj = get(cluster, namespace, "vllmmodel", "roll")
-        pods = get(cluster, namespace, "pods")["items"]
+        obj = cluster.get_json("vllmmodel", "roll", namespace=namespace)
+        pods = cluster.get_json("pods", namespace=namespace)["items"]
         names = {p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp")}
         return (
             obj["status"].get("phase") == "Ready"
@@ -195,9 +182,12 @@ def test_spec_update_rolls_and_scale_scales(
     eventually(rolled, "new pods to replace the old ones", timeout=90)
 
     cluster.kubectl("scale", "-n", namespace, "vllm/roll", "--replicas=3", check=True)
-    eventually(lambda: get(cluster, namespace, "deployment", "roll")["spec"]["replicas"] == 3, "scale to 3")
+    eventually(
+        lambda: cluster.get_json("deployment", "roll", namespace=namespace)["spec"]["replicas"] == 3,
+        "scale to 3",
+    )
     wait_until(
-        lambda: get(cluster, namespace, "vllmmodel", "roll")["status"].get("ready") == "3/3",
+        lambda: cluster.get_json("vllmmodel", "roll", namespace=namespace)["status"].get("ready") == "3/3",
         "3/3 ready",
         timeout=90,
     )
@@ -207,12 +197,12 @@ def test_a_new_s3_adapter_rolls_the_pods_a_hub_adapter_does_not(
     operator: OperatorProcess, cluster: LocalCluster, namespace: str
 ) -> None:
     def seen() -> bool:
-        obj = get(cluster, namespace, "vllmmodel", "ad")
+        obj = cluster.get_json("vllmmodel", "ad", namespace=namespace)
         return bool(obj.get("status", {}).get("observedGeneration") == obj["metadata"]["generation"])
 
     def set_adapters(*pairs: tuple[str, str]) -> None:
         adapters = [{"name": name, "source": source} for name, source in pairs]
-        apply(cluster, namespace, model("ad", lora={"adapters": adapters}))
+        cluster.apply(model("ad", lora={"adapters": adapters}), namespace=namespace)
         eventually(seen, "the operator to see the change")
 
     hub = ("sql", "hf://org/sql-lora")
@@ -224,7 +214,7 @@ def test_a_new_s3_adapter_rolls_the_pods_a_hub_adapter_does_not(
 
     set_adapters(hub, ("chat", "hf://org/chat-lora"), ("legal", "s3://bucket/legal"))
     eventually(lambda: pod_hash(cluster, namespace, "ad") != before, "the pods to roll for the download")
-    pod = get(cluster, namespace, "deployment", "ad")["spec"]["template"]["spec"]
+    pod = cluster.get_json("deployment", "ad", namespace=namespace)["spec"]["template"]["spec"]
     assert [c["args"] for c in pod["initContainers"]] == [["s3://bucket/legal", "/cache/sources/lora-legal"]]
     assert "legal=/cache/sources/lora-legal" in pod["containers"][0]["args"]
 
@@ -232,16 +222,21 @@ def test_a_new_s3_adapter_rolls_the_pods_a_hub_adapter_does_not(
 def test_deleted_child_comes_back_and_deleting_the_model_removes_all(
     operator: OperatorProcess, cluster: LocalCluster, namespace: str
 ) -> None:
-    apply(cluster, namespace, model("heal"))
+    cluster.apply(model("heal"), namespace=namespace)
     wait_ready(cluster, namespace, "heal")
-    old_uid = get(cluster, namespace, "service", "heal")["metadata"]["uid"]
+    old_uid = cluster.get_json("service", "heal", namespace=namespace)["metadata"]["uid"]
     cluster.kubectl("delete", "-n", namespace, "service", "heal", check=True)
-    eventually(
-        lambda: (svc := get(cluster, namespace, "service", "heal")) and svc["metadata"]["uid"] != old_uid,
-        "the Service to come back",
-    )
+
+    def service_back() -> bool:
+        svc = cluster.get_json("service", "heal", namespace=namespace, check=False)
+        return bool(svc) and svc["metadata"]["uid"] != old_uid
+
+    eventually(service_back, "the Service to come back")
     cluster.kubectl("delete", "-n", namespace, "deployment", "heal", check=True)
-    eventually(lambda: get(cluster, namespace, "deployment", "heal"), "the Deployment to come back")
+    eventually(
+        lambda: cluster.get_json("deployment", "heal", namespace=namespace, check=False),
+        "the Deployment to come back",
+    )
 
     cluster.kubectl("delete", "-n", namespace, "vllm", "heal", "--wait=true", check=True, timeout=60)
 
@@ -255,21 +250,19 @@ def test_deleted_child_comes_back_and_deleting_the_model_removes_all(
 def test_invalid_spec_beyond_the_crd_is_recorded_not_retried(
     operator: OperatorProcess, cluster: LocalCluster, namespace: str
 ) -> None:
-    apply(cluster, namespace, model("gpu-in-resources", resources={"limits": {"nvidia.com/gpu": 4}}))
+    cluster.apply(model("gpu-in-resources", resources={"limits": {"nvidia.com/gpu": 4}}), namespace=namespace)
 
     def recorded() -> bool:
-        obj = get(cluster, namespace, "vllmmodel", "gpu-in-resources")
+        obj = cluster.get_json("vllmmodel", "gpu-in-resources", namespace=namespace, check=False)
         return bool(obj) and condition(obj, "SpecValid").get("status") == "False"
 
     eventually(recorded, "SpecValid=False")
-    obj = get(cluster, namespace, "vllmmodel", "gpu-in-resources")
+    obj = cluster.get_json("vllmmodel", "gpu-in-resources", namespace=namespace)
     assert "GPU count is derived" in condition(obj, "SpecValid")["message"]
     assert obj["status"]["phase"] == "Failed"
-    assert get(cluster, namespace, "deployment", "gpu-in-resources") is None
+    assert cluster.get_json("deployment", "gpu-in-resources", namespace=namespace, check=False) is None
     time.sleep(5)  # a retry loop would post more events in this time
-    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json", check=True).stdout)[
-        "items"
-    ]
+    events = cluster.get_json("events", namespace=namespace)["items"]
     warnings = [e for e in events if e["reason"] == "InvalidSpec"]
     assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
     assert "GPU count is derived" in warnings[0]["message"]
@@ -286,12 +279,12 @@ def test_operator_restart_midway_loses_nothing(
     operator.start()
     for name in names:
         wait_ready(cluster, namespace, name)
-    deployments = get(cluster, namespace, "deployments")["items"]
+    deployments = cluster.get_json("deployments", namespace=namespace)["items"]
     assert sorted(d["metadata"]["name"] for d in deployments) == names
-    replicasets = get(cluster, namespace, "replicasets")["items"]
+    replicasets = cluster.get_json("replicasets", namespace=namespace)["items"]
     assert len(replicasets) == len(names), "a Deployment was changed by a duplicate reconcile"
     for name in names:
-        obj = get(cluster, namespace, "vllmmodel", name)
+        obj = cluster.get_json("vllmmodel", name, namespace=namespace)
         assert obj["status"]["phase"] == "Ready"
         assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
 
@@ -301,6 +294,6 @@ def test_apiserver_restart_is_survived(
 ) -> None:
     pid = operator.pid
     cluster.restart_apiserver(downtime=3)
-    apply(cluster, namespace, model("after-restart"))
+    cluster.apply(model("after-restart"), namespace=namespace)
     wait_ready(cluster, namespace, "after-restart", timeout=180)
     assert operator.pid == pid and operator.healthy()

@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from tests.e2e.operator_process import OperatorProcess
-from tests.harness.cluster import LocalCluster, wait_until
-from tests.server.realserver import RealServer, start_server
+from tests.harness.cluster import LocalCluster, condition, wait_until
+from tests.server.realserver import RealServer, spawn_server
 from vllm_operator.throughput import GENERATION_TOKENS, parse_metrics
 
 pytestmark = [pytest.mark.cluster, pytest.mark.engine]
@@ -67,19 +67,12 @@ def live(
     scraping_operator: OperatorProcess,
     cluster: LocalCluster,
     tiny_model: Path,
+    tiny_lora: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiveModel]:
-    from tests.server.tinymodel import build_tiny_lora
-
     tmp = tmp_path_factory.mktemp("live")
-    adapter = build_tiny_lora(tiny_model, tmp / "sql-lora")
     namespace = f"live-{uuid.uuid4().hex[:8]}"
-    cluster.kubectl("create", "namespace", namespace, check=True)
-    wait_until(
-        lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", namespace).returncode == 0,
-        "default ServiceAccount",
-        timeout=30,
-    )
+    cluster.create_namespace(namespace)
     manifest = {
         "apiVersion": "serving.vllm-operator.io/v1alpha1",
         "kind": "VLLMModel",
@@ -91,7 +84,7 @@ def live(
             "apiKeySecretRef": {"name": "tiny-key", "key": "token"},
         },
     }
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest), check=True)
+    cluster.apply(manifest, namespace=namespace)
 
     wait_until(
         lambda: adapters_ready(cluster, namespace).get("reason") == "ApiKeyUnreadable",
@@ -113,16 +106,19 @@ def live(
         "wait", "-n", namespace, "--for=condition=Ready", "pod", "-l", SELECTOR, "--timeout=120s",
         check=True, timeout=130,
     )  # fmt: skip
-    items = get(cluster, namespace, "pods", "-l", SELECTOR)["items"]
+    items = cluster.get_json("pods", "-l", SELECTOR, namespace=namespace)["items"]
     pods = {p["metadata"]["name"]: p["status"]["podIP"] for p in items}
     assert len(pods) == 2 and all(ip.startswith("127.") for ip in pods.values()), pods
     lora_flags = ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "4", "--api-key", API_KEY]
     servers: dict[str, RealServer] = {}
     try:
+        # Both engines load at once; each has the usual startup timeout from its own spawn.
         for name, ip in pods.items():
-            servers[name] = start_server(
+            servers[name] = spawn_server(
                 tiny_model, lora_flags, host=ip, port=8000, served_name="tiny", log_path=tmp / f"{name}.log"
             )
+        for server in servers.values():
+            server.wait_healthy()
         cluster.kubectl(
             "wait",
             "-n",
@@ -133,15 +129,11 @@ def live(
             check=True,
             timeout=70,
         )
-        yield LiveModel(namespace, pods, servers, adapter, before_secret)
+        yield LiveModel(namespace, pods, servers, tiny_lora, before_secret)
     finally:
         for server in servers.values():
             server.stop(timeout=20)
         cluster.kubectl("delete", "namespace", namespace, "--wait=false")
-
-
-def get(cluster: LocalCluster, ns: str, *what: str) -> Any:
-    return json.loads(cluster.kubectl("get", "-n", ns, *what, "-o", "json", check=True).stdout)
 
 
 def generated_tokens(server: RealServer, host: str) -> float:
@@ -191,8 +183,7 @@ def set_adapters(cluster: LocalCluster, live: LiveModel, adapters: list[dict[str
 
 
 def adapters_ready(cluster: LocalCluster, namespace: str) -> dict[str, Any]:
-    obj = get(cluster, namespace, "vllmmodel", "tiny")
-    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "AdaptersReady"), {})
+    return condition(cluster.get_json("vllmmodel", "tiny", namespace=namespace), "AdaptersReady")
 
 
 def test_a_missing_api_key_secret_is_named_and_the_key_never_shown(
@@ -214,10 +205,9 @@ def test_a_missing_api_key_secret_is_named_and_the_key_never_shown(
 def test_adapters_hot_loaded_verified_and_removed_without_restarts(
     live: LiveModel, cluster: LocalCluster
 ) -> None:
-    uids = {
-        p["metadata"]["name"]: p["metadata"]["uid"] for p in get(cluster, live.namespace, "pods")["items"]
-    }
-    template = get(cluster, live.namespace, "deployment", "tiny")["spec"]["template"]
+    pods = cluster.get_json("pods", namespace=live.namespace)["items"]
+    uids = {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods}
+    template = cluster.get_json("deployment", "tiny", namespace=live.namespace)["spec"]["template"]
     sql = {"name": "sql", "source": str(live.adapter)}
 
     changed = set_adapters(cluster, live, [sql])
@@ -227,7 +217,7 @@ def test_adapters_hot_loaded_verified_and_removed_without_restarts(
     served_after = time.monotonic() - changed
 
     def status_says(ready_pods: int) -> bool:
-        obj = get(cluster, live.namespace, "vllmmodel", "tiny")
+        obj = cluster.get_json("vllmmodel", "tiny", namespace=live.namespace)
         counts = {a["name"]: a["readyPods"] for a in obj["status"].get("loraAdapters", [])}
         return (
             counts.get("sql", 0) == ready_pods
@@ -257,7 +247,9 @@ def test_adapters_hot_loaded_verified_and_removed_without_restarts(
         lambda: all(not a for a in served_adapters(live).values()), "sql gone from every pod", timeout=60
     )
     wait_until(
-        lambda: not get(cluster, live.namespace, "vllmmodel", "tiny")["status"].get("loraAdapters"),
+        lambda: not cluster.get_json("vllmmodel", "tiny", namespace=live.namespace)["status"].get(
+            "loraAdapters"
+        ),
         "status: no adapters",
         timeout=30,
     )
@@ -275,17 +267,14 @@ def test_adapters_hot_loaded_verified_and_removed_without_restarts(
     condition = adapters_ready(cluster, live.namespace)
     assert condition["status"] == "False"
     assert "adapter broken" in condition["message"] and "adapter sql" not in condition["message"]
-    events = json.loads(
-        cluster.kubectl("get", "events", "-n", live.namespace, "-o", "json", check=True).stdout
-    )
+    events = cluster.get_json("events", namespace=live.namespace)
     failed = [e for e in events["items"] if e["reason"] == "AdapterFailed"]
     assert failed and all("broken" in e["message"] for e in failed), failed
 
-    after = {
-        p["metadata"]["name"]: p["metadata"]["uid"] for p in get(cluster, live.namespace, "pods")["items"]
-    }
+    pods = cluster.get_json("pods", namespace=live.namespace)["items"]
+    after = {p["metadata"]["name"]: p["metadata"]["uid"] for p in pods}
     assert after == uids, "pods were restarted"
-    assert get(cluster, live.namespace, "deployment", "tiny")["spec"]["template"] == template
+    assert cluster.get_json("deployment", "tiny", namespace=live.namespace)["spec"]["template"] == template
     set_adapters(cluster, live, [sql])
 
 
@@ -297,7 +286,7 @@ def test_status_reports_live_throughput_and_unhealthy_pods(live: LiveModel, clus
         time.sleep(3 * INTERVAL)  # warm up: every status window is under load from here on
 
         def scraped_at() -> tuple[str, float]:
-            metrics = get(cluster, namespace, "vllmmodel", "tiny")["status"].get("metrics", {})
+            metrics = cluster.get_json("vllmmodel", "tiny", namespace=namespace)["status"].get("metrics", {})
             return metrics.get("scrapedAt", ""), float(metrics.get("generationTokensPerSecond", 0))
 
         def next_window(after: str) -> tuple[str, float]:
@@ -329,7 +318,7 @@ def test_status_reports_live_throughput_and_unhealthy_pods(live: LiveModel, clus
         ).stdout.split()
         assert float(row[3]) > 0, row  # TOKENS/S column
 
-        status = get(cluster, namespace, "vllmmodel", "tiny")["status"]
+        status = cluster.get_json("vllmmodel", "tiny", namespace=namespace)["status"]
         assert sorted(p["name"] for p in status["pods"]) == sorted(pods)
         assert all(p["healthy"] and p["ready"] for p in status["pods"])
 
@@ -337,13 +326,11 @@ def test_status_reports_live_throughput_and_unhealthy_pods(live: LiveModel, clus
         servers[victim].stop(timeout=10)
 
         def degraded_names_victim() -> bool:
-            obj = get(cluster, namespace, "vllmmodel", "tiny")
-            conditions = {c["type"]: c for c in obj["status"].get("conditions", [])}
-            degraded = conditions.get("Degraded", {})
+            degraded = condition(cluster.get_json("vllmmodel", "tiny", namespace=namespace), "Degraded")
             return degraded.get("status") == "True" and victim in degraded.get("message", "")
 
         wait_until(degraded_names_victim, f"Degraded to name {victim}", timeout=10 * INTERVAL, interval=0.5)
-        obj = get(cluster, namespace, "vllmmodel", "tiny")
+        obj = cluster.get_json("vllmmodel", "tiny", namespace=namespace)
         assert obj["status"]["phase"] == "Degraded"
         assert [p["healthy"] for p in obj["status"]["pods"] if p["name"] == victim] == [False]
     finally:

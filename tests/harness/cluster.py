@@ -27,8 +27,8 @@ import yaml
 
 from tests.harness import pki, toolchain, versions
 from tests.harness.processes import ComponentFailed, Supervisor, free_ports, log_tail
+from tests.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Another root lets a second session run its own cluster beside the default one.
 DEFAULT_ROOT = Path(os.environ.get("VLLM_OPERATOR_CLUSTER_ROOT", REPO_ROOT / ".local"))
 # Stop order: dependants first, etcd last.
@@ -102,6 +102,12 @@ def node_manifests(spec: ClusterSpec) -> list[dict[str, Any]]:
            for i in range(spec.gpu_nodes)]
     cpu = [node_manifest(f"kwok-cpu-{i}", 0, "16", "64Gi") for i in range(spec.cpu_nodes)]
     return gpu + cpu
+
+
+def condition(obj: dict[str, Any], condition_type: str) -> dict[str, Any]:
+    """A Kubernetes object's status condition of that type, {} when it has none."""
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == condition_type), {})
 
 
 def wait_until(
@@ -316,11 +322,8 @@ class LocalCluster:
     def wait_ready(self, timeout: float) -> None:
         """Nodes Ready and the default ServiceAccount present, so pods can be created."""
         wait_until(self.nodes_ready, "fake nodes to be Ready", timeout, self.check_all_alive, 0.5)
-        wait_until(
-            lambda: self.kubectl("get", "serviceaccount", "default", "-n", "default").returncode
-            == 0,
-            "the default ServiceAccount", timeout, self.check_all_alive, 0.5,
-        )
+        wait_until(lambda: self.has_default_service_account("default"),
+                   "the default ServiceAccount", timeout, self.check_all_alive, 0.5)
 
     def check_all_alive(self) -> None:
         """Raise with a log tail if any component we started has exited."""
@@ -329,14 +332,23 @@ class LocalCluster:
 
     def nodes_ready(self) -> bool:
         """True when every fake node reports Ready=True."""
-        proc = self.kubectl("get", "nodes", "-o", "json")
-        if proc.returncode != 0:
+        got = self.get_json("nodes", check=False)
+        if got is None:
             return False
-        nodes = json.loads(proc.stdout)["items"]
+        nodes = got["items"]
         expected = self.spec.gpu_nodes + self.spec.cpu_nodes
-        ready = [n for n in nodes if any(c["type"] == "Ready" and c["status"] == "True"
-                                         for c in n.get("status", {}).get("conditions", []))]
+        ready = [n for n in nodes if condition(n, "Ready").get("status") == "True"]
         return len(nodes) >= expected and len(ready) == len(nodes)
+
+    def has_default_service_account(self, namespace: str) -> bool:
+        """True once the controller-manager has made the namespace's default ServiceAccount."""
+        return self.kubectl("get", "serviceaccount", "default", "-n", namespace).returncode == 0
+
+    def create_namespace(self, name: str, timeout: float = 30) -> None:
+        """Create a namespace and wait for its default ServiceAccount (pods are refused before)."""
+        self.kubectl("create", "namespace", name, check=True)
+        wait_until(lambda: self.has_default_service_account(name),
+                   f"ServiceAccount default in {name}", timeout)
 
     # ---- clients --------------------------------------------------------------------------
 
@@ -391,6 +403,19 @@ class LocalCluster:
     ) -> subprocess.CompletedProcess[str]:
         """Run kubectl against this cluster; text output captured."""
         return self.run_tool(kubectl_binary(), args, input, check, timeout)
+
+    def get_json(self, *args: str, namespace: str | None = None, check: bool = True) -> Any:
+        """`kubectl get ARGS -o json`, parsed; None when kubectl failed and check is False."""
+        scope = ["-n", namespace] if namespace else []
+        proc = self.kubectl("get", *args, *scope, "-o", "json", check=check)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    def apply(self, manifest: dict[str, Any], *flags: str, namespace: str | None = None) -> str:
+        """`kubectl apply -f -` of one manifest (as JSON on stdin); kubectl's output."""
+        scope = ["-n", namespace] if namespace else []
+        return self.kubectl(
+            "apply", *scope, *flags, "-f", "-", input=json.dumps(manifest), check=True
+        ).stdout
 
     def helm(
         self, *args: str, input: str | None = None, check: bool = False, timeout: float = 300

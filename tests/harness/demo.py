@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tests.e2e.operator_process import OperatorProcess, install_crd
 from tests.harness.cluster import DEFAULT_ROOT, LocalCluster, explain_failure
+from tests.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PID_FILE = DEFAULT_ROOT / "operator.pid"
 
 

@@ -20,7 +20,6 @@ from tests.harness.cluster import (
     ClusterSpec,
     LocalCluster,
     explain_failure,
-    wait_until,
 )
 
 
@@ -64,12 +63,6 @@ def cluster(cluster_spec: ClusterSpec) -> Iterator[LocalCluster]:
 def namespace(cluster: LocalCluster) -> Iterator[str]:
     """A fresh namespace per test (with its default ServiceAccount), deleted afterwards."""
     name = f"t-{uuid.uuid4().hex[:10]}"
-    cluster.kubectl("create", "namespace", name, check=True)
-    # Pods are refused until the controller-manager has created the default ServiceAccount.
-    wait_until(
-        lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name).returncode == 0,
-        f"ServiceAccount default in {name}",
-        timeout=30,
-    )
+    cluster.create_namespace(name)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false")

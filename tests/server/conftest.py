@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -40,10 +39,10 @@ async def client(engine: FakeEngine) -> AsyncIterator[httpx.AsyncClient]:
 # ---- real engine ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def real_server(tiny_model: Path, tiny_lora: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
-    """One real server per session: LoRA enabled, API key set, small queue."""
+    """One real server for this folder, stopped after its last test: LoRA, API key, small queue."""
     # A copy of the adapter so that tests can load a second one under another name.
     second = tmp_path_factory.mktemp("lora2") / "adapter"
     shutil.copytree(tiny_lora, second)
@@ -59,9 +58,3 @@ def real_server(tiny_model: Path, tiny_lora: Path,
         yield srv
     finally:
         srv.stop()
-
-
-@pytest.fixture(scope="session")
-def engine_env() -> dict[str, str]:
-    """Environment for real-engine subprocesses."""
-    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}

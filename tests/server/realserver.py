@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,11 @@ from typing import Any
 
 import httpx
 
+from tests.harness.processes import free_port
+
+__all__ = ["ENGINE_FLAGS", "RealServer", "free_port", "spawn_server", "start_server"]
+
 ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.3"]
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -35,6 +31,7 @@ class RealServer:
     api_key: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     host: str = "127.0.0.1"
+    spawned_at: float = field(default_factory=time.monotonic)
 
     @property
     def url(self) -> str:
@@ -63,12 +60,29 @@ class RealServer:
                 self.proc.wait()
         return self.proc.returncode
 
+    def wait_healthy(self, startup_timeout: float = 600.0) -> RealServer:
+        """Wait until /health answers 200, at most `startup_timeout` after the spawn; returns self.
 
-def start_server(model: Path | str, extra_args: list[str], *, log_path: Path,
+        On a timeout or an early exit the server is stopped and the error carries its log tail.
+        """
+        deadline = self.spawned_at + startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"server not healthy after {startup_timeout}s:\n{self.log_tail()}")
+
+
+def spawn_server(model: Path | str, extra_args: list[str], *, log_path: Path,
                  served_name: str = "tiny", module: str = "vllm_server",
-                 startup_timeout: float = 600.0, port: int | None = None,
-                 host: str = "127.0.0.1") -> RealServer:
-    """Start a server and wait until /health answers 200."""
+                 port: int | None = None, host: str = "127.0.0.1") -> RealServer:
+    """Start a server process without waiting for it (see RealServer.wait_healthy)."""
     port = port or free_port()
     argv = [sys.executable, "-m", module, "--model", str(model), "--served-model-name",
             served_name, "--host", host, "--port", str(port), *ENGINE_FLAGS,
@@ -79,16 +93,13 @@ def start_server(model: Path | str, extra_args: list[str], *, log_path: Path,
         api_key = extra_args[extra_args.index("--api-key") + 1]
     log = open(log_path, "wb")  # noqa: SIM115 - the child keeps writing to it
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    srv = RealServer(proc, port, log_path, served_name, api_key, host=host)
-    deadline = time.monotonic() + startup_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{srv.log_tail()}")
-        try:
-            if httpx.get(f"{srv.url}/health", timeout=2).status_code == 200:
-                return srv
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    srv.stop()
-    raise TimeoutError(f"server not healthy after {startup_timeout}s:\n{srv.log_tail()}")
+    return RealServer(proc, port, log_path, served_name, api_key, host=host)
+
+
+def start_server(model: Path | str, extra_args: list[str], *, log_path: Path,
+                 served_name: str = "tiny", module: str = "vllm_server",
+                 startup_timeout: float = 600.0, port: int | None = None,
+                 host: str = "127.0.0.1") -> RealServer:
+    """Start a server and wait until /health answers 200."""
+    return spawn_server(model, extra_args, log_path=log_path, served_name=served_name, module=module,
+                        port=port, host=host).wait_healthy(startup_timeout)

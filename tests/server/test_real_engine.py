@@ -1,6 +1,6 @@
 """Real vLLM CPU engine behind `python -m vllm_server`, driven with the official openai client.
 
-One server per session (see conftest.real_server): tiny random Llama, LoRA on, API key set.
+One server for this folder (see conftest.real_server): tiny random Llama, LoRA on, API key set.
 """
 
 from __future__ import annotations

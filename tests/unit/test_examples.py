@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from tests import kubeschema
+from tests.paths import REPO_ROOT
 from vllm_operator.cli import main, render_documents
 from vllm_operator.settings import OperatorSettings
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
 
 
 def test_there_are_examples() -> None:
@@ -30,7 +30,7 @@ def test_example_renders_valid_manifests(path: Path) -> None:
 
 
 def test_validator_refuses_a_broken_manifest() -> None:
-    documents = [d for d in yaml.safe_load_all((ROOT / "examples" / "model.yaml").read_text()) if d]
+    documents = [d for d in yaml.safe_load_all((REPO_ROOT / "examples" / "model.yaml").read_text()) if d]
     deployment = next(m for m in render_documents(documents, OperatorSettings()) if m["kind"] == "Deployment")
     deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicie"] = "Always"
     with pytest.raises(jsonschema.ValidationError):
@@ -42,7 +42,7 @@ def test_validator_refuses_a_broken_manifest() -> None:
 
 
 def test_cli_render_prints_yaml(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["render", "-f", str(ROOT / "examples" / "model.yaml")]) == 0
+    assert main(["render", "-f", str(REPO_ROOT / "examples" / "model.yaml")]) == 0
     kinds = [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)]
     assert kinds == ["Service", "Deployment"]
 
@@ -65,3 +65,18 @@ def test_cli_render_wrong_kind_exits_2(tmp_path: Path, capsys: pytest.CaptureFix
     bad.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: m}\n")
     assert main(["render", "-f", str(bad)]) == 2
     assert "expected kind VLLMModel" in capsys.readouterr().err
+
+
+def test_cli_render_a_list_document_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    assert main(["render", "-f", str(bad)]) == 2
+    assert "expected a VLLMModel mapping, got a YAML list" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["70000", "-1", "http"])
+def test_cli_run_refuses_a_bad_metrics_port(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--all-namespaces", "--metrics-port", value])
+    assert exited.value.code == 2
+    assert "--metrics-port" in capsys.readouterr().err

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 
+from tests.paths import CRD_FILE, REPO_ROOT
 from vllm_operator import crd, docs
-
-ROOT = Path(__file__).resolve().parents[2]
-CRD_FILE = ROOT / "crds" / "serving.vllm-operator.io_vllmmodels.yaml"
 
 
 def test_committed_crd_matches_models() -> None:
@@ -19,7 +15,7 @@ def test_committed_crd_matches_models() -> None:
 
 
 def test_readme_field_table_matches_models() -> None:
-    readme = (ROOT / "README.md").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
     assert docs.splice(readme) == readme, "run: vllm-operator docs --readme README.md"
 
 

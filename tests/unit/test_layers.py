@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "operator" / "vllm_operator"
+from tests.paths import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "operator" / "vllm_operator"
 PURE = ["api", "render", "status", "settings", "crd", "docs", "reconcile", "throughput", "lora"]
 FORBIDDEN_IN_PURE = {
     "kopf",
