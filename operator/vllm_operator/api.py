@@ -224,7 +224,7 @@ class VLLMModelSpec(WireModel):
     cache: Cache = Field(default_factory=Cache)
     """Model weights cache volume."""
     shm_size: Quantity | None = None
-    """Size of /dev/shm; defaults to 8Gi when a pod has more than one GPU."""
+    """Size of the pod's in-memory /dev/shm (vLLM needs more than a container's 64Mi); default 8Gi."""
     startup_timeout_seconds: int = Field(default=3600, ge=60, le=86_400)
     """How long a pod may take to load the model before it is restarted."""
 

@@ -178,11 +178,14 @@ def _resources(spec: VLLMModelSpec, settings: OperatorSettings) -> dict[str, Any
     return resources
 
 
-def shm_size(spec: VLLMModelSpec, settings: OperatorSettings) -> str | None:
-    """Size of the in-memory /dev/shm, or None when the pod needs none."""
-    if spec.shm_size is not None:
-        return spec.shm_size
-    return settings.default_shm_size if spec.gpus_per_pod > 1 else None
+def shm_size(spec: VLLMModelSpec, settings: OperatorSettings) -> str:
+    """Size of the pod's in-memory /dev/shm.
+
+    Every pod needs one: vLLM 0.32's engine allocates a 160 MiB shared-memory queue even with
+    one GPU (measured on the CPU build), and a container's default /dev/shm is 64 MiB, so the
+    engine refused to start. The size is a cap; memory is used only as it is written.
+    """
+    return spec.shm_size if spec.shm_size is not None else settings.default_shm_size
 
 
 def _probes(spec: VLLMModelSpec) -> dict[str, Any]:
@@ -231,10 +234,8 @@ def _volumes(spec: VLLMModelSpec, settings: OperatorSettings) -> tuple[list[Any]
             }
         )
         mounts.append({"name": f"pvc-{claim}"[:63], "mountPath": f"{MODELS_MOUNT}/{claim}", "readOnly": True})
-    shm = shm_size(spec, settings)
-    if shm is not None:
-        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
-        mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+    volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(spec, settings)}})
+    mounts.append({"name": "shm", "mountPath": "/dev/shm"})
     return volumes, mounts
 
 

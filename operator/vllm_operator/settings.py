@@ -30,7 +30,7 @@ class OperatorSettings(BaseModel):
     run_as_user: int = Field(default=1000, ge=1)
     """UID the server runs as (the bundled image's non-root user; the pods refuse root)."""
     default_shm_size: Quantity = "8Gi"
-    """/dev/shm size for pods with more than one GPU when the spec sets none."""
+    """Size of every model pod's in-memory /dev/shm when the spec sets none."""
     scrape_interval_seconds: float = Field(default=15.0, ge=0)
     """How often every ready pod's /metrics and /health are read; 0 turns scraping off."""
     scrape_timeout_seconds: float = Field(default=2.0, gt=0)

@@ -71,6 +71,33 @@ def crashing_pods(pods: Sequence[Obj]) -> list[tuple[str, str]]:
     return failing
 
 
+def unready_pods(pods: Sequence[Obj]) -> list[tuple[str, str]]:
+    """(pod name, why) of pods that are not Ready: a restarted container's last exit, what a
+    container waits for, or that it is still starting. Pods being deleted are left out."""
+    unready = []
+    for pod in pods:
+        ready = _pod_condition(pod, "Ready")
+        if _get(pod, "metadata", "deletionTimestamp") or (ready and ready.get("status") == "True"):
+            continue
+        why = "not ready"
+        for container in _get(pod, "status", "containerStatuses", default=[]) or []:
+            name = container.get("name", "?")
+            last = _get(container, "lastState", "terminated")
+            waiting = _get(container, "state", "waiting", "reason")
+            if last:
+                code, reason = last.get("exitCode", "?"), last.get("reason", "")
+                why = f"container {name} restarted after exit {code} ({reason})"
+            elif waiting:
+                why = f"container {name} {waiting}"
+            elif _get(container, "state", "running") is not None and not container.get("ready"):
+                why = f"container {name} starting"
+            else:
+                continue
+            break
+        unready.append((_get(pod, "metadata", "name", default="?"), why))
+    return unready
+
+
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
 
@@ -116,10 +143,11 @@ def judge(
         text = _clip("; ".join(f"pod {name} cannot be scheduled: {why}" for name, why in stuck))
         degraded = ("True", "Unschedulable", text)
     elif 0 < ready < desired_replicas and rolled_out:
+        named = "".join(f"; pod {name}: {why}" for name, why in unready_pods(pods))
         degraded = (
             "True",
             "ReplicasUnavailable",
-            f"{ready} of {desired_replicas} replicas are ready",
+            _clip(f"{ready} of {desired_replicas} replicas are ready{named}"),
         )
     else:
         degraded = _no("AsExpected")

@@ -128,13 +128,78 @@ def wait_until(
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-class LocalCluster:
+class KubeClient:
+    """kubectl and helm against one cluster's kubeconfig, with helm's state kept under `root`."""
+
+    def __init__(self, root: Path, kubeconfig: Path) -> None:
+        self.root = root
+        self.kubeconfig = kubeconfig
+
+    def env(self) -> dict[str, str]:
+        """Environment for clients: our kubeconfig, and helm's state kept under .local."""
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        for kind in ("CACHE", "CONFIG", "DATA"):
+            env[f"HELM_{kind}_HOME"] = str(self.root / "helm" / kind.lower())
+        return env
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = False, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kubectl against this cluster; text output captured."""
+        return self.run_tool(kubectl_binary(), args, input, check, timeout)
+
+    def get_json(self, *args: str, namespace: str | None = None, check: bool = True) -> Any:
+        """`kubectl get ARGS -o json`, parsed; None when kubectl failed and check is False."""
+        scope = ["-n", namespace] if namespace else []
+        proc = self.kubectl("get", *args, *scope, "-o", "json", check=check)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    def apply(self, manifest: dict[str, Any], *flags: str, namespace: str | None = None) -> str:
+        """`kubectl apply -f -` of one manifest (as JSON on stdin); kubectl's output."""
+        scope = ["-n", namespace] if namespace else []
+        return self.kubectl(
+            "apply", *scope, *flags, "-f", "-", input=json.dumps(manifest), check=True
+        ).stdout
+
+    def helm(
+        self, *args: str, input: str | None = None, check: bool = False, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        """Run helm against this cluster; text output captured."""
+        return self.run_tool(str(toolchain.binary("helm")), args, input, check, timeout)
+
+    def run_tool(
+        self, binary: str, args: Sequence[str], input: str | None, check: bool, timeout: float
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a client binary with our environment; raise with its output if check fails."""
+        proc = subprocess.run(
+            [binary, *args], input=input, capture_output=True, text=True, env=self.env(),
+            timeout=timeout, check=False,
+        )
+        if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(
+                proc.returncode, proc.args, proc.stdout, f"{proc.stderr}"
+            )
+        return proc
+
+    def has_default_service_account(self, namespace: str) -> bool:
+        """True once the controller-manager has made the namespace's default ServiceAccount."""
+        return self.kubectl("get", "serviceaccount", "default", "-n", namespace).returncode == 0
+
+    def create_namespace(self, name: str, timeout: float = 30) -> None:
+        """Create a namespace and wait for its default ServiceAccount (pods are refused before)."""
+        self.kubectl("create", "namespace", name, check=True)
+        wait_until(lambda: self.has_default_service_account(name),
+                   f"ServiceAccount default in {name}", timeout)
+
+
+class LocalCluster(KubeClient):
     """One local control plane rooted at a directory (default `.local/`)."""
 
     def __init__(self, root: Path | None = None, spec: ClusterSpec | None = None) -> None:
-        self.root = root or DEFAULT_ROOT
+        root = root or DEFAULT_ROOT
+        super().__init__(root, root / "kubeconfig")
         self.run_dir = self.root / "cluster"
-        self.kubeconfig = self.root / "kubeconfig"
         self.spec = spec or ClusterSpec()
         self.ports = Ports.allocate()
         self.pki = pki.Pki(self.run_dir / "pki")
@@ -340,16 +405,6 @@ class LocalCluster:
         ready = [n for n in nodes if condition(n, "Ready").get("status") == "True"]
         return len(nodes) >= expected and len(ready) == len(nodes)
 
-    def has_default_service_account(self, namespace: str) -> bool:
-        """True once the controller-manager has made the namespace's default ServiceAccount."""
-        return self.kubectl("get", "serviceaccount", "default", "-n", namespace).returncode == 0
-
-    def create_namespace(self, name: str, timeout: float = 30) -> None:
-        """Create a namespace and wait for its default ServiceAccount (pods are refused before)."""
-        self.kubectl("create", "namespace", name, check=True)
-        wait_until(lambda: self.has_default_service_account(name),
-                   f"ServiceAccount default in {name}", timeout)
-
     # ---- clients --------------------------------------------------------------------------
 
     def write_kubeconfig(self) -> None:
@@ -389,53 +444,6 @@ class LocalCluster:
                 return int(response.status) == 200
         except (urllib.error.URLError, OSError, ssl.SSLError):
             return False
-
-    def env(self) -> dict[str, str]:
-        """Environment for clients: our kubeconfig, and helm's state kept under .local."""
-        env = dict(os.environ)
-        env["KUBECONFIG"] = str(self.kubeconfig)
-        for kind in ("CACHE", "CONFIG", "DATA"):
-            env[f"HELM_{kind}_HOME"] = str(self.root / "helm" / kind.lower())
-        return env
-
-    def kubectl(
-        self, *args: str, input: str | None = None, check: bool = False, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        """Run kubectl against this cluster; text output captured."""
-        return self.run_tool(kubectl_binary(), args, input, check, timeout)
-
-    def get_json(self, *args: str, namespace: str | None = None, check: bool = True) -> Any:
-        """`kubectl get ARGS -o json`, parsed; None when kubectl failed and check is False."""
-        scope = ["-n", namespace] if namespace else []
-        proc = self.kubectl("get", *args, *scope, "-o", "json", check=check)
-        return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-    def apply(self, manifest: dict[str, Any], *flags: str, namespace: str | None = None) -> str:
-        """`kubectl apply -f -` of one manifest (as JSON on stdin); kubectl's output."""
-        scope = ["-n", namespace] if namespace else []
-        return self.kubectl(
-            "apply", *scope, *flags, "-f", "-", input=json.dumps(manifest), check=True
-        ).stdout
-
-    def helm(
-        self, *args: str, input: str | None = None, check: bool = False, timeout: float = 300
-    ) -> subprocess.CompletedProcess[str]:
-        """Run helm against this cluster; text output captured."""
-        return self.run_tool(str(toolchain.binary("helm")), args, input, check, timeout)
-
-    def run_tool(
-        self, binary: str, args: Sequence[str], input: str | None, check: bool, timeout: float
-    ) -> subprocess.CompletedProcess[str]:
-        """Run a client binary with our environment; raise with its output if check fails."""
-        proc = subprocess.run(
-            [binary, *args], input=input, capture_output=True, text=True, env=self.env(),
-            timeout=timeout, check=False,
-        )
-        if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(
-                proc.returncode, proc.args, proc.stdout, f"{proc.stderr}"
-            )
-        return proc
 
     # ---- reporting ------------------------------------------------------------------------
 

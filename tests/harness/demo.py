@@ -1,81 +1,179 @@
-"""`make demo`: local cluster, CRD, operator, examples/model.yaml, wait for Ready, show it."""
+"""`make demo`: the operator on a kind cluster whose pods really run, end to end.
+
+up: the kind cluster (node image assembled here), the operator and CPU server images built
+or reused and loaded, the operator installed by `helm install`, examples/tiny-cpu.yaml
+applied, `kubectl wait --for=condition=Ready`, then a pod in the cluster streams a chat
+completion from the Service's DNS name, `vllm-operator bench load` drives the Service from
+the host through a port-forward, and `kubectl get vllm` shows the throughput the in-cluster
+operator scraped. down: the cluster and everything it changed on the machine, gone.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import signal
+import json
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.e2e.operator_process import OperatorProcess, install_crd
-from tests.harness.cluster import DEFAULT_ROOT, LocalCluster, explain_failure
+from tests.harness import toolchain
+from tests.harness.cluster import DEFAULT_ROOT, wait_until
+from tests.harness.kind import cluster as kind_cluster
+from tests.harness.kind import engine as kind_engine
+from tests.harness.kind import images, stack
 from tests.paths import REPO_ROOT
 
-PID_FILE = DEFAULT_ROOT / "operator.pid"
+EXAMPLE = REPO_ROOT / "examples" / "tiny-cpu.yaml"
+MODELS_DIR = DEFAULT_ROOT / "models"
+KUBECONFIG = DEFAULT_ROOT / "kubeconfig"
 
 
-def running_cluster() -> LocalCluster:
-    """The cluster from `make cluster-up` if it answers, else a new one."""
-    cluster = LocalCluster.load()
-    if cluster.status().get("readyz", "").endswith(" ok"):
-        print(f"== reusing the running cluster at {cluster.server}")
-        return cluster
-    print("== starting the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok)")
-    cluster = LocalCluster()
-    cluster.start()
-    print(f"   up in {cluster.started_seconds:.1f}s")
-    return cluster
+def say(message: str) -> None:
+    print(f"== {message}", flush=True)
 
 
-def stop_operator() -> None:
-    """Stop an operator left running by an earlier demo."""
-    if PID_FILE.exists():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(PID_FILE.read_text()), signal.SIGTERM)
-        PID_FILE.unlink()
+def tiny_models() -> dict[str, Path]:
+    """The generated tiny model and LoRA adapter, made once under .local/models."""
+    from tests.server.tinymodel import build_tiny_lora, build_tiny_model
+
+    model, lora = MODELS_DIR / "tiny", MODELS_DIR / "tiny-lora"
+    if not (model / "config.json").exists():
+        build_tiny_model(model)
+    if not (lora / "adapter_config.json").exists():
+        build_tiny_lora(model, lora)
+    return {"tiny": model, "tiny-lora": lora}
 
 
-def up(example: Path, timeout: int) -> int:
-    cluster = running_cluster()
-    print("== installing the CRD")
-    install_crd(cluster)
-    stop_operator()
-    print("== starting the operator (log: .local/operator.log)")
-    operator = OperatorProcess(cluster)
-    operator.start()
-    PID_FILE.write_text(str(operator.pid))
-    print(f"== kubectl apply -f {example.relative_to(REPO_ROOT)}")
-    print(cluster.kubectl("apply", "-f", str(example), check=True).stdout.strip())
-    name = cluster.kubectl("get", "-f", str(example), "-o", "name", check=True).stdout.strip()
-    print(f"== kubectl wait --for=condition=Ready {name}")
+def up(timeout: int) -> int:
+    started = time.monotonic()
+    engine = kind_engine.detect()
+    say(f"tools: kind, kubelet/kubeadm/kube-proxy, CoreDNS (cached under {toolchain.cache_root()})")
+    toolchain.ensure_all(toolchain.ALL_COMPONENTS)
+    say(f"images ({engine.name}): node {images.NODE_IMAGE}, operator, CPU server")
+    images.ensure_node_image(engine)
+    built = images.ensure_project_images(engine)
+    if kind_cluster.DEMO_CLUSTER in kind_cluster.our_clusters(engine):
+        say(f"reusing kind cluster {kind_cluster.DEMO_CLUSTER}")
+        cluster = kind_cluster.KindCluster(engine, kind_cluster.DEMO_CLUSTER, KUBECONFIG, DEFAULT_ROOT)
+        kind_cluster.kind(
+            engine, "export", "kubeconfig", "--name", cluster.name, "--kubeconfig", str(KUBECONFIG)
+        )
+    else:
+        say(f"kind create cluster --name {kind_cluster.DEMO_CLUSTER} --image {images.NODE_IMAGE}")
+        step = time.monotonic()
+        cluster = kind_cluster.create(engine, kind_cluster.DEMO_CLUSTER, KUBECONFIG, DEFAULT_ROOT)
+        print(f"   created in {time.monotonic() - step:.0f}s")
+    say("node Ready, fake GPUs, images loaded, tiny model on pvc://model-store, helm install")
+    figures = stack.prepare(cluster, tiny_models(), "default")
+    print("   " + ", ".join(f"{k} {v}s" for k, v in figures.items()))
+    say(f"kubectl apply -f {EXAMPLE.relative_to(REPO_ROOT)}")
+    print(cluster.kubectl("apply", "-f", str(EXAMPLE), check=True).stdout.strip())
+    say("kubectl wait --for=condition=Ready vllmmodel/tiny")
+    step = time.monotonic()
     waited = cluster.kubectl(
-        "wait", "--for=condition=Ready", name, f"--timeout={timeout}s", timeout=timeout + 10
+        "wait",
+        "--for=condition=Ready",
+        "vllmmodel/tiny",
+        "-n",
+        "default",
+        f"--timeout={timeout}s",
+        timeout=timeout + 10,
     )
-    print((waited.stdout + waited.stderr).strip())
-    print("== kubectl get vllmmodels,deployments,services,pods")
-    print(cluster.kubectl("get", "vllmmodels,deployments,services,pods", "-o", "wide").stdout)
-    print(f"export KUBECONFIG={cluster.kubeconfig}   # to look around; `make demo-down` stops everything")
-    return waited.returncode
+    print((waited.stdout + waited.stderr).strip() + f"   ({time.monotonic() - step:.0f}s)")
+    if waited.returncode != 0:
+        print(cluster.kubectl("describe", "vllmmodel/tiny", "-n", "default").stdout)
+        return 1
+    url = "http://tiny.default.svc:8000/v1"
+    say(f"a pod in the cluster streams a chat completion from {url}")
+    text, timing = stack.stream_in_cluster(cluster, url, "tiny", "default")
+    print(f"   {text!r}\n   {json.dumps(timing)}")
+    say("vllm-operator bench load from the host, through kubectl port-forward svc/tiny")
+    with stack.port_forward(cluster, "svc/tiny", "default") as base_url:
+        bench = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "vllm-operator"),
+                "bench",
+                "load",
+                "--base-url",
+                base_url,
+                "--requests",
+                "64",
+                "--concurrency",
+                "8",
+                "--max-tokens",
+                "64",
+                "--ignore-eos",
+                "--no-progress",
+            ],
+            text=True,
+            capture_output=True,
+            check=False,
+            timeout=600,
+        )
+    print(bench.stdout + bench.stderr)
+    if bench.returncode != 0:
+        return 1
+    say("kubectl get vllm (TOKENS/S from the operator's scrape of every pod)")
+    wait_until(
+        lambda: bool(
+            (stack.model_status(cluster, "tiny", "default").get("metrics") or {}).get(
+                "generationTokensPerSecond"
+            )
+        ),
+        "a throughput in the status",
+        60,
+        interval=2,
+    )
+    print(cluster.kubectl("get", "vllm", "-n", "default", check=True).stdout)
+    print(cluster.kubectl("get", "pods,svc", "-n", "default", "-o", "wide", check=True).stdout)
+    say(
+        f"demo up in {time.monotonic() - started:.0f}s "
+        f"(image builds: {', '.join(f'{k} {v:.0f}s' for k, v in built.items())})"
+    )
+    print(f"""
+Look around:
+  export KUBECONFIG={KUBECONFIG}
+  kubectl get vllm -A                      # READY, TOKENS/S, ADAPTERS
+  kubectl describe vllmmodel tiny          # conditions and events
+  kubectl logs -n {stack.OPERATOR_NAMESPACE} deploy/{stack.RELEASE}   # the operator, in-cluster
+  kubectl port-forward svc/tiny 8000:8000  # then: vllm-operator bench check --base-url http://127.0.0.1:8000
+`make demo-down` deletes the cluster and puts the machine back as it was.""")
+    return 0
+
+
+def down() -> int:
+    engine = kind_engine.detect()
+    removed = kind_cluster.clean(engine)
+    KUBECONFIG.unlink(missing_ok=True)
+    print("demo down: " + (", ".join(removed) if removed else "nothing was running"))
+    left = kind_cluster.leftovers(engine)
+    if left:
+        print("LEFT BEHIND:\n  " + "\n  ".join(left), file=sys.stderr)
+        return 1
+    print(
+        "checked: no kind cluster or node container, no kind network, no containerd shim, kubelet or "
+        "vLLM process, no NETAVARK/KUBE chains, host sysctls as before"
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("command", choices=["up", "down"], nargs="?", default="up")
-    parser.add_argument("--example", type=Path, default=REPO_ROOT / "examples" / "model.yaml")
-    parser.add_argument("--timeout", type=int, default=120)
+    parser.add_argument("command", choices=["up", "down", "check-clean"], nargs="?", default="up")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds to wait for Ready")
     args = parser.parse_args(argv)
     if args.command == "down":
-        stop_operator()
-        LocalCluster.load().stop()
-        print("demo down: operator and cluster stopped")
-        return 0
+        return down()
+    if args.command == "check-clean":
+        left = kind_cluster.leftovers(kind_engine.detect())
+        print("\n".join(left) if left else "clean")
+        return 1 if left else 0
     try:
-        return up(args.example.resolve(), args.timeout)
+        return up(args.timeout)
     except Exception as error:
-        print(f"demo FAILED: {explain_failure(LocalCluster.load(), error)}", file=sys.stderr)
+        print(f"demo FAILED: {error}", file=sys.stderr)
         return 1
 
 

@@ -140,6 +140,16 @@ def build_kubernetes(out: Path) -> None:
     run_go(["build", "-trimpath", "-ldflags", " ".join(flags), "-o", f"{out}/", *commands], module)
 
 
+def build_kubernetes_node(out: Path) -> None:
+    """Build kubelet, kubeadm and kube-proxy for the kind node image (same wrapper, shared cache)."""
+    module = HARNESS_DIR / "k8s"
+    flags = ["-s", "-w"]
+    for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += version_ldflags(package, versions.KUBERNETES)
+    commands = [f"k8s.io/kubernetes/cmd/{name}" for name in KUBERNETES_NODE.binaries]
+    run_go(["build", "-trimpath", "-ldflags", " ".join(flags), "-o", f"{out}/", *commands], module)
+
+
 def build_kubectl(out: Path) -> None:
     """Build kubectl from the same wrapper so the client matches the server version."""
     module = HARNESS_DIR / "k8s"
@@ -211,6 +221,22 @@ def build_helm(out: Path) -> None:
     go_install(out, f"helm.sh/helm/v3/cmd/helm@{versions.HELM}", flags)
 
 
+def build_coredns(out: Path) -> None:
+    """Install CoreDNS (the cluster DNS of the kind node image)."""
+    go_install(out, f"github.com/coredns/coredns@{versions.COREDNS}", [])
+
+
+def build_kind(out: Path) -> None:
+    """Install kind (its podman provider runs the node image here)."""
+    go_install(out, f"sigs.k8s.io/kind@{versions.KIND}", [])
+
+
+def build_pause(out: Path) -> None:
+    """Build the pod sandbox's pause program from tests/harness/kind/pause (no dependencies)."""
+    run_go(["build", "-trimpath", "-ldflags", "-s -w", "-o", f"{out}/pause", "."],
+           HARNESS_DIR / "kind" / "pause")
+
+
 KUBERNETES = Component(
     "kubernetes",
     versions.KUBERNETES,
@@ -227,7 +253,17 @@ KWOK = Component(
     tuple(f"stages/{Path(p).name}" for p in KWOK_STAGES),
 )
 HELM = Component("helm", versions.HELM, ("helm",), build_helm)
+KUBERNETES_NODE = Component(
+    "kubernetes-node", versions.KUBERNETES, ("kubelet", "kubeadm", "kube-proxy"), build_kubernetes_node
+)
+COREDNS = Component("coredns", versions.COREDNS, ("coredns",), build_coredns)
+KIND = Component("kind", versions.KIND, ("kind",), build_kind)
+PAUSE = Component("pause", versions.PAUSE, ("pause",), build_pause)
+# The kwok tier's components; `make tools` builds these.
 COMPONENTS = (KUBERNETES, ETCD, KWOK, HELM, KUBECTL)
+# What the kind tier adds: the node binaries and the images kubeadm asks for.
+KIND_COMPONENTS = (KUBERNETES_NODE, COREDNS, KIND, PAUSE)
+ALL_COMPONENTS = (*COMPONENTS, *KIND_COMPONENTS)
 
 
 def log(message: str) -> None:
@@ -285,7 +321,7 @@ def ensure_all(components: Sequence[Component] = COMPONENTS) -> dict[str, float 
 
 def binary(name: str) -> Path:
     """The cached path of a binary by name, building its component if needed."""
-    for component in COMPONENTS:
+    for component in ALL_COMPONENTS:
         if name in component.binaries:
             ensure(component)
             return component.directory / name
@@ -303,8 +339,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--print", action="store_true", help="print cache paths and exit")
     parser.add_argument("names", nargs="*", help="components to build (default: all)")
+    parser.add_argument("--kind", action="store_true", help="also the kind tier's components")
     args = parser.parse_args(argv)
-    chosen = [c for c in COMPONENTS if not args.names or c.name in args.names]
+    pool = ALL_COMPONENTS if args.kind or args.names else COMPONENTS
+    chosen = [c for c in pool if not args.names or c.name in args.names]
     if args.print:
         for component in chosen:
             state = "cached" if component.is_cached() else "missing"

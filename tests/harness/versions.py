@@ -13,6 +13,13 @@ ETCD = "v3.7.3"
 KWOK = "v0.8.0"
 # helm, for the chart tests (plain `go install`).
 HELM = "v3.22.0"
+# The kind tier (tests/kind): kind with its podman provider, CoreDNS and the pod sandbox's
+# pause program, baked with kubelet/kubeadm/kube-proxy (built like the control plane) into
+# the node image. kubeadm KUBERNETES asks for these image tags.
+KIND = "v0.33.0"
+COREDNS = "v1.14.6"
+PAUSE = "3.10"
+ETCD_IMAGE_TAG = "3.7.0-0"
 
 # The Go toolchain the builds use; the wrapper modules declare `go 1.26.0`.
 GO = "/usr/local/go/bin/go"

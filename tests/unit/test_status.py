@@ -184,3 +184,48 @@ def test_metrics_survive_a_rollout_status_update() -> None:
     before = VLLMModelStatus(metrics=Metrics(generation_tokens_per_second=5.0))
     after = observe(before, deployment(1, 1, 1), "t")
     assert after.metrics is not None and after.metrics.generation_tokens_per_second == 5.0
+
+
+def restarted(name: str, ready: bool) -> dict[str, Any]:
+    """A pod whose server container was killed once (exit 137) and restarted."""
+    return {
+        "metadata": {"name": name},
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            "containerStatuses": [
+                {
+                    "name": "vllm",
+                    "ready": ready,
+                    "restartCount": 1,
+                    "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+                    "lastState": {"terminated": {"exitCode": 137, "reason": "Error"}},
+                }
+            ],
+        },
+    }
+
+
+UNREADY_CASES: list[tuple[str, dict[str, Any], list[tuple[str, str]]]] = [
+    ("ready", restarted("a", ready=True), []),
+    ("killed and restarting", restarted("a", ready=False),
+     [("a", "container vllm restarted after exit 137 (Error)")]),
+    ("waiting", pod("b", waiting="ContainerCreating"), [("b", "container ? ContainerCreating")]),
+    ("starting", {"metadata": {"name": "c"}, "status": {"containerStatuses": [
+        {"name": "vllm", "ready": False, "state": {"running": {}}}]}}, [("c", "container vllm starting")]),
+    ("being deleted", {"metadata": {"name": "d", "deletionTimestamp": "2026-01-01"}, "status": {}}, []),
+    ("no status yet", {"metadata": {"name": "e"}}, [("e", "not ready")]),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "expected"), UNREADY_CASES, ids=[c[0] for c in UNREADY_CASES])
+def test_unready_pods(case: str, body: dict[str, Any], expected: list[tuple[str, str]]) -> None:
+    assert status.unready_pods([body]) == expected
+
+
+def test_replicas_unavailable_names_the_pod_and_its_last_exit() -> None:
+    pods = [restarted("a", ready=True), restarted("b", ready=False)]
+    verdict = status.judge(2, deployment(1, 2, 2), pods, 1)
+    assert verdict.degraded[:2] == ("True", "ReplicasUnavailable")
+    assert verdict.degraded[2] == (
+        "1 of 2 replicas are ready; pod b: container vllm restarted after exit 137 (Error)"
+    )

@@ -1,0 +1,3 @@
+module vllm-operator.local/pause
+
+go 1.26.0
