@@ -18,7 +18,7 @@ HELM = "v3.22.0"
 # the node image. kubeadm KUBERNETES asks for these image tags.
 KIND = "v0.33.0"
 COREDNS = "v1.14.6"
-PAUSE = "3.10"
+PAUSE = "3.10.2"
 ETCD_IMAGE_TAG = "3.7.0-0"
 
 # The Go toolchain the builds use; the wrapper modules declare `go 1.26.0`.

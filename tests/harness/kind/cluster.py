@@ -53,10 +53,23 @@ def saved_sysctls_file() -> Path:
     return state_dir() / "host-sysctls.json"
 
 
+# kind always mounts /lib/modules into the node and podman refuses a missing path; a machine
+# without kernel modules (as here) gets an empty folder, removed again by `clean`.
+MODULES_DIR = Path("/lib/modules")
+
+
+def created_modules_marker() -> Path:
+    return state_dir() / "created-lib-modules"
+
+
 def save_host_sysctls() -> None:
-    """Record the host's values once, before anything of ours has changed them."""
+    """Record the host's values once, before anything of ours has changed them, and make sure
+    /lib/modules exists."""
     if not saved_sysctls_file().exists():
         saved_sysctls_file().write_text(json.dumps(read_sysctls(), indent=1) + "\n")
+    if not MODULES_DIR.exists():
+        MODULES_DIR.mkdir(parents=True)
+        created_modules_marker().touch()
 
 
 def restore_host_sysctls() -> list[str]:
@@ -114,6 +127,11 @@ def clean(engine: Engine) -> list[str]:
             engine.run("network", "rm", "-f", KIND_NETWORK)
             removed.append(f"network {KIND_NETWORK}")
         removed += [f"sysctl {key}" for key in restore_host_sysctls()]
+        if created_modules_marker().exists():
+            if MODULES_DIR.exists() and not any(MODULES_DIR.iterdir()):
+                MODULES_DIR.rmdir()
+                removed.append(f"empty {MODULES_DIR}")
+            created_modules_marker().unlink()
     return removed
 
 
@@ -136,6 +154,8 @@ def leftovers(engine: Engine) -> list[str]:
     ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=False)
     if "NETAVARK" in ruleset.stdout or "KUBE-" in ruleset.stdout:
         found.append("nftables chains NETAVARK-*/KUBE-*")
+    if created_modules_marker().exists():
+        found.append(f"{MODULES_DIR} made for kind")
     if saved_sysctls_file().exists():
         saved = json.loads(saved_sysctls_file().read_text())
         now = read_sysctls()

@@ -195,13 +195,14 @@ PRELOAD_SCRIPT = """\
 set -e
 mkdir -p /run/containerd
 containerd --config /etc/containerd/config.toml >/tmp/containerd.log 2>&1 &
+pid=$!
 for _ in $(seq 150); do ctr version >/dev/null 2>&1 && break; sleep 0.2; done
 # --no-unpack: overlayfs snapshots cannot be made on this container's own overlay root;
 # the CRI unpacks each image on first use, inside the node's /var volume.
 ctr -n k8s.io images import --no-unpack --all-platforms /preload.tar
 ctr -n k8s.io images ls -q
-kill %1
-wait
+kill "$pid" 2>/dev/null || true
+wait "$pid" || true
 """
 
 
@@ -220,6 +221,10 @@ def ensure_node_image(engine: Engine) -> bool:
     with tempfile.TemporaryDirectory(prefix="node-", dir=state_dir()) as tmp:
         scratch = Path(tmp)
         images = kubeadm_images()
+        sandbox = f"registry.k8s.io/pause:{versions.PAUSE}"
+        if sandbox not in images or sandbox not in (NODE_FILES / "containerd.toml").read_text():
+            raise EngineError(f"kubeadm asks for {images}; containerd.toml and versions.PAUSE must "
+                              f"name its pause image, not {sandbox}")
         log(f"building {len(images)} component images: {' '.join(images)}")
         for image in images:
             build_component(engine, image, scratch)
