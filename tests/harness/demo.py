@@ -173,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return up(args.timeout)
     except Exception as error:
-        print(f"demo FAILED: {error}", file=sys.stderr)
+        detail = f"\n{error.stderr}" if isinstance(error, subprocess.CalledProcessError) else ""
+        print(f"demo FAILED: {error}{detail}", file=sys.stderr)
         return 1
 
 

@@ -226,45 +226,30 @@ class KindCluster(KubeClient):
         node = self.get_json("node", self.node, check=False) or {}
         return int((node.get("status") or {}).get("allocatable", {}).get(GPU_RESOURCE, "0"))
 
-    def load_image(self, image: str) -> float:
-        """Stream a local image into the node's containerd (what `kind load` does, without the
-        archive file: the server image is about 6 GB); the seconds it took."""
-        started = time.monotonic()
+    def load_image(self, image: str) -> bool:
+        """Stream a local image into the node's containerd unless that same image is there
+        (what `kind load` does, without its archive file: the server image is about 7 GB);
+        True when it was loaded."""
         image_id = self.engine.image_id(image)
-        present = self.node_exec("ctr", "-n", "k8s.io", "images", "ls", "-q", check=False).stdout.split()
-        if image in present and image_id and self.node_image_id(image) == image_id.removeprefix("sha256:"):
-            return 0.0
-        save = subprocess.Popen(
-            [self.engine.name, "save", image], stdout=subprocess.PIPE, env=self.engine.env()
-        )
+        # containerd lists the manifest digest of an import, not the engine's image ID: the
+        # node keeps a note of the ID it last loaded under each name.
+        marker = f"/var/lib/vllm-operator-images/{image.replace('/', '_').replace(':', '_')}"
+        if image_id and self.node_exec("cat", marker, check=False).stdout.strip() == image_id:
+            return False
+        started = time.monotonic()
+        save = subprocess.Popen([self.engine.name, "save", image], stdout=subprocess.PIPE, env=self.engine.env())
         try:
-            self.node_exec(
-                "ctr",
-                "-n",
-                "k8s.io",
-                "images",
-                "import",
-                "--all-platforms",
-                "--digests",
-                "--snapshotter=overlayfs",
-                "-",
-                stdin=save.stdout.fileno() if save.stdout else None,
-            )
+            self.node_exec("ctr", "-n", "k8s.io", "images", "import", "--all-platforms", "--digests",
+                           "--snapshotter=overlayfs", "-", stdin=save.stdout.fileno() if save.stdout else None)
         finally:
             if save.stdout:
                 save.stdout.close()
             save.wait()
         if save.returncode != 0:
             raise EngineError(f"{self.engine.name} save {image} failed ({save.returncode})")
-        seconds = time.monotonic() - started
-        log(f"loaded {image} into {self.node} in {seconds:.0f}s")
-        return seconds
-
-    def node_image_id(self, image: str) -> str:
-        """The config digest of an image in the node's containerd, '' when absent."""
-        proc = self.node_exec("ctr", "-n", "k8s.io", "images", "ls", f"name=={image}", check=False)
-        lines = proc.stdout.splitlines()[1:]
-        return lines[0].split()[2].removeprefix("sha256:") if lines else ""
+        self.node_exec("sh", "-c", f"mkdir -p {marker.rsplit('/', 1)[0]} && echo {image_id} > {marker}")
+        log(f"loaded {image} into {self.node} in {time.monotonic() - started:.0f}s")
+        return True
 
     def install_models(self, files: dict[str, Path], namespace: str) -> None:
         """Copy model folders onto the node and serve them as pvc://model-store/<name>."""
