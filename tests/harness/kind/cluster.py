@@ -9,6 +9,7 @@ tests (tests/kind), `make demo` through `tests.harness.demo`.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import time
 from collections.abc import Iterator
@@ -87,6 +88,24 @@ def restore_host_sysctls() -> list[str]:
     return changed
 
 
+def remove_netavark_chains() -> list[str]:
+    """Delete the chains netavark (podman's network stack) adds on first use and never removes,
+    with the rules that jump to them; call only when no podman network is in use."""
+    removed = []
+    for tool in ("iptables", "ip6tables"):
+        for table in ("nat", "filter"):
+            listing = subprocess.run([tool, "-t", table, "-S"], capture_output=True, text=True, check=False)
+            lines = [line for line in listing.stdout.splitlines() if "NETAVARK" in line]
+            # Rules first (jumps from the base chains, then each chain's own), then the chains.
+            for line in [line for line in lines if line.startswith("-A ")]:
+                subprocess.run([tool, "-t", table, "-D", *shlex.split(line)[1:]], capture_output=True, check=False)
+            for line in [line for line in lines if line.startswith("-N ")]:
+                chain = line.split()[1]
+                subprocess.run([tool, "-t", table, "-X", chain], capture_output=True, check=False)
+                removed.append(f"{tool} {table} {chain}")
+    return removed
+
+
 def kind_binary() -> Path:
     return toolchain.binary("kind")
 
@@ -127,6 +146,9 @@ def clean(engine: Engine) -> list[str]:
             engine.run("network", "rm", "-f", KIND_NETWORK)
             removed.append(f"network {KIND_NETWORK}")
         removed += [f"sysctl {key}" for key in restore_host_sysctls()]
+        running = engine.run("ps", "-q", check=False).stdout.split()
+        if not running:
+            removed += remove_netavark_chains()
         if created_modules_marker().exists():
             if MODULES_DIR.exists() and not any(MODULES_DIR.iterdir()):
                 MODULES_DIR.rmdir()
