@@ -146,10 +146,10 @@ class ClientPod:
         )
 
 
-# Sends one small chat completion after another through the Service until /tmp/stop exists;
+# Sends a small chat completion every 0.1 s or so through the Service until /tmp/stop exists;
 # no retries, so every failed attempt counts. Prints {"ok", "failed", "errors"}.
 STEADY_CLIENT = """
-import json, os, sys, httpx
+import json, os, sys, time, httpx
 url, model = sys.argv[1], sys.argv[2]
 headers = {"Authorization": "Bearer " + sys.argv[3]} if len(sys.argv) > 3 else {}
 ok, errors = 0, []
@@ -164,6 +164,7 @@ with httpx.Client(timeout=30, headers=headers) as http:
                 errors.append(f"HTTP {r.status_code}: {r.text[:120]}")
         except httpx.HTTPError as error:
             errors.append(repr(error)[:200])
+        time.sleep(0.1)
 print(json.dumps({"ok": ok, "failed": len(errors), "errors": errors[:20]}), flush=True)
 """
 

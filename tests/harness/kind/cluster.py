@@ -98,7 +98,9 @@ def remove_netavark_chains() -> list[str]:
             lines = [line for line in listing.stdout.splitlines() if "NETAVARK" in line]
             # Rules first (jumps from the base chains, then each chain's own), then the chains.
             for line in [line for line in lines if line.startswith("-A ")]:
-                subprocess.run([tool, "-t", table, "-D", *shlex.split(line)[1:]], capture_output=True, check=False)
+                subprocess.run(
+                    [tool, "-t", table, "-D", *shlex.split(line)[1:]], capture_output=True, check=False
+                )
             for line in [line for line in lines if line.startswith("-N ")]:
                 chain = line.split()[1]
                 subprocess.run([tool, "-t", table, "-X", chain], capture_output=True, check=False)
@@ -259,10 +261,22 @@ class KindCluster(KubeClient):
         if image_id and self.node_exec("cat", marker, check=False).stdout.strip() == image_id:
             return False
         started = time.monotonic()
-        save = subprocess.Popen([self.engine.name, "save", image], stdout=subprocess.PIPE, env=self.engine.env())
+        save = subprocess.Popen(
+            [self.engine.name, "save", image], stdout=subprocess.PIPE, env=self.engine.env()
+        )
         try:
-            self.node_exec("ctr", "-n", "k8s.io", "images", "import", "--all-platforms", "--digests",
-                           "--snapshotter=overlayfs", "-", stdin=save.stdout.fileno() if save.stdout else None)
+            self.node_exec(
+                "ctr",
+                "-n",
+                "k8s.io",
+                "images",
+                "import",
+                "--all-platforms",
+                "--digests",
+                "--snapshotter=overlayfs",
+                "-",
+                stdin=save.stdout.fileno() if save.stdout else None,
+            )
         finally:
             if save.stdout:
                 save.stdout.close()

@@ -183,11 +183,11 @@ def build_component(engine: Engine, image: str, scratch: Path) -> None:
     engine.run("build", "-t", image, "-f", str(context / "Containerfile"), str(context))
 
 
-def node_inputs() -> str:
+def node_inputs(files: Path = NODE_FILES) -> str:
     """What the node image is made of: versions, packages and the files in node/."""
     pinned = [versions.KUBERNETES, versions.ETCD, versions.COREDNS, versions.PAUSE]
     return fingerprint(
-        ["node", *pinned, *NODE_PACKAGES, *tree_parts(NODE_FILES), (HERE / "images.py").read_bytes()]
+        ["node", *pinned, *NODE_PACKAGES, *tree_parts(files), (HERE / "images.py").read_bytes()]
     )
 
 
@@ -223,8 +223,10 @@ def ensure_node_image(engine: Engine) -> bool:
         images = kubeadm_images()
         sandbox = f"registry.k8s.io/pause:{versions.PAUSE}"
         if sandbox not in images or sandbox not in (NODE_FILES / "containerd.toml").read_text():
-            raise EngineError(f"kubeadm asks for {images}; containerd.toml and versions.PAUSE must "
-                              f"name its pause image, not {sandbox}")
+            raise EngineError(
+                f"kubeadm asks for {images}; containerd.toml and versions.PAUSE must "
+                f"name its pause image, not {sandbox}"
+            )
         log(f"building {len(images)} component images: {' '.join(images)}")
         for image in images:
             build_component(engine, image, scratch)
