@@ -29,6 +29,10 @@ POD_SPEC_HASH = "serving.vllm-operator.io/pod-spec-hash"
 # The adapters the running pods were started with; newer ones are hot-loaded, not rolled.
 STATIC_ADAPTERS = "serving.vllm-operator.io/static-adapters"
 CONTAINER_NAME = "vllm"
+# Seconds a deleted server pod keeps serving before SIGTERM (see pod_spec).
+PRESTOP_SECONDS = 5
+# Seconds after SIGTERM (and the pause before it) for in-flight streams to finish.
+TERMINATION_GRACE_SECONDS = 60
 CACHE_MOUNT = "/cache"
 MODELS_MOUNT = "/models"
 
@@ -296,6 +300,10 @@ def pod_spec(spec: VLLMModelSpec, served_name: str, settings: OperatorSettings) 
         "volumeMounts": mounts,
         "securityContext": _container_security(),
         **_probes(spec),
+        # A deleted pod keeps accepting requests until every node has dropped it from the
+        # Service (endpoint removal and kube-proxy's resync race with SIGTERM): measured on
+        # kind, 1 of 202 requests was refused during a 2-replica roll without this pause.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
     }
     pod: dict[str, Any] = {
         "containers": [container],
@@ -310,7 +318,7 @@ def pod_spec(spec: VLLMModelSpec, served_name: str, settings: OperatorSettings) 
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         # In-flight streams get time to finish after SIGTERM.
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
     }
     downloads = _downloads(spec, settings)
     if downloads:

@@ -413,7 +413,10 @@ def test_a_killed_server_shows_in_degraded_by_name_then_recovers(model: KindClus
 def test_sigterm_during_a_stream_lets_the_stream_finish(model: KindCluster) -> None:
     cluster = model
     wait_model_ready(cluster)
-    victim = server_pods(cluster)[0]["metadata"]["name"]
+    pod = server_pods(cluster)[0]
+    victim = pod["metadata"]["name"]
+    container = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    restarts = pod["status"]["containerStatuses"][0]["restartCount"]
     key = "kind-test-key-0123456789"
     chunks: list[str] = []
     finish: list[str | None] = []
@@ -449,10 +452,23 @@ def test_sigterm_during_a_stream_lets_the_stream_finish(model: KindCluster) -> N
         thread = threading.Thread(target=stream)
         thread.start()
         wait_until(lambda: len(chunks) >= 5 or bool(errors), "the stream to start", 60, interval=0.05)
-        deleted = time.monotonic()
-        cluster.kubectl("delete", "pod", victim, "-n", NAMESPACE, "--wait=false", check=True)
+        # SIGTERM to the server process itself, as the kubelet sends it after the preStop
+        # pause (deleting the pod would pause first, and this short stream would end before).
+        signalled = time.monotonic()
+        cluster.node_exec("ctr", "-n", "k8s.io", "tasks", "kill", "--signal", "SIGTERM", container)
         thread.join(150)
     assert not errors, errors
     assert finish == ["length"], (finish, len(chunks))
-    print(f"stream finished {time.monotonic() - deleted:.1f}s after SIGTERM with {len(chunks)} chunks")
+    print(f"stream finished {time.monotonic() - signalled:.1f}s after SIGTERM with {len(chunks)} chunks")
+
+    def server_status() -> dict[str, Any]:
+        return dict(cluster.get_json("pod", victim, namespace=NAMESPACE)["status"]["containerStatuses"][0])
+
+    wait_until(
+        lambda: server_status()["restartCount"] > restarts,
+        f"{victim}'s server to stop and restart",
+        120,
+        interval=1,
+    )
+    assert server_status()["lastState"]["terminated"]["exitCode"] == 0, server_status()  # a clean stop
     wait_model_ready(cluster)

@@ -86,6 +86,13 @@ def test_readiness_and_liveness_probe_health() -> None:
         assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
 
 
+def test_a_deleted_pod_serves_until_the_service_drops_it_then_drains() -> None:
+    pod = deploy()["spec"]["template"]["spec"]
+    pause = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pause >= 5
+    assert pod["terminationGracePeriodSeconds"] >= pause + 30
+
+
 def test_rollout_waits_for_slow_loads() -> None:
     assert deploy(startupTimeoutSeconds=7200)["spec"]["progressDeadlineSeconds"] > 7200
 
