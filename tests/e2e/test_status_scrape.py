@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import threading
 import time
 import uuid
@@ -114,8 +115,11 @@ def live(
     try:
         # Both engines load at once; each has the usual startup timeout from its own spawn.
         for name, ip in pods.items():
+            # One unpinned thread each: two engines pinned to the same cores starved the API
+            # server under load (kubectl hung 60 s in CI), as they starved pods on kind.
             servers[name] = spawn_server(
-                tiny_model, lora_flags, host=ip, port=8000, served_name="tiny", log_path=tmp / f"{name}.log"
+                tiny_model, lora_flags, host=ip, port=8000, served_name="tiny", log_path=tmp / f"{name}.log",
+                env={"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"},
             )
         for server in servers.values():
             server.wait_healthy()
@@ -286,8 +290,13 @@ def test_status_reports_live_throughput_and_unhealthy_pods(live: LiveModel, clus
         time.sleep(3 * INTERVAL)  # warm up: every status window is under load from here on
 
         def scraped_at() -> tuple[str, float]:
-            # Polled every 50 ms: a transient kubectl failure (seen once in CI) is a miss, not an error.
-            obj = cluster.get_json("vllmmodel", "tiny", namespace=namespace, check=False) or {}
+            # Polled every 50 ms while two engines load both cores: a kubectl that fails or
+            # hangs (CI saw an exit 1, then a 60 s hang) is a missed poll, not an error.
+            try:
+                proc = cluster.kubectl("get", "vllmmodel", "tiny", "-n", namespace, "-o", "json", timeout=5)
+            except subprocess.TimeoutExpired:
+                return "", 0.0
+            obj = json.loads(proc.stdout) if proc.returncode == 0 else {}
             metrics = (obj.get("status") or {}).get("metrics", {})
             return metrics.get("scrapedAt", ""), float(metrics.get("generationTokensPerSecond", 0))
 
