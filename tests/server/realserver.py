@@ -81,15 +81,13 @@ class RealServer:
 
 def spawn_server(model: Path | str, extra_args: list[str], *, log_path: Path,
                  served_name: str = "tiny", module: str = "vllm_server",
-                 port: int | None = None, host: str = "127.0.0.1",
-                 env: dict[str, str] | None = None) -> RealServer:
-    """Start a server process without waiting for it (see RealServer.wait_healthy); `env` adds
-    variables to its environment."""
+                 port: int | None = None, host: str = "127.0.0.1") -> RealServer:
+    """Start a server process without waiting for it (see RealServer.wait_healthy)."""
     port = port or free_port()
     argv = [sys.executable, "-m", module, "--model", str(model), "--served-model-name",
             served_name, "--host", host, "--port", str(port), *ENGINE_FLAGS,
             *extra_args]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
     api_key = None
     if "--api-key" in extra_args:
         api_key = extra_args[extra_args.index("--api-key") + 1]
