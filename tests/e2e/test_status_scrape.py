@@ -300,11 +300,13 @@ def test_status_reports_live_throughput_and_unhealthy_pods(live: LiveModel, clus
             return metrics.get("scrapedAt", ""), float(metrics.get("generationTokensPerSecond", 0))
 
         def next_window(after: str) -> tuple[str, float]:
-            while True:
+            deadline = time.monotonic() + 10 * INTERVAL + 60
+            while time.monotonic() < deadline:
                 stamp, value = scraped_at()
                 if stamp and stamp != after:
                     return stamp, value
                 time.sleep(0.05)
+            raise TimeoutError(f"no new scrape in the status after {after} (operator or API server stalled)")
 
         # Align both ends with scrape rounds, so that the servers' counters and the status'
         # windows cover the same time; the lag of noticing a round is the same at both ends.
