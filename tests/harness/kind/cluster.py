@@ -12,13 +12,11 @@ import json
 import shlex
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tests.harness import toolchain
-from tests.harness.cluster import GPU_RESOURCE, KubeClient, condition, kubectl_binary, wait_until
+from tests.harness.cluster import GPU_RESOURCE, KubeClient, condition, wait_until
 from tests.harness.kind import images
 from tests.harness.kind.engine import Engine, EngineError, log, state_dir
 
@@ -347,15 +345,3 @@ def create(engine: Engine, name: str, kubeconfig: Path, root: Path) -> KindClust
         str(kubeconfig),
     )
     return KindCluster(engine, name, kubeconfig, root)
-
-
-@contextmanager
-def timed(what: str, figures: dict[str, float]) -> Iterator[None]:
-    """Record how long a step took under `what`."""
-    started = time.monotonic()
-    yield
-    figures[what] = round(time.monotonic() - started, 1)
-
-
-def host_kubectl() -> str:
-    return kubectl_binary()

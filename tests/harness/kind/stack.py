@@ -17,7 +17,6 @@ from typing import Any
 from tests.harness.cluster import kubectl_binary, wait_until
 from tests.harness.kind import images
 from tests.harness.kind.cluster import KindCluster
-from tests.harness.kind.engine import log
 from tests.harness.processes import free_port
 from tests.paths import REPO_ROOT
 
@@ -191,7 +190,3 @@ def port_forward(cluster: KindCluster, target: str, namespace: str, remote_port:
 def model_status(cluster: KindCluster, name: str, namespace: str) -> dict[str, Any]:
     obj = cluster.get_json("vllmmodel", name, namespace=namespace)
     return dict(obj.get("status") or {})
-
-
-def log_figures(figures: dict[str, float]) -> None:
-    log(", ".join(f"{key} {value}s" for key, value in figures.items()))
