@@ -16,6 +16,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from vllm_operator import flags
+
 GROUP = "serving.vllm-operator.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -33,32 +35,6 @@ MODEL_SOURCE_PATTERN = (
     r"|/[^\s]*|[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?)$"
 )
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
-
-# Flags the operator derives from typed fields; engineArgs may not set them.
-MANAGED_FLAGS = (
-    "--model",
-    "--served-model-name",
-    "--host",
-    "--port",
-    "--tensor-parallel-size",
-    "--pipeline-parallel-size",
-    "--max-model-len",
-    "--dtype",
-    "--quantization",
-    "--kv-cache-dtype",
-    "--gpu-memory-utilization",
-    "--revision",
-    "--enable-lora",
-    "--lora-modules",
-    "--max-loras",
-    "--max-lora-rank",
-    "--api-key",
-)
-FLAG_ALIASES = {
-    "-tp": "--tensor-parallel-size",
-    "-pp": "--pipeline-parallel-size",
-    "-q": "--quantization",
-}
 
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 QuantizationMethod = Literal[
@@ -232,12 +208,9 @@ class VLLMModelSpec(WireModel):
     @classmethod
     def _no_managed_flags(cls, args: list[str]) -> list[str]:
         for arg in args:
-            flag = FLAG_ALIASES.get(arg.split("=", 1)[0], arg.split("=", 1)[0])
-            if flag in MANAGED_FLAGS:
-                raise ValueError(
-                    f"{flag!r} is managed by the operator; set it through its typed field "
-                    "(e.g. spec.tensorParallelSize, spec.maxModelLen) instead of engineArgs"
-                )
+            why = flags.problem(arg)
+            if why is not None:
+                raise ValueError(why)
         return args
 
     @model_validator(mode="after")

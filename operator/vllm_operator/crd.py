@@ -7,10 +7,10 @@ from typing import Any
 
 import yaml
 
+from vllm_operator import flags
 from vllm_operator.api import (
     GROUP,
     KIND,
-    MANAGED_FLAGS,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
@@ -71,11 +71,11 @@ def schema_of(model: type[Any]) -> dict[str, Any]:
 
 
 def _managed_flag_rule() -> dict[str, str]:
-    flags = ", ".join(f"'{f}'" for f in MANAGED_FLAGS)
     return {
-        "rule": f"self.all(a, ![{flags}].exists(f, a == f || a.startsWith(f + '=')))",
+        "rule": flags.cel_rule(),
         "message": "engineArgs may not set a flag the operator manages (--model, --port, "
-        "--tensor-parallel-size, ...); use the typed spec field instead",
+        "--tensor-parallel-size/-tp, ..., also spelled with underscores or abbreviated); "
+        "use the typed spec field instead",
     }
 
 

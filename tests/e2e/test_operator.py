@@ -12,6 +12,7 @@ import yaml
 
 from tests.e2e.operator_process import OperatorProcess
 from tests.harness.cluster import LocalCluster, condition, wait_until
+from tests.unit.test_flags import CASES as FLAG_CASES
 from tests.paths import REPO_ROOT
 from vllm_operator import render
 from vllm_operator.api import parse_spec
@@ -80,6 +81,20 @@ def test_invalid_resources_refused_naming_the_field(
     proc = crd.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
     assert proc.returncode != 0, f"{case} was accepted"
     assert field in proc.stderr, proc.stderr
+
+
+def test_the_crd_rule_and_the_validator_agree_on_managed_flags(crd: LocalCluster, namespace: str) -> None:
+    """Every spelling in the flags table, through the CRD's CEL rule on the real API server."""
+    disagree = []
+    for arg, flag in FLAG_CASES:
+        manifest = model("flags")
+        manifest["spec"]["engineArgs"] = [arg]
+        proc = crd.kubectl("apply", "-n", namespace, "--dry-run=server", "-f", "-", input=json.dumps(manifest))
+        if (proc.returncode == 0) != (flag is None):
+            disagree.append((arg, flag, proc.stderr.strip()[-200:]))
+        elif flag is not None:
+            assert "spec.engineArgs" in proc.stderr, proc.stderr
+    assert not disagree, disagree
 
 
 def test_apply_creates_children_and_becomes_ready(

@@ -177,9 +177,7 @@ class KubeClient:
             timeout=timeout, check=False,
         )
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(
-                proc.returncode, proc.args, proc.stdout, f"{proc.stderr}"
-            )
+            raise ToolError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         return proc
 
     def has_default_service_account(self, namespace: str) -> bool:
@@ -191,6 +189,13 @@ class KubeClient:
         self.kubectl("create", "namespace", name, check=True)
         wait_until(lambda: self.has_default_service_account(name),
                    f"ServiceAccount default in {name}", timeout)
+
+
+class ToolError(subprocess.CalledProcessError):
+    """A client binary failed; its message ends with what the binary printed on stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{str(self.stderr or '').strip()[-2000:]}"
 
 
 class LocalCluster(KubeClient):

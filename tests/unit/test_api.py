@@ -102,7 +102,7 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
         "managed flag",
         {"engineArgs": ["--tensor-parallel-size=2"]},
         "spec.engineArgs",
-        "typed field",
+        "set it through spec.tensorParallelSize",
     ),
     (
         "managed flag alias",
