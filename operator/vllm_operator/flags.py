@@ -57,7 +57,12 @@ def managed(arg: str) -> ManagedFlag | None:
     if not head.startswith("-") or len(head) < 2:
         return None  # a value, e.g. the "8" of ["--max-num-seqs", "8"]
     return next(
-        (m for m in MANAGED for a in m.aliases if a.startswith(head) or (a in ATTACHED and arg.startswith(a))),
+        (
+            m
+            for m in MANAGED
+            for a in m.aliases
+            if a.startswith(head) or (a in ATTACHED and arg.startswith(a))
+        ),
         None,
     )
 

@@ -12,8 +12,8 @@ import yaml
 
 from tests.e2e.operator_process import OperatorProcess
 from tests.harness.cluster import LocalCluster, condition, wait_until
-from tests.unit.test_flags import CASES as FLAG_CASES
 from tests.paths import REPO_ROOT
+from tests.unit.test_flags import CASES as FLAG_CASES
 from vllm_operator import render
 from vllm_operator.api import parse_spec
 from vllm_operator.settings import OperatorSettings
@@ -89,7 +89,9 @@ def test_the_crd_rule_and_the_validator_agree_on_managed_flags(crd: LocalCluster
     for arg, flag in FLAG_CASES:
         manifest = model("flags")
         manifest["spec"]["engineArgs"] = [arg]
-        proc = crd.kubectl("apply", "-n", namespace, "--dry-run=server", "-f", "-", input=json.dumps(manifest))
+        proc = crd.kubectl(
+            "apply", "-n", namespace, "--dry-run=server", "-f", "-", input=json.dumps(manifest)
+        )
         if (proc.returncode == 0) != (flag is None):
             disagree.append((arg, flag, proc.stderr.strip()[-200:]))
         elif flag is not None:
