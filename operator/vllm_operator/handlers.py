@@ -57,9 +57,11 @@ async def stop_scraping(memo: kopf.Memo, **_: Any) -> None:
 
 def _run(memo: kopf.Memo, namespace: str, name: str) -> None:
     try:
-        memo.controller.on_model(namespace, name)
+        plan = memo.controller.on_model(namespace, name)
     except k8s.TransientError as exc:
         raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
+    if plan is not None and plan.retry is not None:
+        raise kopf.TemporaryError(plan.retry[1], delay=plan.retry[0])
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)

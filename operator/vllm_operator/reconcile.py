@@ -12,6 +12,8 @@ from vllm_operator.api import SpecError, VLLMModelSpec, VLLMModelStatus, dump, p
 from vllm_operator.settings import OperatorSettings
 
 Obj = Mapping[str, Any]
+# A foreign object blocking a child is not watched (it lacks our labels): look again this often.
+CONFLICT_RETRY = 30.0
 
 
 class Cluster(Protocol):
@@ -37,6 +39,8 @@ class Plan:
     apply: list[dict[str, Any]] = field(default_factory=list)
     status: VLLMModelStatus | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)
+    retry: tuple[float, str] | None = None
+    """Reconcile again after this many seconds, and why: what blocks it is not watched."""
 
 
 def utcnow() -> str:
@@ -92,6 +96,44 @@ def plan_rollout(
     return plan_children(render.children(ref, spec, settings), current)
 
 
+def foreign(current: Sequence[Obj | None], uid: str) -> list[str]:
+    """Objects with our children's names that this model does not own ("Service tiny").
+
+    They are never adopted: applying over one would take it over (a forced server-side apply
+    adds our owner reference), and deleting the model would then let the garbage collector
+    delete somebody else's object.
+    """
+    taken = []
+    for child in current:
+        if child is None:
+            continue
+        owners = (child.get("metadata") or {}).get("ownerReferences") or []
+        if not any(owner.get("uid") == uid for owner in owners):
+            taken.append(f"{child.get('kind', 'object')} {child['metadata']['name']}")
+    return taken
+
+
+def plan_conflict(obj: Obj, taken: Sequence[str], now: str) -> Plan:
+    """Record that the children's names are taken: a condition, and an Event when new."""
+    previous = parse_status(obj.get("status"))
+    generation = int(obj["metadata"].get("generation") or 0)
+    message = (
+        f"{' and '.join(taken)} already exist{'s' if len(taken) == 1 else ''} in namespace "
+        f"{obj['metadata']['namespace']} and {'is' if len(taken) == 1 else 'are'} not owned by this "
+        "VLLMModel; the operator will not take over or change them: delete or rename them, "
+        "or give the model another name"
+    )
+    new = status.conflict(previous, generation=generation, message=message, now=now)
+    before = status.condition(previous, "Degraded")
+    events = []
+    if before is None or (before.reason, before.message) != ("NameConflict", message):
+        events.append(("Warning", "NameConflict", message))
+    why = f"{', '.join(taken)} not owned by this model"
+    return Plan(
+        status=None if status.same(previous, new) else new, events=events, retry=(CONFLICT_RETRY, why)
+    )
+
+
 @dataclass(frozen=True)
 class Observed:
     """The children a status is computed from, kept so that scrape rounds need no reads."""
@@ -121,6 +163,11 @@ def reconcile(
     ref = ref_of(obj)
     # Same order as render.children: Service, then Deployment.
     current = [cluster.get(kind, ref.namespace, ref.name) for kind in ("Service", "Deployment")]
+    taken = foreign(current, ref.uid)
+    if taken:
+        plan = plan_conflict(obj, taken, now())
+        execute(cluster, obj, plan)
+        return plan, None
     children_plan = plan_rollout(ref, spec, settings, current)
     applied = {m["kind"]: cluster.apply(m) for m in children_plan.apply}
     # The applied object is the newest; status needs its generation and rollout state.

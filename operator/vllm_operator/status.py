@@ -71,6 +71,22 @@ def crashing_pods(pods: Sequence[Obj]) -> list[tuple[str, str]]:
     return failing
 
 
+def stalled_rollout(deployment: Obj) -> tuple[str, str] | None:
+    """(reason, message) when the Deployment itself says its pods cannot be made or its rollout
+    ran out of time: a ResourceQuota or Pod Security refusal shows only here, as no pod exists.
+    """
+    for condition in _get(deployment, "status", "conditions", default=[]) or []:
+        kind, value = condition.get("type"), condition.get("status")
+        if (kind == "ReplicaFailure" and value == "True") or (
+            kind == "Progressing"
+            and value == "False"
+            and condition.get("reason") == "ProgressDeadlineExceeded"
+        ):
+            reason = str(condition.get("reason") or kind)
+            return reason, f"{reason}: {condition.get('message') or ''}".strip().rstrip(":")
+    return None
+
+
 def unready_pods(pods: Sequence[Obj]) -> list[tuple[str, str]]:
     """(pod name, why) of pods that are not Ready: a restarted container's last exit, what a
     container waits for, or that it is still starting. Pods being deleted are left out."""
@@ -128,6 +144,7 @@ def judge(
     rolled_out = current_spec and updated >= desired_replicas and total <= desired_replicas
     stuck = unschedulable_pods(pods)
     crashing = crashing_pods(pods)
+    stalled = stalled_rollout(deployment)
 
     if desired_replicas == 0:
         message = "scaled to zero replicas"
@@ -136,6 +153,8 @@ def judge(
     if crashing:
         text = _clip("; ".join(f"pod {name}: {why}" for name, why in crashing))
         degraded: tuple[ConditionStatus, str, str] = ("True", "PodsFailing", text)
+    elif stalled:
+        degraded = ("True", stalled[0], _clip(stalled[1]))
     elif unhealthy:
         text = _clip("; ".join(f"pod {name} is unhealthy: {why}" for name, why in sorted(unhealthy.items())))
         degraded = ("True", "PodsUnhealthy", text)
@@ -160,12 +179,14 @@ def judge(
     progressing: tuple[ConditionStatus, str, str] = ("True", "RollingOut", progress_message)
     if stuck:
         progressing = ("False", "Unschedulable", degraded[2])
+    elif stalled:
+        progressing = ("False", *stalled)
     not_ready: tuple[ConditionStatus, str, str] = (
         "False",
         "Unschedulable" if stuck else "PodsUnhealthy" if unhealthy else "ReplicasNotReady",
         degraded[2] if stuck or unhealthy else f"{ready}/{desired_replicas} replicas ready",
     )
-    if crashing:
+    if crashing or stalled:
         phase: Phase = "Degraded"
     elif ready > 0:
         phase = "Degraded" if degraded[0] == "True" else "Progressing"
@@ -254,6 +275,19 @@ def invalid(
         ("False", "InvalidSpec", "fix the spec: see SpecValid"),
         generation,
         now,
+    )
+    return previous.model_copy(
+        update={"observed_generation": generation, "phase": "Failed", "conditions": conditions}
+    )
+
+
+def conflict(previous: VLLMModelStatus, *, generation: int, message: str, now: str) -> VLLMModelStatus:
+    """Status for a model whose children's names are taken by objects it does not own."""
+    conditions = set_condition(
+        previous.conditions, "Ready", ("False", "NameConflict", _clip(message)), generation, now
+    )
+    conditions = set_condition(
+        conditions, "Degraded", ("True", "NameConflict", _clip(message)), generation, now
     )
     return previous.model_copy(
         update={"observed_generation": generation, "phase": "Failed", "conditions": conditions}

@@ -314,3 +314,34 @@ def test_apiserver_restart_is_survived(
     cluster.apply(model("after-restart"), namespace=namespace)
     wait_ready(cluster, namespace, "after-restart", timeout=180)
     assert operator.pid == pid and operator.healthy()
+
+
+def test_a_foreign_service_with_the_models_name_is_never_adopted(
+    operator: OperatorProcess, cluster: LocalCluster, namespace: str
+) -> None:
+    """Someone else's Service named like the model: the model says so and leaves it alone."""
+    theirs = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "taken", "labels": {"team": "other"}},
+        "spec": {"selector": {"app": "theirs"}, "ports": [{"port": 80}]},
+    }
+    cluster.apply(theirs, namespace=namespace)
+    before = cluster.get_json("service", "taken", namespace=namespace)
+    cluster.apply(model("taken"), namespace=namespace)
+
+    def conflict() -> dict[str, Any]:
+        obj = cluster.get_json("vllmmodel", "taken", namespace=namespace, check=False) or {}
+        found = condition(obj, "Degraded")
+        return found if found.get("reason") == "NameConflict" else {}
+
+    eventually(conflict, "Degraded=NameConflict on the model")
+    assert "Service taken" in conflict()["message"], conflict()
+    after = cluster.get_json("service", "taken", namespace=namespace)
+    assert "ownerReferences" not in after["metadata"], after["metadata"]
+    assert after["spec"]["selector"] == before["spec"]["selector"]
+    assert cluster.get_json("deployment", "taken", namespace=namespace, check=False) is None
+
+    cluster.kubectl("delete", "vllmmodel", "taken", "-n", namespace, "--wait=true", check=True, timeout=60)
+    time.sleep(3)  # give the garbage collector time to act, were the Service owned by the model
+    assert cluster.get_json("service", "taken", namespace=namespace, check=False) is not None

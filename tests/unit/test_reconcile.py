@@ -169,3 +169,27 @@ def test_deleting_model_is_left_to_garbage_collection() -> None:
     cluster.model["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert plan == reconcile.Plan() and cluster.applied == [] and cluster.status_writes == []
+
+
+@pytest.mark.parametrize("kind", ["Service", "Deployment"])
+def test_a_child_name_taken_by_a_foreign_object_is_never_adopted(kind: str) -> None:
+    cluster = FakeCluster(model())
+    foreign_object = {"kind": kind, "metadata": {"name": "llama", "namespace": "team-a", "uid": "theirs"}}
+    cluster.objects[kind] = copy.deepcopy(foreign_object)
+    for _ in range(2):
+        plan, _observed = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+        assert cluster.objects[kind] == foreign_object  # not applied over, no owner reference added
+        assert plan.retry is not None
+    assert cluster.applied == []
+    (degraded,) = [c for c in cluster.model["status"]["conditions"] if c["type"] == "Degraded"]
+    assert (degraded["status"], degraded["reason"]) == ("True", "NameConflict")
+    assert f"{kind} llama" in degraded["message"] and "not owned" in degraded["message"]
+    assert cluster.model["status"]["phase"] == "Failed"
+    assert [e[1] for e in cluster.events] == ["NameConflict"]  # once, not every retry
+    assert len(cluster.status_writes) == 1
+
+    del cluster.objects[kind]  # the owner removed it: the model takes the name and recovers
+    plan, _observed = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert plan.retry is None and set(cluster.applied) == {"Service", "Deployment"}
+    (degraded,) = [c for c in cluster.model["status"]["conditions"] if c["type"] == "Degraded"]
+    assert degraded["status"] == "False"

@@ -11,7 +11,12 @@ from vllm_operator.api import VLLMModelStatus
 
 
 def deployment(
-    ready: int = 0, updated: int = 0, replicas: int = 0, generation: int = 1, seen: int = 1
+    ready: int = 0,
+    updated: int = 0,
+    replicas: int = 0,
+    generation: int = 1,
+    seen: int = 1,
+    conditions: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     return {
         "metadata": {"generation": generation},
@@ -20,8 +25,23 @@ def deployment(
             "updatedReplicas": updated,
             "replicas": replicas,
             "observedGeneration": seen,
+            "conditions": conditions or [],
         },
     }
+
+
+QUOTA = {
+    "type": "ReplicaFailure",
+    "status": "True",
+    "reason": "FailedCreate",
+    "message": 'pods "tiny-1" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=1',
+}
+DEADLINE = {
+    "type": "Progressing",
+    "status": "False",
+    "reason": "ProgressDeadlineExceeded",
+    "message": 'ReplicaSet "tiny-1" has timed out progressing.',
+}
 
 
 def pod(name: str, *, unschedulable: str = "", waiting: str = "") -> dict[str, Any]:
@@ -103,6 +123,26 @@ CASES: list[tuple[str, int, Any, list[Any], str, str, str, str]] = [
         "True",
     ),
     ("scaled to zero", 0, deployment(0, 0, 0), [], "Ready", "True", "False", "False"),
+    (
+        "quota refuses pods",
+        1,
+        deployment(0, 0, 0, conditions=[QUOTA]),
+        [],
+        "Degraded",
+        "False",
+        "False",
+        "True",
+    ),
+    (
+        "rollout deadline",
+        2,
+        deployment(1, 1, 2, conditions=[DEADLINE]),
+        [],
+        "Degraded",
+        "False",
+        "False",
+        "True",
+    ),
 ]
 
 
@@ -207,11 +247,20 @@ def restarted(name: str, ready: bool) -> dict[str, Any]:
 
 UNREADY_CASES: list[tuple[str, dict[str, Any], list[tuple[str, str]]]] = [
     ("ready", restarted("a", ready=True), []),
-    ("killed and restarting", restarted("a", ready=False),
-     [("a", "container vllm restarted after exit 137 (Error)")]),
+    (
+        "killed and restarting",
+        restarted("a", ready=False),
+        [("a", "container vllm restarted after exit 137 (Error)")],
+    ),
     ("waiting", pod("b", waiting="ContainerCreating"), [("b", "container ? ContainerCreating")]),
-    ("starting", {"metadata": {"name": "c"}, "status": {"containerStatuses": [
-        {"name": "vllm", "ready": False, "state": {"running": {}}}]}}, [("c", "container vllm starting")]),
+    (
+        "starting",
+        {
+            "metadata": {"name": "c"},
+            "status": {"containerStatuses": [{"name": "vllm", "ready": False, "state": {"running": {}}}]},
+        },
+        [("c", "container vllm starting")],
+    ),
     ("being deleted", {"metadata": {"name": "d", "deletionTimestamp": "2026-01-01"}, "status": {}}, []),
     ("no status yet", {"metadata": {"name": "e"}}, [("e", "not ready")]),
 ]
@@ -229,3 +278,15 @@ def test_replicas_unavailable_names_the_pod_and_its_last_exit() -> None:
     assert verdict.degraded[2] == (
         "1 of 2 replicas are ready; pod b: container vllm restarted after exit 137 (Error)"
     )
+
+
+@pytest.mark.parametrize(
+    ("condition", "reason", "quoted"),
+    [(QUOTA, "FailedCreate", "exceeded quota"), (DEADLINE, "ProgressDeadlineExceeded", "timed out")],
+)
+def test_a_stalled_rollout_is_degraded_with_the_deployment_message(
+    condition: dict[str, str], reason: str, quoted: str
+) -> None:
+    verdict = status.judge(1, deployment(0, 0, 0, conditions=[condition]), [], 1)
+    assert verdict.degraded[:2] == ("True", reason)
+    assert quoted in verdict.degraded[2]
