@@ -345,3 +345,28 @@ def test_a_foreign_service_with_the_models_name_is_never_adopted(
     cluster.kubectl("delete", "vllmmodel", "taken", "-n", namespace, "--wait=true", check=True, timeout=60)
     time.sleep(3)  # give the garbage collector time to act, were the Service owned by the model
     assert cluster.get_json("service", "taken", namespace=namespace, check=False) is not None
+
+
+def test_a_quota_refusing_the_pods_shows_in_degraded(
+    operator: OperatorProcess, cluster: LocalCluster, namespace: str
+) -> None:
+    """No pod is ever made, so only the Deployment's ReplicaFailure condition can tell why."""
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-gpus"},
+        "spec": {"hard": {"requests.nvidia.com/gpu": "0"}},
+    }
+    cluster.apply(quota, namespace=namespace)
+    cluster.apply(model("quota"), namespace=namespace)
+
+    def degraded() -> dict[str, Any]:
+        obj = cluster.get_json("vllmmodel", "quota", namespace=namespace, check=False) or {}
+        found = condition(obj, "Degraded")
+        return found if found.get("status") == "True" else {}
+
+    eventually(degraded, "Degraded on the model refused by the quota")
+    assert degraded()["reason"] == "FailedCreate", degraded()
+    assert "exceeded quota" in degraded()["message"], degraded()
+    obj = cluster.get_json("vllmmodel", "quota", namespace=namespace)
+    assert obj["status"]["phase"] == "Degraded"
