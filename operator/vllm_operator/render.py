@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from vllm_operator.api import (
     API_VERSION,
     KIND,
@@ -394,14 +396,21 @@ def service(ref: ModelRef) -> Manifest:
     }
 
 
+_ADAPTER_LIST = TypeAdapter(list[LoraAdapter])
+
+
 def static_adapters(observed: Any) -> list[LoraAdapter] | None:
-    """The adapters a running Deployment's pods were started with, if it says."""
+    """The adapters a running Deployment's pods were started with, if it says.
+
+    Anyone who may edit the Deployment may edit this annotation: a value that is not a list
+    of adapters counts as absent (the Deployment is then re-rendered), never as an error.
+    """
     raw = ((observed or {}).get("metadata", {}).get("annotations") or {}).get(STATIC_ADAPTERS)
-    if raw is None:
+    if not isinstance(raw, str):
         return None
     try:
-        return [LoraAdapter.model_validate(a) for a in json.loads(raw)]
-    except ValueError:
+        return _ADAPTER_LIST.validate_json(raw)
+    except ValidationError:
         return None
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.unit.test_reconcile import SETTINGS, FakeCluster, model
-from vllm_operator import lora, reconcile
+from vllm_operator import lora, reconcile, render
 from vllm_operator.api import parse_spec
 from vllm_operator.throughput import PodSample
 
@@ -171,3 +171,17 @@ def test_a_roll_for_another_reason_starts_pods_with_every_adapter() -> None:
     assert [m["kind"] for m in plan.apply] == ["Deployment"]
     args = deployment_args(cluster)
     assert "sql=/lora/sql" in args and "chat=/lora/chat" in args
+
+
+@pytest.mark.parametrize(
+    "value", ["5", "null", '"x"', "{}", '{"a": 1}', "[5]", '[{"name": 7}]', "not json", ""]
+)
+def test_a_hand_edited_static_adapters_annotation_never_wedges_the_model(value: str) -> None:
+    cluster = FakeCluster(with_adapters(model(), "sql"))
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    cluster.objects["Deployment"]["metadata"]["annotations"][render.STATIC_ADAPTERS] = value
+    cluster.model = with_adapters(cluster.model, "sql", "chat")
+    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    # Unreadable, so the pods' adapters are unknown: the Deployment is rendered from the spec again.
+    assert [m["kind"] for m in plan.apply] == ["Deployment"]
+    assert render.static_adapters(cluster.objects["Deployment"]) is not None
