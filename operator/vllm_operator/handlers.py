@@ -28,6 +28,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Our own Events say what happened; kopf's per-handler chatter would only add API writes.
     settings.posting.level = logging.WARNING
     settings.networking.error_backoffs = [1, 2, 5, 10, 30, 60]
+    # kopf's own calls (patches, events) get the same bound as ours (k8s.API_TIMEOUT).
+    settings.networking.connect_timeout, settings.networking.request_timeout = k8s.API_TIMEOUT
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.execution.max_workers = 8

@@ -24,6 +24,9 @@ T = TypeVar("T")
 Obj = Mapping[str, Any]
 
 RETRYABLE_STATUS = {409, 429, 500, 502, 503, 504}
+# (connect, read) seconds for one API call. Without them a server that accepts the connection
+# and never answers blocks the handler forever; a timed-out call is retried like a lost one.
+API_TIMEOUT = (5.0, 30.0)
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
 
@@ -43,7 +46,14 @@ def load_config() -> kubernetes.client.ApiClient:
     except kubernetes.config.ConfigException:
         # The client reads $KUBECONFIG once, at import; pass it so that the current value counts.
         kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
-    return kubernetes.client.ApiClient()
+    return api_client(kubernetes.client.Configuration.get_default_copy())
+
+
+def api_client(configuration: kubernetes.client.Configuration) -> kubernetes.client.ApiClient:
+    """An API client that does not retry by itself: `with_retries` does, with backoff and a bound
+    (urllib3's own 3 retries would quadruple every timeout, unseen)."""
+    configuration.retries = 0
+    return kubernetes.client.ApiClient(configuration)
 
 
 def retry_after(exc: ApiException) -> float | None:
@@ -87,8 +97,9 @@ PATHS = {
 class KubeCluster:
     """`reconcile.Cluster` over the client's HTTP layer: plain dicts in, plain dicts out."""
 
-    def __init__(self, api: kubernetes.client.ApiClient) -> None:
+    def __init__(self, api: kubernetes.client.ApiClient, timeout: tuple[float, float] = API_TIMEOUT) -> None:
         self.api = api
+        self.timeout = timeout
 
     def request(
         self,
@@ -112,7 +123,9 @@ class KubeCluster:
                 header_params=dict(headers),
                 auth_settings=["BearerToken"],
             )
-            response = self.api.call_api(method, url, header_params=signed, body=payload)
+            response = self.api.call_api(
+                method, url, header_params=signed, body=payload, _request_timeout=self.timeout
+            )
             response.read()  # type: ignore[no-untyped-call]
             text = response.data.decode() if response.data else ""
             if not 200 <= response.status <= 299:
