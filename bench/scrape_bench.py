@@ -127,8 +127,8 @@ class CountingCluster:
     def event(self, owner: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
         self.events += 1
 
-    def secret_value(self, namespace: str, name: str, key: str) -> str | None:
-        return None  # the benchmark's models set no apiKeySecretRef
+    def create(self, manifest: Mapping[str, Any]) -> bool:
+        return False
 
 
 def populate(controller: Controller, models: int, pods_per_model: int) -> None:

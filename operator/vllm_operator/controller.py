@@ -11,14 +11,12 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from vllm_operator import lora, metrics, reconcile, throughput
-from vllm_operator.api import ConditionStatus, SecretKeyRef, SpecError, VLLMModelSpec, parse_spec
-from vllm_operator.k8s import TransientError
-from vllm_operator.render import INSTANCE_LABEL
+from vllm_operator import lora, metrics, reconcile, render, throughput
+from vllm_operator.api import ConditionStatus, SpecError, VLLMModelSpec, parse_spec
 from vllm_operator.scrape import Scraper, Target, targets_of
 from vllm_operator.settings import OperatorSettings
 
@@ -26,33 +24,21 @@ log = logging.getLogger(__name__)
 Obj = Mapping[str, Any]
 Key = tuple[str, str]
 Verdict = tuple[ConditionStatus, str, str]
-# A key read is cached for a minute (a failed read for a few seconds): one GET per keyed
-# model per minute, and a fixed Secret or RBAC rule is noticed soon.
-API_KEY_TTL = 60.0
-API_KEY_RETRY = 5.0
-
-
-class OperatorCluster(reconcile.Cluster, Protocol):
-    """What the controller needs beyond a reconcile: reading a model's API key."""
-
-    def secret_value(self, namespace: str, name: str, key: str) -> str | None: ...
 
 
 @dataclass(frozen=True)
 class ModelScrape:
-    """One model in a scrape round: its spec, its pods, and the key their /v1 routes want."""
+    """One model in a scrape round: its spec, its pods, and the admin token their adapter routes want."""
 
     spec: VLLMModelSpec
     pods: list[Target]
-    api_key: str = field(default="", repr=False)
-    key_problem: str = ""
-    """Why the API key could not be read; adapters are then left alone."""
+    token: str = field(default="", repr=False)
 
 
 class Controller:
     """Reconciles models on their own changes and on changes of the objects they own."""
 
-    def __init__(self, cluster: OperatorCluster, settings: OperatorSettings) -> None:
+    def __init__(self, cluster: reconcile.Cluster, settings: OperatorSettings) -> None:
         self.cluster = cluster
         self.settings = settings
         self._locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
@@ -64,8 +50,6 @@ class Controller:
         # Adapter calls that failed: (pod, adapter) -> (retry not before, failures in a row).
         self.adapter_waits: dict[Key, dict[tuple[str, str], tuple[float, int]]] = {}
         self.adapter_errors: dict[Key, dict[str, str]] = {}
-        # (namespace, secret, key) -> (good until, value, why it could not be read).
-        self.api_keys: dict[tuple[str, str, str], tuple[float, str, str]] = {}
 
     def _lock(self, key: Key) -> threading.Lock:
         with self._guard:
@@ -112,7 +96,7 @@ class Controller:
     def on_child(self, child: Obj) -> reconcile.Plan | None:
         """A Deployment, Service or Pod of ours changed: its model decides what to do."""
         meta = child.get("metadata") or {}
-        name = (meta.get("labels") or {}).get(INSTANCE_LABEL)
+        name = (meta.get("labels") or {}).get(render.INSTANCE_LABEL)
         if not name or not meta.get("namespace"):
             return None
         return self.on_model(meta["namespace"], name)
@@ -138,11 +122,10 @@ class Controller:
     def targets(self) -> dict[Key, ModelScrape]:
         """Pods to scrape per model, from what the last reconcile of each model saw.
 
-        A LoRA model whose server wants an API key gets it from its Secret here (blocking I/O).
+        A LoRA model's pods are called with its admin token, which the server accepts on every
+        /v1 route (also when it wants an API key): the operator never needs a user's key.
         """
         out = {}
-        now = time.monotonic()
-        self.api_keys = {k: v for k, v in self.api_keys.items() if v[0] > now}
         for key, observed in list(self.observed.items()):
             body = self.models.get(key)
             if body is None:
@@ -151,38 +134,17 @@ class Controller:
                 spec = parse_spec(body.get("spec"))
             except SpecError:
                 continue
-            api_key, problem = "", ""
-            if spec.lora is not None and spec.api_key_secret_ref is not None:
-                api_key, problem = self.api_key(key[0], spec.api_key_secret_ref)
-            # Without the key every /v1 call would be refused: read /health and /metrics only.
-            lora_on = spec.lora is not None and not problem
-            pods = targets_of(observed.pods, spec.served_model_name or key[1], lora_on, api_key)
-            out[key] = ModelScrape(spec, pods, api_key, problem)
+            token = ""
+            if spec.lora is not None:
+                token = render.admin_token(reconcile.ref_of(body), self.settings)
+            pods = targets_of(observed.pods, spec.served_model_name or key[1], spec.lora is not None, token)
+            out[key] = ModelScrape(spec, pods, token)
         return out
-
-    def api_key(self, namespace: str, ref: SecretKeyRef) -> tuple[str, str]:
-        """A model's API key from its Secret, or "" and why it could not be read."""
-        cache_key = (namespace, ref.name, ref.key)
-        now = time.monotonic()
-        cached = self.api_keys.get(cache_key)
-        if cached is not None and cached[0] > now:
-            return cached[1], cached[2]
-        value, problem = "", ""
-        try:
-            value = self.cluster.secret_value(namespace, ref.name, ref.key) or ""
-            if not value:
-                problem = f"Secret {ref.name} has no key {ref.key!r} (spec.apiKeySecretRef)"
-        except ApiException as exc:
-            problem = secret_problem(ref, exc.status)
-        except TransientError as exc:
-            problem = f"could not read Secret {ref.name}: {exc}"
-        self.api_keys[cache_key] = (now + (API_KEY_TTL if value else API_KEY_RETRY), value, problem)
-        return value, problem
 
     async def scrape_round(self, scraper: Scraper) -> int:
         """Scrape every pod once and write the statuses that moved; returns the status writes."""
         started = time.monotonic()
-        models = await asyncio.to_thread(self.targets)
+        models = self.targets()
         samples = await scraper.scrape_all({key: model.pods for key, model in models.items()})
         scraped_at = reconcile.utcnow()
         writes = 0
@@ -204,8 +166,6 @@ class Controller:
         spec, targets = model.spec, model.pods
         if spec.lora is None:
             return current, None, []
-        if model.key_problem:
-            return current, ("Unknown", "ApiKeyUnreadable", model.key_problem), []
         wanted = lora.desired(spec)
         waits = self.adapter_waits.setdefault(key, {})
         errors = self.adapter_errors.setdefault(key, {})
@@ -216,7 +176,7 @@ class Controller:
         events: list[tuple[str, str, str]] = []
         if calls:
             by_name = {t.name: t for t in targets}
-            results = await scraper.call_adapters(calls, {t.name: t.ip for t in targets}, model.api_key)
+            results = await scraper.call_adapters(calls, {t.name: t.ip for t in targets}, model.token)
             for call, error in zip(calls, results, strict=True):
                 pair = (call.pod, call.name)
                 if not error:
@@ -274,18 +234,6 @@ def count_writes(plan: reconcile.Plan) -> None:
     metrics.STATUS_WRITES.inc(plan.status is not None)
     for kind, _, _ in plan.events:
         metrics.EVENTS.labels(kind).inc()
-
-
-def secret_problem(ref: SecretKeyRef, status: int) -> str:
-    """Why the API key could not be read, and how to fix it."""
-    if status == 403:
-        return (
-            f"the operator may not read Secret {ref.name} (spec.apiKeySecretRef): install the chart "
-            "with rbac.readApiKeySecrets=true to let it load and verify adapters on keyed servers"
-        )
-    if status == 404:
-        return f"Secret {ref.name} not found (spec.apiKeySecretRef)"
-    return f"could not read Secret {ref.name}: HTTP {status}"
 
 
 def api_message(exc: ApiException) -> str:

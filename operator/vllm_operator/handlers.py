@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from typing import Any
 
 import kopf
@@ -36,7 +37,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Our resources are known and the CRD comes first (chart, README): no cluster-wide scans,
     # so a namespaced operator needs no cluster-scoped read rights and starts at once.
     settings.scanning.disabled = True
-    memo.controller = Controller(k8s.KubeCluster(k8s.load_config()), OperatorSettings.from_env())
+    operator_settings = OperatorSettings.from_env()
+    if not operator_settings.admin_key:
+        logging.getLogger(__name__).warning(
+            "VLLM_OPERATOR_ADMIN_KEY is not set: LoRA adapter tokens are random for this run, so "
+            "LoRA models' pods roll when the operator restarts (the Helm chart sets one)"
+        )
+        operator_settings = operator_settings.model_copy(update={"admin_key": secrets.token_hex(32)})
+    memo.controller = Controller(k8s.KubeCluster(k8s.load_config()), operator_settings)
 
 
 @kopf.on.startup()

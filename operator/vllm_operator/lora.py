@@ -38,6 +38,19 @@ def downloaded(spec: VLLMModelSpec) -> frozenset[str]:
     return frozenset(r.path for r in resolved if r.download_uri)
 
 
+def replaced(wanted: Mapping[str, str], sample: PodSample) -> dict[str, str]:
+    """Wanted adapters a pod serves from another path than ours: name -> the path it serves.
+
+    Only the operator holds the token that changes adapters, so this means someone with it (or
+    with the model's API key) swapped an adapter under our name; the status must not call it served.
+    """
+    return {
+        name: root
+        for name, root in sample.adapter_roots.items()
+        if name in wanted and name in sample.adapters and root != wanted[name]
+    }
+
+
 def plan_calls(
     wanted: Mapping[str, str],
     samples: Sequence[PodSample],
@@ -57,6 +70,7 @@ def plan_calls(
     for sample in sorted(samples, key=lambda s: s.name):
         if not (sample.ready and sample.healthy) or sample.models_error:
             continue
+        swapped = replaced(wanted, sample)
         served = set(sample.adapters)
         on_disk = (fetched or {}).get(sample.name, frozenset())
         for name in sorted(set(wanted) - served):
@@ -67,6 +81,9 @@ def plan_calls(
         for name in sorted(served - set(wanted)):
             if waiting.get((sample.name, name), 0.0) <= now:
                 calls.append(AdapterCall(sample.name, "unload", name))
+        # A swapped adapter is unloaded now and loaded from our path by the next round (one call
+        # per pod and name in a round: the calls of a round run concurrently).
+        calls += [AdapterCall(sample.name, "unload", name) for name in sorted(swapped)]
     return calls
 
 
@@ -84,6 +101,14 @@ def condition(wanted: Mapping[str, str], samples: Sequence[PodSample], errors: M
     pods = [s for s in pods if not s.models_error]
     missing = {name: sorted(s.name for s in pods if name not in s.adapters) for name in sorted(wanted)}
     missing = {name: lacking for name, lacking in missing.items() if lacking}
+    swapped = [
+        f"adapter {name} on pod {s.name} is served from {root}, not {wanted[name]} "
+        "(changed outside the operator; reloading it)"
+        for s in pods
+        for name, root in sorted(replaced(wanted, s).items())
+    ]
+    if swapped:
+        return ("False", "AdapterReplaced", "; ".join(swapped + unread)[:1024])
     if not missing and unread:
         return ("Unknown", "AdaptersUnverified", "; ".join(unread)[:1024])
     if not missing:

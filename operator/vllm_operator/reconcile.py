@@ -23,6 +23,10 @@ class Cluster(Protocol):
 
     def apply(self, manifest: Obj) -> Obj: ...
 
+    def create(self, manifest: Obj) -> bool:
+        """Create an object unless one of that name exists (then False); never reads or changes one."""
+        ...
+
     def list_pods(self, namespace: str, selector: str) -> Sequence[Obj]: ...
 
     def write_status(
@@ -37,6 +41,8 @@ class Plan:
     """What one reconcile will do."""
 
     apply: list[dict[str, Any]] = field(default_factory=list)
+    create: list[dict[str, Any]] = field(default_factory=list)
+    """Objects created once and never changed (a LoRA model's admin-token Secret)."""
     status: VLLMModelStatus | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)
     retry: tuple[float, str] | None = None
@@ -134,6 +140,22 @@ def plan_conflict(obj: Obj, taken: Sequence[str], now: str) -> Plan:
     )
 
 
+def plan_admin_secret(
+    ref: render.ModelRef, spec: VLLMModelSpec, settings: OperatorSettings, children: Plan, pods: Sequence[Obj]
+) -> list[dict[str, Any]]:
+    """The admin-token Secret of a LoRA model, to create when its Deployment is applied or when
+    a pod cannot start for want of it (it was deleted): the operator may not read Secrets, so
+    these are the moments it knows the Secret is needed."""
+    if spec.lora is None:
+        return []
+    secret = render.admin_secret(ref, settings)
+    name = secret["metadata"]["name"]
+    missing = any(name in why for _, why in status.crashing_pods(pods))
+    if missing or any(m["kind"] == "Deployment" for m in children.apply):
+        return [secret]
+    return []
+
+
 @dataclass(frozen=True)
 class Observed:
     """The children a status is computed from, kept so that scrape rounds need no reads."""
@@ -169,15 +191,23 @@ def reconcile(
         execute(cluster, obj, plan)
         return plan, None
     children_plan = plan_rollout(ref, spec, settings, current)
+    create = plan_admin_secret(ref, spec, settings, children_plan, [])
+    for manifest in create:
+        cluster.create(manifest)  # before the Deployment, whose pods read it
     applied = {m["kind"]: cluster.apply(m) for m in children_plan.apply}
     # The applied object is the newest; status needs its generation and rollout state.
     deployment = applied.get("Deployment") or current[1]
     observed = Observed(deployment, cluster.list_pods(ref.namespace, render.selector_string(ref.name)))
+    if not create:
+        create = plan_admin_secret(ref, spec, settings, Plan(), observed.pods)
+        for manifest in create:
+            cluster.create(manifest)
 
     previous = parse_status(obj.get("status"))
     new = desired_status(obj, spec, observed, health, settings, now())
     plan = Plan(
         apply=children_plan.apply,
+        create=create,
         status=None if status.same(previous, new) else new,
         events=children_plan.events + transition_events(previous, new),
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
+import hmac
 import json
 import math
 import re
@@ -18,6 +20,7 @@ from vllm_operator.api import (
     SERVER_PORT,
     LoraAdapter,
     Quantization,
+    SecretKeyRef,
     VLLMModelSpec,
 )
 from vllm_operator.settings import OperatorSettings
@@ -31,6 +34,7 @@ POD_SPEC_HASH = "serving.vllm-operator.io/pod-spec-hash"
 # The adapters the running pods were started with; newer ones are hot-loaded, not rolled.
 STATIC_ADAPTERS = "serving.vllm-operator.io/static-adapters"
 CONTAINER_NAME = "vllm"
+ADMIN_TOKEN_KEY = "token"
 # Seconds a deleted server pod keeps serving before SIGTERM (see pod_spec).
 PRESTOP_SECONDS = 5
 # Seconds after SIGTERM (and the pause before it) for in-flight streams to finish.
@@ -155,11 +159,47 @@ def _secret_env(name: str, ref: Any) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
-def _env(spec: VLLMModelSpec) -> list[dict[str, Any]]:
+def admin_token(ref: ModelRef, settings: OperatorSettings) -> str:
+    """The token that lets the operator (and only it) load and unload a LoRA model's adapters.
+
+    Derived, not stored: the operator recomputes it from its key and the model's identity, so
+    it never needs to read a Secret; the pod gets it from `admin_secret`.
+    """
+    message = f"{ref.namespace}/{ref.name}/{ref.uid}".encode()
+    return hmac.new(settings.admin_key.encode(), message, hashlib.sha256).hexdigest()
+
+
+def admin_secret_name(ref: ModelRef, settings: OperatorSettings) -> str:
+    """Named after a hash of the token: a new key makes a new Secret (and rolls the pods), so the
+    operator only ever creates Secrets, never reads or changes one."""
+    digest = hashlib.sha256(admin_token(ref, settings).encode()).hexdigest()[:10]
+    return f"{ref.name}-admin-{digest}"
+
+
+def admin_secret(ref: ModelRef, settings: OperatorSettings) -> Manifest:
+    token = admin_token(ref, settings)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": admin_secret_name(ref, settings),
+            "namespace": ref.namespace,
+            "labels": common_labels(ref.name),
+            **owner_references(ref),
+        },
+        "type": "Opaque",
+        "data": {ADMIN_TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
+
+
+def _env(spec: VLLMModelSpec, admin_secret_ref: str = "") -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"},
         {"name": "HOME", "value": CACHE_MOUNT},
     ]
+    if admin_secret_ref:
+        ref = SecretKeyRef(name=admin_secret_ref, key=ADMIN_TOKEN_KEY)
+        env.append(_secret_env("VLLM_SERVER_ADMIN_TOKEN", ref))
     if spec.hf_token_secret_ref is not None:
         env.append(_secret_env("HF_TOKEN", spec.hf_token_secret_ref))
     if spec.api_key_secret_ref is not None:
@@ -289,7 +329,9 @@ def fetched_paths(pod: Any) -> frozenset[str]:
     )
 
 
-def pod_spec(spec: VLLMModelSpec, served_name: str, settings: OperatorSettings) -> dict[str, Any]:
+def pod_spec(
+    spec: VLLMModelSpec, served_name: str, settings: OperatorSettings, admin_secret_ref: str = ""
+) -> dict[str, Any]:
     volumes, mounts = _volumes(spec, settings)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -297,7 +339,7 @@ def pod_spec(spec: VLLMModelSpec, served_name: str, settings: OperatorSettings) 
         "imagePullPolicy": settings.image_pull_policy,
         "args": server_args(spec, served_name),
         "ports": [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}],
-        "env": _env(spec),
+        "env": _env(spec, admin_secret_ref),
         "resources": _resources(spec, settings),
         "volumeMounts": mounts,
         "securityContext": _container_security(),
@@ -344,7 +386,8 @@ def spec_hash(value: Any) -> str:
 
 def deployment(ref: ModelRef, spec: VLLMModelSpec, settings: OperatorSettings) -> Manifest:
     served_name = spec.served_model_name or ref.name
-    pod = pod_spec(spec, served_name, settings)
+    secret = admin_secret_name(ref, settings) if spec.lora is not None else ""
+    pod = pod_spec(spec, served_name, settings, secret)
     adapters = [a.model_dump(by_alias=True) for a in (spec.lora.adapters if spec.lora else [])]
     return {
         "apiVersion": "apps/v1",

@@ -41,6 +41,9 @@ class OperatorSettings(BaseModel):
     """Relative change of a rate below which the status is not rewritten (0.1: 10 %)."""
     cluster_domain: str = Field(default="svc", min_length=1)
     """Suffix of the endpoint host: NAME.NAMESPACE.<this>."""
+    admin_key: str = Field(default="", repr=False)
+    """Secret from which each LoRA model's adapter admin token is derived (the chart generates
+    one); empty: a random one per operator start, so LoRA pods roll when the operator restarts."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import tempfile
@@ -79,5 +80,13 @@ def container(manifests: Sequence[Manifest]) -> dict[str, Any]:
 
 
 def env_of(manifests: Sequence[Manifest]) -> dict[str, str]:
-    """The operator container's environment as a dict."""
-    return {item["name"]: item["value"] for item in container(manifests).get("env", [])}
+    """The operator container's environment as a dict, Secret references read from the rendered Secrets."""
+    secrets = {m["metadata"]["name"]: m.get("data", {}) for m in manifests if m.get("kind") == "Secret"}
+    env = {}
+    for item in container(manifests).get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = base64.b64decode(secrets[ref["name"]][ref["key"]]).decode()
+    return env

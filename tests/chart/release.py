@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,12 +89,20 @@ class Release:
     def operator(self, kubeconfig: Path) -> OperatorProcess:
         """The operator as a process with the Deployment's own arguments and environment."""
         container = self.deployment()["spec"]["template"]["spec"]["containers"][0]
-        env = {item["name"]: item["value"] for item in container.get("env", [])}
+        env = {item["name"]: self.env_value(item) for item in container.get("env", [])}
         namespaces = tuple(a.split("=", 1)[1] for a in container["args"] if a.startswith("--namespace="))
         env["KUBECONFIG"] = str(kubeconfig)
         return OperatorProcess(
             self.cluster, log_name=f"chart-operator-{self.namespace}.log", env=env, namespaces=namespaces
         )
+
+    def env_value(self, item: dict[str, Any]) -> str:
+        """An env entry's value, reading a secretKeyRef the way the kubelet would."""
+        if "value" in item:
+            return str(item["value"])
+        ref = item["valueFrom"]["secretKeyRef"]
+        secret = self.cluster.get_json("secret", ref["name"], namespace=self.namespace)
+        return base64.b64decode(secret["data"][ref["key"]]).decode()
 
 
 def adopt_crd(cluster: LocalCluster, release: str, namespace: str) -> None:

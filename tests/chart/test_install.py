@@ -34,8 +34,10 @@ DENIED = re.compile(r'cannot (\w+) resource \\?"([\w./]+)\\?"')
 # kopf watches CRDs (to notice new ones) and, given namespaces, lists namespaces (to match
 # patterns); refused, it logs and carries on. The chart grants neither: both are cluster-wide.
 OPTIONAL_CALLS = {
-    ("list", "customresourcedefinitions"), ("watch", "customresourcedefinitions"),
-    ("list", "namespaces"), ("watch", "namespaces"),
+    ("list", "customresourcedefinitions"),
+    ("watch", "customresourcedefinitions"),
+    ("list", "namespaces"),
+    ("watch", "namespaces"),
 }
 READY_SECONDS = 60
 
@@ -119,9 +121,7 @@ def run_operator_and_serve(release: Release, model_namespace: str, tmp_path: Pat
     return operator.log.read_text(errors="replace")
 
 
-def test_all_namespaces(
-    release: Release, make_namespace: Callable[[], str], tmp_path: Path
-) -> None:
+def test_all_namespaces(release: Release, make_namespace: Callable[[], str], tmp_path: Path) -> None:
     notes = release.install(*TEST_SETTINGS).stdout
     assert "kubectl -n default apply -f examples/model.yaml" in notes
     cluster = release.cluster
@@ -139,9 +139,7 @@ def test_all_namespaces(
     assert not release.can("list", "namespaces")
 
 
-def test_listed_namespaces_only(
-    release: Release, make_namespace: Callable[[], str], tmp_path: Path
-) -> None:
+def test_listed_namespaces_only(release: Release, make_namespace: Callable[[], str], tmp_path: Path) -> None:
     watched = [make_namespace(), make_namespace()]
     release.install(*TEST_SETTINGS, f"--set=watchNamespaces={{{','.join(watched)}}}")
     cluster = release.cluster
@@ -168,7 +166,7 @@ def test_listed_namespaces_only(
 def operator_env(release: Release) -> dict[str, str]:
     """The environment of the installed operator Deployment."""
     container = release.deployment()["spec"]["template"]["spec"]["containers"][0]
-    return {item["name"]: item["value"] for item in container["env"]}
+    return {item["name"]: release.env_value(item) for item in container["env"]}
 
 
 def test_upgrade_then_uninstall_keeps_the_crd(release: Release) -> None:
@@ -179,29 +177,36 @@ def test_upgrade_then_uninstall_keeps_the_crd(release: Release) -> None:
     env = operator_env(release)
     assert env["VLLM_OPERATOR_SERVER_IMAGE"] == "chart-test.invalid/vllm-server:v2"
     assert env["VLLM_OPERATOR_SCRAPE_INTERVAL_SECONDS"] == "0"  # --reuse-values kept the rest
-    history = json.loads(release.cluster.helm("history", release.name, "-n", release.namespace,
-                                              "-o", "json", check=True).stdout)
+    history = json.loads(
+        release.cluster.helm(
+            "history", release.name, "-n", release.namespace, "-o", "json", check=True
+        ).stdout
+    )
     assert [(h["revision"], h["status"]) for h in history] == [(1, "superseded"), (2, "deployed")]
 
     release.uninstall()
     cluster = release.cluster
-    for kind, scope in (("deployment", release.namespace), ("serviceaccount", release.namespace),
-                        ("service", release.namespace), ("clusterrole", None), ("clusterrolebinding", None)):
+    for kind, scope in (
+        ("deployment", release.namespace),
+        ("serviceaccount", release.namespace),
+        ("service", release.namespace),
+        ("clusterrole", None),
+        ("clusterrolebinding", None),
+    ):
         name = f"{release.name}-metrics" if kind == "service" else release.name
         assert not exists(cluster, kind, name, scope), f"{kind} {name} left behind"
     crd = cluster.get_json("crd", CRD_NAME)
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
-
 def adapters_ready(cluster: LocalCluster, namespace: str) -> dict[str, Any]:
     return condition(cluster.get_json("vllmmodel", MODEL, namespace=namespace), "AdaptersReady")
 
 
-def test_api_key_secrets_are_read_only_when_the_chart_allows_it(
+def test_the_operator_creates_admin_token_secrets_and_never_reads_one(
     release: Release, make_namespace: Callable[[], str], tmp_path: Path
 ) -> None:
-    # Scraping on: the key is read in scrape rounds (kwok's pods refuse the connections).
+    # Scraping on: adapters are managed in scrape rounds (kwok's pods refuse the connections).
     release.install(f"--set=settings.serverImage={SERVER_IMAGE}", "--set=settings.scrapeIntervalSeconds=1")
     cluster, namespace = release.cluster, make_namespace()
     secret = ("create", "secret", "generic", "llama-key", "-n", namespace, "--from-literal=token=sk-chart")
@@ -210,28 +215,31 @@ def test_api_key_secrets_are_read_only_when_the_chart_allows_it(
     model["spec"]["lora"] = {"adapters": [{"name": "sql", "source": "hf://org/sql-lora"}]}
     model["spec"]["apiKeySecretRef"] = {"name": "llama-key", "key": "token"}
     cluster.apply(model, namespace=namespace)
+    assert release.can("create", "secrets", "-n", namespace)
+    for verb in ("get", "list", "watch", "patch", "update", "delete"):
+        assert not release.can(verb, "secrets", "-n", namespace), verb
 
     operator = release.operator(release.token_kubeconfig(tmp_path / "operator.kubeconfig"))
+    assert len(operator_env(release)["VLLM_OPERATOR_ADMIN_KEY"]) >= 32  # generated by the chart
     operator.start()
     try:
-        wait_until(
-            lambda: adapters_ready(cluster, namespace).get("reason") == "ApiKeyUnreadable",
-            "AdaptersReady to say the key is unreadable",
-            timeout=READY_SECONDS,
-        )
-        refused = adapters_ready(cluster, namespace)
-        assert refused["status"] == "Unknown" and "rbac.readApiKeySecrets=true" in refused["message"]
 
-        release.upgrade("--set=rbac.readApiKeySecrets=true")
-        assert release.can("get", "secrets", "-n", namespace)
-        assert not release.can("list", "secrets", "-n", namespace)
-        assert not release.can("watch", "secrets", "-n", namespace)
-        # The key is read now; what is left is that kwok's pods serve nothing.
+        def admin_secrets() -> list[str]:
+            listed = cluster.get_json("secrets", namespace=namespace)["items"]
+            return [
+                s["metadata"]["name"] for s in listed if s["metadata"]["name"].startswith(f"{MODEL}-admin-")
+            ]
+
+        wait_until(lambda: len(admin_secrets()) == 1, "the model's admin-token Secret", timeout=READY_SECONDS)
+        # The operator holds the token itself; what is left is that kwok's pods serve nothing.
         wait_until(
             lambda: adapters_ready(cluster, namespace).get("reason") == "NoHealthyPods",
-            "AdaptersReady past the key",
+            "AdaptersReady to wait for pods",
             timeout=READY_SECONDS,
         )
+        key_before = operator_env(release)["VLLM_OPERATOR_ADMIN_KEY"]
+        release.upgrade("--set=verbose=true")
+        assert operator_env(release)["VLLM_OPERATOR_ADMIN_KEY"] == key_before  # kept: no pod rolls
     except Exception:
         print(operator.tail())
         raise

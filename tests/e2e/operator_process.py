@@ -10,6 +10,8 @@ import urllib.request
 from tests.harness.cluster import LocalCluster, wait_until
 from tests.harness.processes import free_ports
 from tests.paths import CRD_FILE, CRD_NAME, REPO_ROOT
+from vllm_operator import render
+from vllm_operator.settings import OperatorSettings
 
 
 def install_crd(cluster: LocalCluster) -> None:
@@ -23,6 +25,15 @@ def install_crd(cluster: LocalCluster) -> None:
         "--timeout=60s",
         check=True,
     )
+
+
+ADMIN_KEY = "e2e-admin-key"
+
+
+def admin_token(namespace: str, name: str, uid: str) -> str:
+    """The adapter admin token the test operator gives a LoRA model's pods (render.admin_token)."""
+    settings = OperatorSettings(admin_key=ADMIN_KEY)
+    return render.admin_token(render.ModelRef(name, namespace, uid), settings)
 
 
 class OperatorProcess:
@@ -53,6 +64,8 @@ class OperatorProcess:
             **self.cluster.env(),
             "PYTHONUNBUFFERED": "1",
             "VLLM_OPERATOR_SCRAPE_INTERVAL_SECONDS": "0",
+            # Fixed, so that tests can give the servers they start each model's admin token.
+            "VLLM_OPERATOR_ADMIN_KEY": ADMIN_KEY,
             **self.extra_env,
         }
         scope = [f"--namespace={ns}" for ns in self.namespaces] or ["--all-namespaces"]

@@ -376,7 +376,8 @@ def test_an_api_key_secret_refuses_requests_without_the_key(model: KindCluster) 
         cluster, SERVICE_URL, NAME, NAMESPACE, api_key=key, name="with-key"
     )
     assert timing["chunks"] >= 12, timing
-    # The in-cluster operator reads the key (rbac.readApiKeySecrets) and still verifies the adapters.
+    # The in-cluster operator calls the keyed pods with its admin token (it never reads the key)
+    # and still verifies the adapters.
     wait_until(
         lambda: condition(get_model(cluster), "AdaptersReady").get("status") == "True",
         "AdaptersReady with the key",

@@ -14,11 +14,26 @@ from vllm_operator.throughput import PodSample
 
 
 def pod(
-    name: str, *adapters: str, healthy: bool = True, ready: bool = True, models_error: str = ""
+    name: str,
+    *adapters: str,
+    healthy: bool = True,
+    ready: bool = True,
+    models_error: str = "",
+    roots: dict[str, str] | None = None,
 ) -> PodSample:
     return PodSample(
-        name=name, at=0, ready=ready, healthy=healthy, adapters=tuple(adapters), models_error=models_error
+        name=name,
+        at=0,
+        ready=ready,
+        healthy=healthy,
+        adapters=tuple(adapters),
+        models_error=models_error,
+        adapter_roots=roots or {},
     )
+
+
+OURS = {"sql": "/lora/sql", "chat": "org/chat-lora"}
+SWAPPED = {"sql": "/tmp/evil", "chat": "org/chat-lora"}
 
 
 REFUSED = "/v1/models answered 401: Invalid or missing API key."
@@ -55,6 +70,8 @@ PLANS: list[tuple[str, list[PodSample], dict[tuple[str, str], float], list[tuple
     ("backoff over", [pod("a", "sql")], {("a", "chat"): 5.0}, [("a", "load", "chat")]),
     ("unreadable pod left alone", [pod("a", models_error=REFUSED), pod("b", "sql")], {},
      [("b", "load", "chat")]),
+    ("our paths served", [pod("a", "sql", "chat", roots=OURS)], {}, []),
+    ("swapped adapter unloaded", [pod("a", "sql", "chat", roots=SWAPPED)], {}, [("a", "unload", "sql")]),
 ]  # fmt: skip
 
 
@@ -94,6 +111,9 @@ CONDITIONS: list[tuple[str, list[PodSample], dict[str, str], str, str, list[str]
     ("load failed", [pod("a", "sql")], {"chat": "load answered 400: not found"}, "False", "LoadFailed",
      ["chat", "not found"]),
     ("no pods", [pod("a", healthy=False)], {}, "Unknown", "NoHealthyPods", []),
+    ("swapped behind our back",
+     [pod("a", "sql", "chat", roots=SWAPPED), pod("b", "sql", "chat", roots=OURS)], {},
+     "False", "AdapterReplaced", ["sql", "pod a", "/tmp/evil", "/lora/sql"]),
     ("unverifiable", [pod("a", "sql", "chat"), pod("b", models_error=REFUSED)], {}, "Unknown",
      "AdaptersUnverified", ["pod b", "401"]),
     ("missing and unverifiable", [pod("a", "sql"), pod("b", models_error=REFUSED)], {}, "False",
@@ -110,7 +130,7 @@ def test_condition(
     verdict = lora.condition(WANTED, pods, errors)
     assert verdict[:2] == (status, reason)
     assert all(w in verdict[2] for w in words), verdict
-    if status == "False":
+    if status == "False" and reason != "AdapterReplaced":
         assert "sql" not in verdict[2]
 
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
 
-from vllm_operator import reconcile
+from vllm_operator import reconcile, render
 from vllm_operator.api import API_VERSION, KIND
 from vllm_operator.settings import OperatorSettings
 
-SETTINGS = OperatorSettings()
+SETTINGS = OperatorSettings(admin_key="test-admin-key")
 
 
 class FakeCluster:
@@ -22,6 +24,7 @@ class FakeCluster:
         self.model = model
         self.objects: dict[str, dict[str, Any]] = {}
         self.applied: list[str] = []
+        self.created: list[str] = []
         self.status_writes: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
         self.pods: list[dict[str, Any]] = []
@@ -38,6 +41,13 @@ class FakeCluster:
         self.objects[stored["kind"]] = stored
         self.applied.append(stored["kind"])
         return stored
+
+    def create(self, manifest: Mapping[str, Any]) -> bool:
+        if manifest["kind"] in self.objects:
+            return False
+        self.objects[manifest["kind"]] = copy.deepcopy(dict(manifest))
+        self.created.append(manifest["kind"])
+        return True
 
     def list_pods(self, namespace: str, selector: str) -> Sequence[Mapping[str, Any]]:
         return self.pods
@@ -193,3 +203,60 @@ def test_a_child_name_taken_by_a_foreign_object_is_never_adopted(kind: str) -> N
     assert plan.retry is None and set(cluster.applied) == {"Service", "Deployment"}
     (degraded,) = [c for c in cluster.model["status"]["conditions"] if c["type"] == "Degraded"]
     assert degraded["status"] == "False"
+
+
+def test_a_lora_model_gets_its_admin_token_secret_created_never_read() -> None:
+    cluster = FakeCluster(model(lora={"adapters": [{"name": "sql", "source": "/lora/sql"}]}))
+    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert cluster.created == ["Secret"] and [m["kind"] for m in plan.create] == ["Secret"]
+    secret = cluster.objects["Secret"]
+    ref = reconcile.ref_of(cluster.model)
+    token = render.admin_token(ref, SETTINGS)
+    assert base64.b64decode(secret["data"]["token"]).decode() == token
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "model-uid"
+    env = cluster.objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {
+        "name": "VLLM_SERVER_ADMIN_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": secret["metadata"]["name"], "key": "token"}},
+    } in env
+    assert token not in json.dumps(cluster.objects["Deployment"])  # only a reference in the pod spec
+
+    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert plan.create == [] and cluster.created == ["Secret"]  # nothing to do: nothing created
+
+    # The Secret was deleted and a pod cannot start without it: it is created again.
+    del cluster.objects["Secret"]
+    cluster.pods = [
+        {
+            "metadata": {"name": "p"},
+            "status": {
+                "containerStatuses": [
+                    {
+                        "state": {
+                            "waiting": {
+                                "reason": "CreateContainerConfigError",
+                                "message": f'secret "{secret["metadata"]["name"]}" not found',
+                            }
+                        }
+                    }
+                ]
+            },
+        }
+    ]
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert cluster.created == ["Secret", "Secret"]
+
+
+def test_admin_tokens_differ_per_model_and_key_and_a_new_key_renames_the_secret() -> None:
+    a, b = render.ModelRef("a", "ns", "u1"), render.ModelRef("b", "ns", "u2")
+    one, two = OperatorSettings(admin_key="one"), OperatorSettings(admin_key="two")
+    tokens = {render.admin_token(r, s) for r in (a, b) for s in (one, two)}
+    assert len(tokens) == 4 and all(len(t) == 64 for t in tokens)
+    assert render.admin_secret_name(a, one) != render.admin_secret_name(a, two)
+    assert "one" not in repr(one)  # the key never reaches a log through the settings' repr
+
+
+def test_models_without_lora_get_no_secret() -> None:
+    cluster = FakeCluster(model())
+    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    assert cluster.created == [] and "Secret" not in cluster.objects

@@ -73,8 +73,8 @@ by taking it away and watching the operator fail. kopf watches VLLMModels and ke
 in their annotations (patch); the reconciler reads a model (get), reads and server-side applies
 Deployments and Services (get, create, patch), lists Pods, patches the status subresource and
 posts Events. No update (server-side apply is a patch), no delete (owner references let the
-garbage collector do it), no Secrets (pods read them through the kubelet) unless
-rbac.readApiKeySecrets asks for `get`, to call keyed servers' adapter endpoints.
+garbage collector do it). Secrets: `create` only, for each LoRA model's adapter admin token;
+the operator never reads, lists or changes a Secret (pods read them through the kubelet).
 */}}
 {{- define "vllm-operator.rules" -}}
 - apiGroups: ["serving.vllm-operator.io"]
@@ -95,11 +95,9 @@ rbac.readApiKeySecrets asks for `get`, to call keyed servers' adapter endpoints.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- if .Values.rbac.readApiKeySecrets }}
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get"]
-{{- end }}
+  verbs: ["create"]
 {{- end }}
 
 {{/*
@@ -119,4 +117,11 @@ The operator's command line: the watch scope, its endpoints and the log level.
 {{- if .Values.verbose }}
 - --verbose
 {{- end }}
+{{- end }}
+
+{{/*
+The Secret holding the key the operator derives adapter admin tokens from (a DNS label too).
+*/}}
+{{- define "vllm-operator.adminKeySecret" -}}
+{{- printf "%s-admin-key" (include "vllm-operator.fullname" . | trunc 53 | trimSuffix "-") }}
 {{- end }}

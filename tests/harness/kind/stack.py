@@ -35,7 +35,6 @@ def install_operator(cluster: KindCluster, scrape_interval: int = 5, timeout: fl
         "settings.serverImage": images.SERVER_CPU_IMAGE,
         "settings.imagePullPolicy": "Never",
         "settings.scrapeIntervalSeconds": str(scrape_interval),
-        "rbac.readApiKeySecrets": "true",
     }
     args = [f"--set={key}={value}" for key, value in values.items()]
     cluster.helm(
