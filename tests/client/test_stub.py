@@ -108,6 +108,38 @@ def test_non_json_error_body(stub: Stub, fast_retry: RetryPolicy) -> None:
     assert info.value.status == 502 and "bad gateway" in info.value.message
 
 
+@pytest.mark.parametrize("status", [500, 502, 504])
+def test_a_completion_that_failed_after_the_work_is_not_sent_again(
+    stub: Stub, fast_retry: RetryPolicy, status: int
+) -> None:
+    stub.then(Reply(status, error_body("engine died", "server_error")))
+    with Client(stub.url, retry=fast_retry) as c, pytest.raises(InternalServerError):
+        c.chat("hi")
+    assert len(stub.seen) == 1  # the server may have generated it all: not tripled
+
+
+def test_a_completion_that_timed_out_is_not_sent_again(stub: Stub, fast_retry: RetryPolicy) -> None:
+    stub.then(Reply(delay=1.0), Reply(delay=1.0), Reply(delay=1.0))
+    with Client(stub.url, timeout=0.2, retry=fast_retry) as c, pytest.raises(APITimeoutError):
+        c.chat("hi")
+    assert len(stub.seen) == 1
+
+
+async def test_the_async_client_does_not_repeat_work_either(stub: Stub, fast_retry: RetryPolicy) -> None:
+    stub.then(Reply(500, error_body("engine died", "server_error")))
+    async with AsyncClient(stub.url, retry=fast_retry) as c:
+        with pytest.raises(InternalServerError):
+            await c.chat("hi")
+    assert len(stub.seen) == 1
+
+
+def test_reads_are_still_retried_after_a_5xx(stub: Stub, fast_retry: RetryPolicy) -> None:
+    stub.then(Reply(502, "<html>bad gateway</html>"), Reply(200, {"object": "list", "data": []}))
+    with Client(stub.url, retry=fast_retry) as c:
+        assert c.models() == []
+    assert len(stub.seen) == 2
+
+
 def test_connection_drop_before_answer_is_retried(stub: Stub, fast_retry: RetryPolicy) -> None:
     stub.then(Reply(drop=True))
     with Client(stub.url, retry=fast_retry) as c:

@@ -237,14 +237,22 @@ class StreamState:
         return Result("".join(self.parts), self.finish_reason, self.model, self.usage, m)
 
 
+# Answers that say the server refused the request before doing its work: a non-idempotent
+# request (a completion POST) may be sent again after these and after connection failures, but
+# not after a read timeout or another 5xx, when the server may have generated it all already.
+REFUSED_BEFORE_WORK = frozenset({408, 429, 503})
+
+
 class Attempts:
     """Retry bookkeeping of one request across the endpoints of a pool."""
 
-    def __init__(self, pool: EndpointPool, policy: RetryPolicy) -> None:
-        """Start the request's clock and fix the endpoint order for it."""
+    def __init__(self, pool: EndpointPool, policy: RetryPolicy, repeatable: bool = True) -> None:
+        """Start the request's clock and fix the endpoint order for it; `repeatable` is False for
+        requests whose repetition repeats work (see REFUSED_BEFORE_WORK)."""
         self.metrics = RequestMetrics(started=time.monotonic())
         self.pool = pool
         self.policy = policy
+        self.repeatable = repeatable
         self.order = pool.order()
         self.retries = 0
 
@@ -278,6 +286,11 @@ class Attempts:
     def wait_or_raise(self, err: ClientError) -> float:
         """Seconds to wait before the next attempt, or raise `err` when it must not be retried."""
         retry_after: float | None = None
+        if not self.repeatable and (
+            isinstance(err, APITimeoutError)
+            or (isinstance(err, APIStatusError) and err.status not in REFUSED_BEFORE_WORK)
+        ):
+            raise err
         if isinstance(err, APIStatusError):
             if not retryable_status(err.status):
                 raise err

@@ -154,8 +154,9 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
             await asyncio.sleep(attempts.wait_or_raise(err))
 
     async def request(self, method: str, path: str, body: Any = None) -> tuple[Any, RequestMetrics]:
-        """Any JSON endpoint, with retries: (parsed body, metrics)."""
-        attempts = Attempts(self.pool, self.retry)
+        """Any JSON endpoint, with retries: (parsed body, metrics). A POST is sent again only when
+        the server did not start on it (connection failed, 408, 429, 503)."""
+        attempts = Attempts(self.pool, self.retry, repeatable=method in ("GET", "HEAD"))
         metrics = attempts.metrics
         resp = await self._send(attempts, method, path, body, stream=False)
         metrics.total_s = time.monotonic() - metrics.started
