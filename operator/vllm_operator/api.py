@@ -213,6 +213,15 @@ class VLLMModelSpec(WireModel):
                 raise ValueError(why)
         return args
 
+    @field_validator("env")
+    @classmethod
+    def _no_managed_env(cls, env: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for item in env:
+            why = flags.env_problem(item.get("name"))
+            if why is not None:
+                raise ValueError(why)
+        return env
+
     @model_validator(mode="after")
     def _gpu_count_is_derived(self) -> VLLMModelSpec:
         for section in ("requests", "limits"):

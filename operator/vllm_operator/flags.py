@@ -96,3 +96,20 @@ def cel_rule() -> str:
         "self.map(a, a.split('=')[0].replace('_', '-')).all(h, "
         f"h.startsWith('--') ? !({long_form}) : !(h.startsWith('-') && {short_form}))"
     )
+
+
+# Environment variables the operator sets on the server container, and the field to use instead.
+MANAGED_ENV = {
+    "VLLM_API_KEY": "spec.apiKeySecretRef",
+    "HF_TOKEN": "spec.hfTokenSecretRef",
+    "VLLM_SERVER_ADMIN_TOKEN": "nothing: only the operator may change adapters",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "spec.lora.adapters (the operator loads adapters)",
+    "HF_HOME": "spec.cache",
+}
+
+
+def env_problem(name: object) -> str | None:
+    """Why an entry of spec.env is refused; None when it is allowed."""
+    if name in MANAGED_ENV:
+        return f"{name} is managed by the operator; set {MANAGED_ENV[str(name)]} instead of spec.env"
+    return None

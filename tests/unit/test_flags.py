@@ -62,3 +62,15 @@ def test_every_alias_and_flag_is_in_the_cel_rule() -> None:
     rule = flags.cel_rule()
     for name in (*flags.FLAGS, *flags.ALIASES):
         assert f"'{name}'" in rule
+
+
+@pytest.mark.parametrize("name", sorted(flags.MANAGED_ENV))
+def test_env_the_operator_sets_is_refused(name: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec({"model": "m", "env": [{"name": name, "value": "x"}]})
+    assert "spec.env" in str(err.value) and name in str(err.value)
+
+
+def test_other_env_is_kept() -> None:
+    spec = parse_spec({"model": "m", "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}]})
+    assert spec.env == [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"}]
