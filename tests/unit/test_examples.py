@@ -80,3 +80,20 @@ def test_cli_run_refuses_a_bad_metrics_port(value: str, capsys: pytest.CaptureFi
         main(["run", "--all-namespaces", "--metrics-port", value])
     assert exited.value.code == 2
     assert "--metrics-port" in capsys.readouterr().err
+
+
+def test_the_security_models_snippets_are_valid_and_select_the_model_pods() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Security model", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    snippets = {d["kind"]: d for d in yaml.safe_load_all(block) if d}
+    assert set(snippets) == {"NetworkPolicy", "PodDisruptionBudget"}
+    tiny = [d for d in yaml.safe_load_all((REPO_ROOT / "examples" / "tiny-cpu.yaml").read_text()) if d]
+    deployment = next(m for m in render_documents(tiny, OperatorSettings()) if m["kind"] == "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    port = deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    for snippet in snippets.values():
+        kubeschema.validate(snippet)
+    assert snippets["NetworkPolicy"]["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert snippets["NetworkPolicy"]["spec"]["ingress"][0]["ports"][0]["port"] == port
+    assert snippets["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
