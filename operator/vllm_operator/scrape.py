@@ -1,8 +1,16 @@
-"""Reads every ready server pod's /health, /metrics and /v1/models over HTTP."""
+"""Reads every ready server pod's /health, /metrics and /v1/models over HTTP.
+
+Each pod is read in isolation: one deadline for all of its requests, a size cap on every
+page, and every value checked. Whatever a pod sends (or fails to send), it becomes that pod's
+unhealthy sample with a short reason, and the round finishes on time for every other pod.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
+import logging
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +25,20 @@ from vllm_operator.render import fetched_paths
 from vllm_operator.throughput import PodSample, parse_metrics
 
 K = TypeVar("K", bound=Hashable)
+log = logging.getLogger(__name__)
+
+# A real vLLM 0.32 /metrics page (the bundled server on the tiny model, LoRA on, after
+# traffic through three adapters) is 56 KiB in 668 lines, 47 KiB idle; /v1/models is ~140
+# bytes per model or adapter. 1 MiB is 18 times the page (a pod running 8 data-parallel
+# engines, each with its own series, would still have 2.5 times). With the default
+# concurrency of 64 the pages in flight take at most 64 MiB of the chart's 512Mi; one 50 MB
+# page read whole used to add 186 MiB of RSS here (730 MiB with the page of issue 13), and
+# now adds 2 MiB. Scanning 1 MiB of hostile short lines costs ~50 ms of CPU.
+MAX_PAGE_BYTES = 1 << 20
+# A reason ends up in a condition message, an Event or a log line: bounded and printable.
+MAX_REASON = 200
+# Plain bodies only: a compressed one would be inflated before its size could be checked.
+IDENTITY = {"Accept-Encoding": "identity"}
 
 
 @dataclass(frozen=True)
@@ -32,7 +54,8 @@ class Target:
     fetched: frozenset[str] = frozenset()
     """Paths the pod's init steps downloaded (s3:// and gs:// sources)."""
     api_key: str = field(default="", repr=False)
-    """Bearer key for the server's /v1 routes; kept out of reprs so that it never reaches a log."""
+    """Bearer token for the server's /v1 routes (a LoRA model's admin token); kept out of reprs and
+    redacted from every reason, so that it never reaches a log or a condition."""
 
 
 def targets_of(
@@ -61,25 +84,65 @@ def targets_of(
     return out
 
 
+def listed_adapters(body: Any, served_name: str) -> dict[str, str]:
+    """LoRA adapters a server lists in /v1/models (entries with a parent, or any but the base),
+    each with its `root` ("" when that is not a string).
+
+    A listing that is not vLLM's shape raises ScrapeError rather than skipping entries: a
+    skipped adapter would look missing, and the operator would load it again and again.
+    """
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        raise ScrapeError("/v1/models: no list under 'data'")
+    out: dict[str, str] = {}
+    for index, entry in enumerate(data):
+        model_id = entry.get("id") if isinstance(entry, dict) else None
+        if not isinstance(model_id, str) or not model_id:
+            raise ScrapeError(f"/v1/models: entry {index} has no string id")
+        if model_id != served_name and entry.get("parent", True):
+            root = entry.get("root")
+            out[model_id] = root if isinstance(root, str) else ""
+    return out
+
+
 def adapters_from_models(body: Any, served_name: str) -> tuple[str, ...]:
-    """LoRA adapters a server lists in /v1/models: entries with a parent, or any but the base."""
-    data = body.get("data", []) if isinstance(body, dict) else []
-    return tuple(
-        sorted(
-            m["id"]
-            for m in data
-            if isinstance(m, dict) and m.get("id") and m["id"] != served_name and m.get("parent", True)
-        )
-    )
+    """The adapter names of `listed_adapters`, sorted."""
+    return tuple(sorted(listed_adapters(body, served_name)))
+
+
+def pod_url(ip: str, port: int) -> str:
+    """`http://IP:PORT`, with an IPv6 address in brackets as URLs want it."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        raise ScrapeError(f"pod IP {clip(ip, 60)!r} is not an IP address") from None
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"http://{host}:{port}"
+
+
+@dataclass
+class _Progress:
+    """The page a pod's scrape is reading, for the reason when its deadline passes."""
+
+    path: str = "/health"
 
 
 class Scraper:
-    """Scrapes many pods concurrently, bounded, each read with a short timeout."""
+    """Scrapes many pods concurrently, bounded; each pod within one deadline, each page within a cap."""
 
-    def __init__(self, port: int = SERVER_PORT, timeout: float = 2.0, concurrency: int = 64) -> None:
+    def __init__(
+        self,
+        port: int = SERVER_PORT,
+        timeout: float = 2.0,
+        concurrency: int = 64,
+        *,
+        max_page_bytes: int = MAX_PAGE_BYTES,
+    ) -> None:
+        """`timeout` is one pod's whole budget: /health, /metrics and /v1/models together."""
         self.port = port
         self.timeout = timeout
         self.concurrency = concurrency
+        self.max_page_bytes = max_page_bytes
 
     async def scrape_all(self, targets: Mapping[K, Sequence[Target]]) -> dict[K, list[PodSample]]:
         gate = asyncio.Semaphore(self.concurrency)
@@ -97,30 +160,52 @@ class Scraper:
         return {key: list(samples) for key, samples in zip(keys, results, strict=True)}
 
     async def scrape_pod(self, client: httpx.AsyncClient, target: Target) -> PodSample:
+        """One pod's sample; whatever the pod does, this returns within `timeout` and never raises."""
         if not target.ready or not target.ip:
             return PodSample(name=target.name, at=time.monotonic(), ready=False)
-        base = f"http://{target.ip}:{self.port}"
         started = time.monotonic()
+        progress = _Progress()
         try:
-            health = await client.get(f"{base}/health")
-            if health.status_code != 200:
-                raise ScrapeError(f"/health answered {health.status_code}")
-            page = await client.get(f"{base}/metrics")
-            page.raise_for_status()
-            counters, running, waiting, kv = parse_metrics(page.text)
-            adapters: tuple[str, ...] = ()
-            models_error = ""
-            if target.lora:
-                models = await client.get(f"{base}/v1/models", headers=bearer(target.api_key))
-                if models.is_success:
-                    adapters = adapters_from_models(models.json(), target.served_name)
-                else:
-                    models_error = f"/v1/models answered {models.status_code}: {server_message(models)}"
-        except (httpx.HTTPError, ScrapeError, ValueError) as exc:
-            metrics.SCRAPE_FAILURES.inc()
-            return PodSample(name=target.name, at=started, ready=True, healthy=False, error=describe(exc))
+            # One deadline for the whole pod: httpx's timeout is per network read, so a pod
+            # that sent a byte every 1.5 s held the round for as long as it kept dripping.
+            async with asyncio.timeout(self.timeout):
+                return await self._read(client, target, started, progress)
+        except TimeoutError:
+            reason = f"{progress.path} not read within the {self.timeout:g}s deadline"
+        except (httpx.HTTPError, ScrapeError) as exc:
+            reason = describe(exc)
+        except Exception as exc:  # a bug of ours that this pod's answer showed: fail this pod only
+            log.exception("scraping pod %s failed", target.name)
+            reason = f"operator error while reading {progress.path} ({type(exc).__name__}, see its log)"
         finally:
             metrics.SCRAPE_SECONDS.observe(time.monotonic() - started)
+        metrics.SCRAPE_FAILURES.inc()
+        error = redact(reason, target.api_key)
+        return PodSample(name=target.name, at=started, ready=True, healthy=False, error=error)
+
+    async def _read(
+        self, client: httpx.AsyncClient, target: Target, started: float, progress: _Progress
+    ) -> PodSample:
+        base = pod_url(target.ip, self.port)
+        status, _ = await self._get(client, base, "/health", progress)
+        if status != 200:
+            raise ScrapeError(f"/health answered {status}")
+        status, page = await self._get(client, base, "/metrics", progress)
+        if status != 200:
+            raise ScrapeError(f"/metrics answered {status}")
+        try:
+            counters, running, waiting, kv = parse_metrics(page.decode("utf-8", "replace"))
+        except ValueError as exc:  # the parser's and our checks' (MetricsError)
+            raise ScrapeError(f"/metrics: {exc}") from None
+        adapters: dict[str, str] = {}
+        models_error = ""
+        if target.lora:
+            status, body = await self._get(client, base, "/v1/models", progress, bearer(target.api_key))
+            if 200 <= status < 300:
+                adapters = listed_adapters(parse_json(body, "/v1/models"), target.served_name)
+            else:
+                # The server works but refuses us (a wrong key, say): metrics still count.
+                models_error = redact(f"/v1/models answered {status}: {message_of(body)}", target.api_key)
         return PodSample(
             name=target.name,
             at=started,
@@ -130,9 +215,23 @@ class Scraper:
             running=running,
             waiting=waiting,
             kv_cache_usage=kv,
-            adapters=adapters,
+            adapters=tuple(sorted(adapters)),
+            adapter_roots={name: root for name, root in adapters.items() if root},
             models_error=models_error,
         )
+
+    async def _get(
+        self,
+        client: httpx.AsyncClient,
+        base: str,
+        path: str,
+        progress: _Progress,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, bytes]:
+        progress.path = path
+        request_headers = {**IDENTITY, **(headers or {})}
+        async with client.stream("GET", f"{base}{path}", headers=request_headers) as response:
+            return response.status_code, await read_capped(response, self.max_page_bytes, path)
 
     async def call_adapters(
         self, calls: Sequence[AdapterCall], ips: Mapping[str, str], api_key: str = ""
@@ -140,20 +239,62 @@ class Scraper:
         """Run load/unload calls (pod name -> IP in `ips`); returns each call's error or ''."""
         limits = httpx.Limits(max_connections=self.concurrency)
         # Loading an adapter reads its weights: allow more than a scrape's timeout.
+        budget = max(30.0, self.timeout)
         async with httpx.AsyncClient(
-            timeout=max(30.0, self.timeout), limits=limits, trust_env=False, headers=bearer(api_key)
+            timeout=budget, limits=limits, trust_env=False, headers=bearer(api_key)
         ) as client:
-            return list(await asyncio.gather(*(self._call(client, c, ips.get(c.pod, "")) for c in calls)))
+            calls_done = (self._call(client, c, ips.get(c.pod, ""), budget) for c in calls)
+            return [redact(error, api_key) for error in await asyncio.gather(*calls_done)]
 
-    async def _call(self, client: httpx.AsyncClient, call: AdapterCall, ip: str) -> str:
+    async def _call(self, client: httpx.AsyncClient, call: AdapterCall, ip: str, budget: float) -> str:
         body = {"lora_name": call.name, **({"lora_path": call.path} if call.action == "load" else {})}
+        path = f"/v1/{call.action}_lora_adapter"
         try:
-            response = await client.post(f"http://{ip}:{self.port}/v1/{call.action}_lora_adapter", json=body)
-        except httpx.HTTPError as exc:
+            # The same isolation as a scrape: one deadline per call, a capped answer.
+            async with (
+                asyncio.timeout(budget),
+                client.stream(
+                    "POST", f"{pod_url(ip, self.port)}{path}", json=body, headers=IDENTITY
+                ) as response,
+            ):
+                status, answer = response.status_code, await read_capped(response, self.max_page_bytes, path)
+        except TimeoutError:
+            return f"{call.action} not answered within {budget:g}s"
+        except (httpx.HTTPError, ScrapeError) as exc:
             return describe(exc)
-        if response.is_success:
+        except Exception as exc:  # a bug of ours: fail this call only
+            log.exception("%s of adapter %s on pod %s failed", call.action, call.name, call.pod)
+            return f"operator error ({type(exc).__name__}, see its log)"
+        if 200 <= status < 300:
             return ""
-        return f"{call.action} answered {response.status_code}: {server_message(response)}"
+        return f"{call.action} answered {status}: {message_of(answer)}"
+
+
+async def read_capped(response: httpx.Response, cap: int, what: str) -> bytes:
+    """A response's body, refused (ScrapeError) as soon as it is compressed or over `cap` bytes."""
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ScrapeError(f"{what} came {clip(encoding, 30)}-encoded, though asked for identity")
+    declared = response.headers.get("content-length", "")
+    # A length is digits; more than 12 of them is over any cap (and int() of a huge one is slow).
+    if declared.isdecimal() and (len(declared) > 12 or int(declared) > cap):
+        raise ScrapeError(f"{what} is {clip(declared, 13)} bytes, over the {cap}-byte cap")
+    body = bytearray()
+    # Decoded bytes are the raw ones here: any content encoding but identity was refused above.
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > cap:
+            # Leaving the response unread closes its connection: the rest is never received.
+            raise ScrapeError(f"{what} is over the {cap}-byte cap")
+    return bytes(body)
+
+
+def parse_json(body: bytes, what: str) -> Any:
+    """A JSON body; ScrapeError when it is not JSON (or nests too deep for the decoder)."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise ScrapeError(f"{what}: not a JSON body") from None
 
 
 def bearer(api_key: str) -> dict[str, str]:
@@ -161,17 +302,17 @@ def bearer(api_key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def server_message(response: httpx.Response) -> str:
-    """The message of an OpenAI-shaped (or plain) error body."""
+def message_of(body: bytes) -> str:
+    """The message of an OpenAI-shaped (or plain) error body; unclipped, for `redact` to clip."""
     try:
-        body = response.json()
-    except ValueError:
-        return response.text[:300]
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return str(body["error"].get("message", ""))[:300]
-    if isinstance(body, dict) and "message" in body:
-        return str(body["message"])[:300]
-    return str(body)[:300]
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return body.decode("utf-8", "replace")
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return str(parsed["error"].get("message", ""))
+    if isinstance(parsed, dict) and "message" in parsed:
+        return str(parsed["message"])
+    return str(parsed)
 
 
 class ScrapeError(Exception):
@@ -179,11 +320,24 @@ class ScrapeError(Exception):
 
 
 def describe(exc: Exception) -> str:
-    """A short reason for a failed scrape, fit for a condition message."""
+    """A short reason for a failed scrape; may quote the pod, so `redact` it before showing it."""
     if isinstance(exc, httpx.TimeoutException):
         return "timed out"
     if isinstance(exc, httpx.ConnectError):
         return "connection refused"
-    if isinstance(exc, httpx.HTTPStatusError):
-        return f"/metrics answered {exc.response.status_code}"
     return str(exc) or exc.__class__.__name__
+
+
+def clip(text: str, limit: int = MAX_REASON) -> str:
+    """Printable, on one line, at most `limit` characters: a pod's text may be anything."""
+    flat = "".join(c if c.isprintable() else " " for c in text[: limit * 4])
+    flat = " ".join(flat.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def redact(text: str, secret: str) -> str:
+    """`text` without `secret` (a server may echo the key it refused), then clipped.
+
+    In that order: clipping first could cut the key in two and leave half of it.
+    """
+    return clip(text.replace(secret, "***") if secret else text)
