@@ -149,15 +149,29 @@ class Controller:
         scraped_at = reconcile.utcnow()
         writes = 0
         for key, current in samples.items():
-            current, adapters_ready, events = await self.manage_adapters(key, current, models[key], scraper)
-            health = throughput.aggregate(self.samples.get(key, {}), current, scraped_at)
-            health = dataclasses.replace(health, adapters_ready=adapters_ready)
-            self.samples[key] = {s.name: s for s in current}
-            self.health[key] = health
-            if await asyncio.to_thread(self._write_scrape, key, health, scraped_at, events):
-                writes += 1
+            try:
+                writes += await self._after_scrape(key, current, models[key], scraper, scraped_at)
+            except Exception:  # one model's failure (e.g. a refused write) must not skip the others
+                metrics.RECONCILES.labels("error").inc()
+                log.exception("status of %s/%s after a scrape round", *key)
         metrics.SCRAPE_ROUND_SECONDS.observe(time.monotonic() - started)
         return writes
+
+    async def _after_scrape(
+        self,
+        key: Key,
+        current: list[throughput.PodSample],
+        model: ModelScrape,
+        scraper: Scraper,
+        scraped_at: str,
+    ) -> int:
+        """Adapters, health and the status write of one model after a round; 1 if it wrote."""
+        current, adapters_ready, events = await self.manage_adapters(key, current, model, scraper)
+        health = throughput.aggregate(self.samples.get(key, {}), current, scraped_at)
+        health = dataclasses.replace(health, adapters_ready=adapters_ready)
+        self.samples[key] = {s.name: s for s in current}
+        self.health[key] = health
+        return int(await asyncio.to_thread(self._write_scrape, key, health, scraped_at, events))
 
     async def manage_adapters(
         self, key: Key, current: list[throughput.PodSample], model: ModelScrape, scraper: Scraper

@@ -140,9 +140,7 @@ def server_args(spec: VLLMModelSpec, served_name: str) -> list[str]:
         ]  # fmt: skip
         if spec.lora.adapters:
             args.append("--lora-modules")
-            args += [
-                f"{a.name}={adapter_source(a).path}" for a in spec.lora.adapters
-            ]
+            args += [f"{a.name}={adapter_source(a).path}" for a in spec.lora.adapters]
     return args + list(spec.engine_args)
 
 
@@ -471,11 +469,7 @@ def unfetched_adapters(spec: VLLMModelSpec, started_with: list[LoraAdapter]) -> 
     """
     if spec.lora is None:
         return []
-    return [
-        a.name
-        for a in spec.lora.adapters
-        if adapter_source(a).download_uri and a not in started_with
-    ]
+    return [a.name for a in spec.lora.adapters if adapter_source(a).download_uri and a not in started_with]
 
 
 def children(ref: ModelRef, spec: VLLMModelSpec, settings: OperatorSettings) -> list[Manifest]:

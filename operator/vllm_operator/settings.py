@@ -34,7 +34,7 @@ class OperatorSettings(BaseModel):
     scrape_interval_seconds: float = Field(default=15.0, ge=0)
     """How often every ready pod's /metrics and /health are read; 0 turns scraping off."""
     scrape_timeout_seconds: float = Field(default=2.0, gt=0)
-    """Timeout of one pod read."""
+    """Deadline of one pod's whole scrape (/health, /metrics and /v1/models together)."""
     scrape_concurrency: int = Field(default=64, ge=1)
     """Pods read at once, across all models."""
     rate_hysteresis: float = Field(default=0.1, ge=0, lt=1)
