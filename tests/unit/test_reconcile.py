@@ -12,6 +12,7 @@ import pytest
 
 from vllm_operator import reconcile, render
 from vllm_operator.api import API_VERSION, KIND
+from vllm_operator.controller import Controller
 from vllm_operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(admin_key="test-admin-key")
@@ -260,3 +261,34 @@ def test_models_without_lora_get_no_secret() -> None:
     cluster = FakeCluster(model())
     reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert cluster.created == [] and "Secret" not in cluster.objects
+
+
+class TwoModelCluster(FakeCluster):
+    """Status writes of model `bad` are refused; the others are recorded."""
+
+    def write_status(
+        self, namespace: str, name: str, status: dict[str, Any], previous: Mapping[str, Any]
+    ) -> None:
+        if name == "bad":
+            raise RuntimeError("refused")
+        self.status_writes.append({"name": name, **status})
+
+
+class NoPodsScraper:
+    """A Scraper for models whose pods are not there yet."""
+
+    async def scrape_all(self, targets: Mapping[Any, Sequence[Any]]) -> dict[Any, list[Any]]:
+        return {key: [] for key in targets}
+
+
+async def test_one_models_failed_status_write_does_not_stop_the_others() -> None:
+    cluster = TwoModelCluster(model())
+    controller = Controller(cluster, SETTINGS)
+    for name in ("bad", "good"):  # the bad one first, as a round walks them
+        body = model()
+        body["metadata"] = {**body["metadata"], "name": name, "uid": f"uid-{name}"}
+        controller.remember(body)
+        controller.observed[("team-a", name)] = reconcile.Observed(None, [])
+    writes = await controller.scrape_round(NoPodsScraper())  # type: ignore[arg-type]
+    assert writes == 1
+    assert [w["name"] for w in cluster.status_writes] == ["good"]
