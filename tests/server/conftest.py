@@ -14,11 +14,16 @@ from tests.server.realserver import RealServer, start_server
 from vllm_server.app import create_app
 from vllm_server.settings import Settings, parse_settings
 
+ADMIN_TOKEN = "test-admin-token"
+# Lets the adapter routes work without an admin token (upstream's switch).
+RUNTIME_LORA = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 
-def fake_settings(*extra: str) -> Settings:
-    """Settings as the operator would pass them, for a fake engine."""
-    return parse_settings(["--model", "/models/tiny", "--served-model-name", "tiny",
-                           "--enable-lora", *extra], env={})
+
+def fake_settings(*extra: str, env: dict[str, str] | None = None) -> Settings:
+    """Settings as the operator would pass them, for a fake engine; `env` is the environment."""
+    return parse_settings(
+        ["--model", "/models/tiny", "--served-model-name", "tiny", "--enable-lora", *extra], env=env or {}
+    )
 
 
 @pytest.fixture
@@ -29,8 +34,8 @@ def engine() -> FakeEngine:
 
 @pytest.fixture
 async def client(engine: FakeEngine) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client on an app serving the fake engine."""
-    app = create_app(fake_settings(), engine=engine)
+    """An HTTP client on an app serving the fake engine (no credentials, adapter routes on)."""
+    app = create_app(fake_settings(env=RUNTIME_LORA), engine=engine)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c
@@ -40,18 +45,33 @@ async def client(engine: FakeEngine) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture(scope="package")
-def real_server(tiny_model: Path, tiny_lora: Path,
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
-    """One real server for this folder, stopped after its last test: LoRA, API key, small queue."""
+def real_server(
+    tiny_model: Path, tiny_lora: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RealServer]:
+    """One real server for this folder, stopped after its last test: LoRA, small queue, and the
+    operator's credentials (an API key, and an admin token for adapter changes)."""
     # A copy of the adapter so that tests can load a second one under another name.
     second = tmp_path_factory.mktemp("lora2") / "adapter"
     shutil.copytree(tiny_lora, second)
     srv = start_server(
         tiny_model,
-        ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
-         "--lora-modules", f"preloaded={tiny_lora}", "--api-key", "test-key",
-         "--max-num-seqs", "8", "--max-queued-requests", "4"],
+        [
+            "--enable-lora",
+            "--max-lora-rank",
+            "8",
+            "--max-loras",
+            "2",
+            "--lora-modules",
+            f"preloaded={tiny_lora}",
+            "--api-key",
+            "test-key",
+            "--max-num-seqs",
+            "8",
+            "--max-queued-requests",
+            "4",
+        ],
         log_path=tmp_path_factory.mktemp("logs") / "server.log",
+        env={"VLLM_SERVER_ADMIN_TOKEN": ADMIN_TOKEN},
     )
     srv.extra["lora_path"] = str(second)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
 
 from vllm_server.engine import (
@@ -20,12 +21,20 @@ from vllm_server.engine import (
 class FakeEngine:
     """Emits `word{i} ` per token; one output per token, with an optional delay."""
 
-    def __init__(self, max_model_len: int = 128, max_num_seqs: int = 4,
-                 delay: float = 0.0) -> None:
-        """Configure limits and per-token delay."""
-        self._info = EngineInfo(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                dtype="float32")
+    def __init__(
+        self,
+        max_model_len: int = 128,
+        max_num_seqs: int = 4,
+        delay: float = 0.0,
+        lora_delay: float = 0.0,
+        template_seconds: float = 0.0,
+    ) -> None:
+        """Configure limits, per-token delay, adapter load time and (blocking) template time."""
+        self._info = EngineInfo(max_model_len=max_model_len, max_num_seqs=max_num_seqs, dtype="float32")
         self.delay = delay
+        self.lora_delay = lora_delay
+        self.template_seconds = template_seconds
+        self.lora_loads: list[str] = []  # every add_lora call that reached the engine, by name
         self.loras: dict[str, str] = {}  # name -> path
         self.lora_ids: dict[str, int] = {}  # name -> id, as vLLM's lora_int_id (from 1)
         self._next_lora_id = itertools.count(1)
@@ -50,19 +59,21 @@ class FakeEngine:
         return ([1] if add_special_tokens else []) + ids
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        """A trivial template."""
+        """A trivial template; blocks for `template_seconds`, like a big prompt's templating."""
+        time.sleep(self.template_seconds)
         out = " ".join(f"<{m['role']}> {m['content']}" for m in messages)
         return out + (" <assistant>" if add_generation_prompt else "")
 
-    async def generate(self, prompt_ids: list[int], params: SamplingSpec, request_id: str,
-                       lora_name: str | None = None) -> AsyncIterator[EngineOutput]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingSpec, request_id: str, lora_name: str | None = None
+    ) -> AsyncIterator[EngineOutput]:
         """Yield max_tokens tokens per choice; stop strings end early."""
         self.last_params = params
         self.last_lora = lora_name
         if self.fail_with is not None:
             raise self.fail_with
         if params.temperature is not None and params.temperature > 1.5:
-            raise EngineInputError("temperature too high for the fake engine")
+            raise EngineInputError("temperature too high for the fake engine", param="temperature")
         self.produced[request_id] = 0
         done = [False] * params.n
         try:
@@ -101,7 +112,9 @@ class FakeEngine:
             self.closed.add(request_id)
 
     async def add_lora(self, name: str, path: str) -> None:
-        """Paths containing 'bad' fail to load."""
+        """Paths containing 'bad' fail to load; loading takes `lora_delay` seconds."""
+        self.lora_loads.append(name)
+        await asyncio.sleep(self.lora_delay)
         if "bad" in path:
             raise EngineInputError(f"cannot load {path}")
         self.loras[name] = path

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,27 +80,66 @@ class RealServer:
         raise TimeoutError(f"server not healthy after {startup_timeout}s:\n{self.log_tail()}")
 
 
-def spawn_server(model: Path | str, extra_args: list[str], *, log_path: Path,
-                 served_name: str = "tiny", module: str = "vllm_server",
-                 port: int | None = None, host: str = "127.0.0.1") -> RealServer:
-    """Start a server process without waiting for it (see RealServer.wait_healthy)."""
+def spawn_server(
+    model: Path | str,
+    extra_args: list[str],
+    *,
+    log_path: Path,
+    served_name: str = "tiny",
+    module: str = "vllm_server",
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    env: Mapping[str, str] | None = None,
+) -> RealServer:
+    """Start a server process without waiting for it (see RealServer.wait_healthy).
+
+    `env` adds to this process's environment (e.g. VLLM_SERVER_ADMIN_TOKEN, which has no flag).
+    """
     port = port or free_port()
-    argv = [sys.executable, "-m", module, "--model", str(model), "--served-model-name",
-            served_name, "--host", host, "--port", str(port), *ENGINE_FLAGS,
-            *extra_args]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
+    argv = [
+        sys.executable,
+        "-m",
+        module,
+        "--model",
+        str(model),
+        "--served-model-name",
+        served_name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *ENGINE_FLAGS,
+        *extra_args,
+    ]
+    child_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     api_key = None
     if "--api-key" in extra_args:
         api_key = extra_args[extra_args.index("--api-key") + 1]
     log = open(log_path, "wb")  # noqa: SIM115 - the child keeps writing to it
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env)
     return RealServer(proc, port, log_path, served_name, api_key, host=host)
 
 
-def start_server(model: Path | str, extra_args: list[str], *, log_path: Path,
-                 served_name: str = "tiny", module: str = "vllm_server",
-                 startup_timeout: float = 600.0, port: int | None = None,
-                 host: str = "127.0.0.1") -> RealServer:
+def start_server(
+    model: Path | str,
+    extra_args: list[str],
+    *,
+    log_path: Path,
+    served_name: str = "tiny",
+    module: str = "vllm_server",
+    startup_timeout: float = 600.0,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    env: Mapping[str, str] | None = None,
+) -> RealServer:
     """Start a server and wait until /health answers 200."""
-    return spawn_server(model, extra_args, log_path=log_path, served_name=served_name, module=module,
-                        port=port, host=host).wait_healthy(startup_timeout)
+    return spawn_server(
+        model,
+        extra_args,
+        log_path=log_path,
+        served_name=served_name,
+        module=module,
+        port=port,
+        host=host,
+        env=env,
+    ).wait_healthy(startup_timeout)

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from tests.server.conftest import fake_settings
+from tests.server.conftest import RUNTIME_LORA, fake_settings
 from tests.server.fake_engine import FakeEngine
 from vllm_server.app import create_app
 from vllm_server.protocol import ChatCompletionChunk, CompletionChunk
@@ -33,12 +33,25 @@ async def test_chat_non_streaming(client: httpx.AsyncClient, engine: FakeEngine)
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 
 
-async def test_chat_sampling_params_reach_engine(client: httpx.AsyncClient,
-                                                 engine: FakeEngine) -> None:
-    r = await client.post(CHAT, json={
-        "model": "tiny", "messages": MSGS, "max_tokens": 5, "temperature": 0.5, "top_p": 0.9,
-        "top_k": 7, "seed": 3, "presence_penalty": 0.1, "frequency_penalty": 0.2, "n": 2,
-        "stop": ["w3"], "min_tokens": 1, "ignore_eos": True})
+async def test_chat_sampling_params_reach_engine(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    r = await client.post(
+        CHAT,
+        json={
+            "model": "tiny",
+            "messages": MSGS,
+            "max_tokens": 5,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "top_k": 7,
+            "seed": 3,
+            "presence_penalty": 0.1,
+            "frequency_penalty": 0.2,
+            "n": 2,
+            "stop": ["w3"],
+            "min_tokens": 1,
+            "ignore_eos": True,
+        },
+    )
     assert r.status_code == 200, r.text
     p = engine.last_params
     assert p is not None
@@ -51,17 +64,25 @@ async def test_chat_sampling_params_reach_engine(client: httpx.AsyncClient,
     assert all(c["finish_reason"] == "stop" for c in choices)
 
 
-async def test_max_tokens_defaults_to_remaining_context(client: httpx.AsyncClient,
-                                                        engine: FakeEngine) -> None:
+async def test_max_tokens_defaults_to_remaining_context(
+    client: httpx.AsyncClient, engine: FakeEngine
+) -> None:
     r = await client.post(CHAT, json={"messages": MSGS})
     assert r.status_code == 200
     assert engine.last_params is not None and engine.last_params.max_tokens == 128 - 7
 
 
 async def test_chat_streaming_chunks(client: httpx.AsyncClient) -> None:
-    r = await client.post(CHAT, json={"model": "tiny", "messages": MSGS, "max_tokens": 4,
-                                      "stream": True,
-                                      "stream_options": {"include_usage": True}})
+    r = await client.post(
+        CHAT,
+        json={
+            "model": "tiny",
+            "messages": MSGS,
+            "max_tokens": 4,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
@@ -97,15 +118,14 @@ async def test_streaming_escapes_text(engine: FakeEngine) -> None:
     engine.generate = weird  # type: ignore[method-assign]
     from vllm_server.protocol import ChatCompletionRequest
 
-    events = [e async for e in await s.chat_stream(ChatCompletionRequest(
-        messages=MSGS, max_tokens=2, stream=True))]  # type: ignore[arg-type]
+    request = ChatCompletionRequest(messages=MSGS, max_tokens=2, stream=True)
+    events = [e async for e in await s.chat_stream(request)]
     chunk = ChatCompletionChunk.model_validate_json(events[0][6:])
     assert chunk.choices[0].delta.content == 'quote " backslash \\ newline \n unicode é ✓'
 
 
 async def test_completions(client: httpx.AsyncClient) -> None:
-    r = await client.post("/v1/completions", json={"model": "tiny", "prompt": "a b c",
-                                                   "max_tokens": 2})
+    r = await client.post("/v1/completions", json={"model": "tiny", "prompt": "a b c", "max_tokens": 2})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion"
@@ -116,8 +136,7 @@ async def test_completions(client: httpx.AsyncClient) -> None:
 
 
 async def test_completions_streaming(client: httpx.AsyncClient) -> None:
-    r = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 3,
-                                                   "stream": True})
+    r = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 3, "stream": True})
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
     chunks = [CompletionChunk.model_validate_json(e) for e in events[:-1]]
@@ -126,12 +145,10 @@ async def test_completions_streaming(client: httpx.AsyncClient) -> None:
 
 
 async def test_logprobs(client: httpx.AsyncClient) -> None:
-    r = await client.post(CHAT, json={"messages": MSGS, "max_tokens": 2, "logprobs": True,
-                                      "top_logprobs": 2})
+    r = await client.post(CHAT, json={"messages": MSGS, "max_tokens": 2, "logprobs": True, "top_logprobs": 2})
     lp = r.json()["choices"][0]["logprobs"]["content"]
     assert len(lp) == 2 and lp[0]["logprob"] == -0.5 and len(lp[0]["top_logprobs"]) == 2
-    r = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2,
-                                                   "logprobs": 1})
+    r = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "logprobs": 1})
     lp = r.json()["choices"][0]["logprobs"]
     assert lp["token_logprobs"] == [-0.5, -0.5] and lp["text_offset"] == [0, 3]
 
@@ -160,8 +177,10 @@ async def test_health_503_until_engine() -> None:
 
     app = create_app(fake_settings(), engine_factory=factory)
     transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=transport, base_url="http://t") as c:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as c,
+    ):
         r = await c.get("/health")
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
         r = await c.post(CHAT, json={"messages": MSGS})
@@ -177,20 +196,24 @@ async def test_health_503_until_engine() -> None:
     assert engine.shut_down  # the app built it, so the app shuts it down
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"messages": MSGS, "temperature": 5}, "temperature"),
-    ({"messages": MSGS, "max_tokens": 0}, "max_tokens"),
-    ({"messages": MSGS, "n": 0}, "n"),
-    ({"messages": MSGS, "top_p": 0}, "top_p"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-    ({}, "messages"),
-    ({"messages": MSGS, "max_tokens": 1000}, "max_tokens"),
-    ({"messages": MSGS, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"messages": MSGS, "stream_options": {"include_usage": True}}, "stream_options"),
-])
-async def test_invalid_params_are_400_naming_param(client: httpx.AsyncClient,
-                                                   body: dict[str, object], param: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": MSGS, "temperature": 5}, "temperature"),
+        ({"messages": MSGS, "max_tokens": 0}, "max_tokens"),
+        ({"messages": MSGS, "n": 0}, "n"),
+        ({"messages": MSGS, "top_p": 0}, "top_p"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({}, "messages"),
+        ({"messages": MSGS, "max_tokens": 1000}, "max_tokens"),
+        ({"messages": MSGS, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": MSGS, "stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
+async def test_invalid_params_are_400_naming_param(
+    client: httpx.AsyncClient, body: dict[str, object], param: str
+) -> None:
     r = await client.post(CHAT, json=body)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
@@ -209,15 +232,14 @@ async def test_prompt_too_long_is_400(client: httpx.AsyncClient) -> None:
 async def test_engine_refusal_is_400(client: httpx.AsyncClient) -> None:
     # The fake engine refuses temperature > 1.5 like vLLM refuses bad SamplingParams.
     for stream in (False, True):
-        r = await client.post(CHAT, json={"messages": MSGS, "temperature": 1.8,
-                                          "stream": stream})
+        r = await client.post(CHAT, json={"messages": MSGS, "temperature": 1.8, "stream": stream})
         assert r.status_code == 400, r.text
         assert "temperature" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "temperature"
 
 
 async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
-    r = await client.post(CHAT, content=b'{"messages": [', headers={
-        "content-type": "application/json"})
+    r = await client.post(CHAT, content=b'{"messages": [', headers={"content-type": "application/json"})
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "invalid_json"
 
@@ -225,9 +247,12 @@ async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
 async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
     r = await client.post(CHAT, json={"model": "nope", "messages": MSGS})
     assert r.status_code == 404
-    assert r.json()["error"] == {"message": "The model `nope` does not exist.",
-                                 "type": "invalid_request_error", "param": "model",
-                                 "code": "model_not_found"}
+    assert r.json()["error"] == {
+        "message": "The model `nope` does not exist.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
 
 
 async def test_unknown_route_has_openai_shape(client: httpx.AsyncClient) -> None:
@@ -236,11 +261,9 @@ async def test_unknown_route_has_openai_shape(client: httpx.AsyncClient) -> None
 
 
 async def test_lora_lifecycle(client: httpx.AsyncClient, engine: FakeEngine) -> None:
-    r = await client.post("/v1/load_lora_adapter", json={"lora_name": "sql",
-                                                         "lora_path": "/a/sql"})
+    r = await client.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": "/a/sql"})
     assert r.status_code == 200, r.text
-    r = await client.post("/v1/load_lora_adapter", json={"lora_name": "sql",
-                                                         "lora_path": "/a/sql"})
+    r = await client.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": "/a/sql"})
     assert r.status_code == 400
     r = await client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/bad"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
@@ -259,17 +282,15 @@ async def test_lora_lifecycle(client: httpx.AsyncClient, engine: FakeEngine) -> 
 async def test_lora_disabled() -> None:
     from vllm_server.settings import parse_settings
 
-    app = create_app(parse_settings(["--model", "m"], env={}), engine=FakeEngine())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://t") as c:
+    app = create_app(parse_settings(["--model", "m"], env=RUNTIME_LORA), engine=FakeEngine())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         r = await c.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/p"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "lora_disabled"
 
 
 async def test_api_key() -> None:
     app = create_app(fake_settings("--api-key", "sekret"), engine=FakeEngine())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://t") as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
             r = await c.post(CHAT, json={"messages": MSGS}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -286,17 +307,16 @@ async def test_queue_full_is_503_with_retry_after() -> None:
     engine = FakeEngine(max_num_seqs=2, delay=0.01)
     app = create_app(fake_settings("--max-queued-requests", "1"), engine=engine)
     serving = app.state.serving
-    streams = [await serving.chat_stream(ChatCompletionRequest(
-        messages=MSGS, max_tokens=50, stream=True)) for _ in range(3)]  # type: ignore[arg-type]
+    request = ChatCompletionRequest(messages=MSGS, max_tokens=50, stream=True)
+    streams = [await serving.chat_stream(request) for _ in range(3)]
     assert serving.inflight == 3
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://t") as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         r = await c.post(CHAT, json={"messages": MSGS, "max_tokens": 1})
         assert r.status_code == 503
         assert r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "queue_full"
         for s in streams:
-            await s.aclose()  # type: ignore[attr-defined]
+            await s.aclose()
         assert serving.inflight == 0
         assert (await c.post(CHAT, json={"messages": MSGS, "max_tokens": 1})).status_code == 200
 
@@ -307,11 +327,10 @@ async def test_closing_a_stream_aborts_the_engine_request(engine: FakeEngine) ->
 
     s = Serving(fake_settings())
     s.attach(engine)
-    events = await s.completion_stream(CompletionRequest(prompt="a", max_tokens=100,
-                                                         stream=True))
-    got = [await anext(events) for _ in range(3)]  # type: ignore[call-overload]
+    events = await s.completion_stream(CompletionRequest(prompt="a", max_tokens=100, stream=True))
+    got = [await anext(events) for _ in range(3)]
     assert len(got) == 3
-    await events.aclose()  # type: ignore[attr-defined]
+    await events.aclose()
     (rid,) = engine.produced
     assert rid in engine.aborted and rid in engine.closed
     assert engine.produced[rid] < 10
@@ -332,8 +351,7 @@ async def test_stats_and_metrics_move(client: httpx.AsyncClient) -> None:
     assert after["errors"] == 1
     assert after["uptime_seconds"] > 0 and after["throughput_tokens_per_second"] > 0
     text = (await client.get("/metrics")).text
-    assert 'vllm_server_http_requests_total{method="POST",path="/v1/chat/completions",' \
-           'status="200"}' in text
+    assert 'vllm_server_http_requests_total{method="POST",path="/v1/chat/completions",status="200"}' in text
     assert 'status="404"' in text
     assert "vllm_server_http_request_duration_seconds_bucket" in text
 
@@ -354,11 +372,20 @@ async def _call_then_disconnect(app: object, body: bytes, after: float) -> list[
     async def send(message: dict[str, object]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-             "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": CHAT, "raw_path": CHAT.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": CHAT,
+        "raw_path": CHAT.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
     await app(scope, receive, send)  # type: ignore[operator]
     return sent
 
@@ -397,10 +424,8 @@ async def test_queue_full_counts_one_error() -> None:
     engine = FakeEngine(max_num_seqs=1, delay=0.01)
     app = create_app(fake_settings("--max-queued-requests", "0"), engine=engine)
     serving = app.state.serving
-    stream = await serving.chat_stream(ChatCompletionRequest(
-        messages=MSGS, max_tokens=50, stream=True))  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://t") as c:
+    stream = await serving.chat_stream(ChatCompletionRequest(messages=MSGS, max_tokens=50, stream=True))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         before = await _errors(c)
         r = await c.post(CHAT, json={"messages": MSGS, "max_tokens": 1})
         assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
@@ -409,8 +434,7 @@ async def test_queue_full_counts_one_error() -> None:
         assert (await c.get("/v1/stats")).json()["requests_in_flight"] == 0
 
 
-async def test_in_band_stream_error_counts_one_error(client: httpx.AsyncClient,
-                                                     engine: FakeEngine) -> None:
+async def test_in_band_stream_error_counts_one_error(client: httpx.AsyncClient, engine: FakeEngine) -> None:
     orig = engine.generate
 
     async def fails_midway(*a, **k):  # type: ignore[no-untyped-def]
@@ -428,8 +452,7 @@ async def test_in_band_stream_error_counts_one_error(client: httpx.AsyncClient,
 
 async def test_lora_ids_stay_distinct(client: httpx.AsyncClient) -> None:
     for name in ("a", "b"):
-        r = await client.post("/v1/load_lora_adapter", json={"lora_name": name,
-                                                             "lora_path": f"/p/{name}"})
+        r = await client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": f"/p/{name}"})
         assert r.status_code == 200, r.text
     r = await client.post("/v1/unload_lora_adapter", json={"lora_name": "a"})
     assert r.status_code == 200, r.text
@@ -444,10 +467,11 @@ async def test_startup_lora_adapters_report_their_engine_id() -> None:
     import asyncio
 
     engine = FakeEngine()
-    app = create_app(fake_settings("--lora-modules", "pre=/p/pre"),
-                     engine_factory=lambda _s: engine)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+    app = create_app(fake_settings("--lora-modules", "pre=/p/pre"), engine_factory=lambda _s: engine)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
         for _ in range(100):
             if (await c.get("/health")).status_code == 200:
                 break

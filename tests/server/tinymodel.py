@@ -41,8 +41,7 @@ def _ascii_alphabet() -> list[str]:
     weights then still stream one text event per token. (Non-ASCII input is dropped.)
     """
     # GPT-2's byte -> symbol table, as used by the ByteLevel pre-tokenizer.
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(
-        range(0xAE, 0x100))
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
     table: dict[int, str] = {}
     extra = 0
     for b in range(256):
@@ -112,8 +111,7 @@ def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def build_tiny_lora(model_path: str | Path, out_path: str | Path, rank: int = 8,
-                    seed: int = 1) -> Path:
+def build_tiny_lora(model_path: str | Path, out_path: str | Path, rank: int = 8, seed: int = 1) -> Path:
     """Write a rank-`rank` LoRA on q_proj/v_proj with random B so it changes the output."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -124,8 +122,14 @@ def build_tiny_lora(model_path: str | Path, out_path: str | Path, rank: int = 8,
         return out
     torch.manual_seed(seed)
     base = LlamaForCausalLM.from_pretrained(str(model_path), torch_dtype=torch.float32)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
-                     lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(base, cfg)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

@@ -17,10 +17,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_server import __version__
+from vllm_server.auth import Access
 from vllm_server.engine import Engine, SamplingSpec, build_engine
 from vllm_server.errors import ApiError
 from vllm_server.metrics import HttpMetrics, MetricsMiddleware
-from vllm_server.routes import api_router, open_router
+from vllm_server.routes import adapter_router, api_router, open_router
 from vllm_server.serving import Serving
 from vllm_server.settings import Settings
 
@@ -34,8 +35,9 @@ def _error_response(err: ApiError) -> Response:
     return JSONResponse(err.body().model_dump(), status_code=err.status, headers=err.headers)
 
 
-def create_app(settings: Settings, engine: Engine | None = None,
-               engine_factory: EngineFactory | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, engine: Engine | None = None, engine_factory: EngineFactory | None = None
+) -> FastAPI:
     """Build the app. With `engine` it serves at once; otherwise the lifespan builds one."""
     serving = Serving(settings)
     if engine is not None:
@@ -57,13 +59,15 @@ def create_app(settings: Settings, engine: Engine | None = None,
             # Only shut down an engine we built; a test's engine belongs to the test.
             if engine is None and serving.engine is not None:
                 serving.engine.shutdown()
+            serving.close()
 
     app = FastAPI(title="vllm_server", version=__version__, lifespan=lifespan)
     app.state.serving = serving
-    app.state.api_key = settings.api_key
+    app.state.access = Access.from_settings(settings)
     app.state.startup_error = None
     app.include_router(open_router())
     app.include_router(api_router())
+    app.include_router(adapter_router())
     app.add_middleware(MetricsMiddleware, metrics=HttpMetrics())
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
@@ -79,8 +83,7 @@ def create_app(settings: Settings, engine: Engine | None = None,
         assert isinstance(exc, RequestValidationError)
         first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return _error_response(ApiError(400, str(first.get("msg", "invalid request")),
-                                        param=param))
+        return _error_response(ApiError(400, str(first.get("msg", "invalid request")), param=param))
 
     async def on_http(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -121,8 +124,7 @@ async def _start_engine(app: FastAPI, serving: Serving, factory: EngineFactory) 
         os.kill(os.getpid(), signal.SIGTERM)
         return
     serving.attach(engine)
-    log.info("engine ready: %s (max_model_len=%d)", settings.model_name,
-             engine.info.max_model_len)
+    log.info("engine ready: %s (max_model_len=%d)", settings.model_name, engine.info.max_model_len)
 
 
 async def _warm_up(engine: Engine) -> None:

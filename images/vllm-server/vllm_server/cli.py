@@ -12,6 +12,7 @@ from collections.abc import Generator, Sequence
 import uvicorn
 
 from vllm_server.app import create_app
+from vllm_server.auth import Access
 from vllm_server.engine import engine_args_from_argv
 from vllm_server.settings import Settings, parse_settings
 
@@ -55,6 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    access = Access.from_settings(settings)
+    log.info("%r", access)  # which credentials are set, never their values
+    if access.adapter_changes_open:
+        log.warning(
+            "Anyone who can reach this server may load and unload LoRA adapters "
+            "(VLLM_ALLOW_RUNTIME_LORA_UPDATING without an API key or admin token)."
+        )
     problem = check_engine_args(settings)
     if problem:
         log.error("%s", problem)

@@ -94,6 +94,11 @@ class EngineError(Exception):
 class EngineInputError(EngineError):
     """The engine refused a request's input or parameters (HTTP 400)."""
 
+    def __init__(self, message: str, param: str | None = None) -> None:
+        """`param`: the request field at fault, when known."""
+        super().__init__(message)
+        self.param = param
+
 
 class EngineOverloadedError(EngineError):
     """The engine's own admission control refused the request (HTTP 503)."""
@@ -120,7 +125,10 @@ class Engine(Protocol):
         ...
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingSpec, request_id: str,
+        self,
+        prompt_ids: list[int],
+        params: SamplingSpec,
+        request_id: str,
         lora_name: str | None = None,
     ) -> AsyncIterator[EngineOutput]:
         """Stream a request's outputs; closing the iterator aborts the request."""
@@ -172,7 +180,7 @@ class VllmEngine:
             quantization=mc.quantization,
             kv_cache_dtype=str(cc.cache_dtype),
         )
-        self._errors = _vllm_errors()
+        self._errors = _VllmErrors()
 
     @classmethod
     def from_argv(cls, argv: Sequence[str]) -> VllmEngine:
@@ -216,13 +224,13 @@ class VllmEngine:
             value = getattr(p, name)
             if value is not None:
                 kw[name] = value
-        try:
-            return self._sampling_params(**kw)
-        except (ValueError, TypeError) as exc:
-            raise EngineInputError(str(exc)) from exc
+        return self._sampling_params(**kw)
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingSpec, request_id: str,
+        self,
+        prompt_ids: list[int],
+        params: SamplingSpec,
+        request_id: str,
         lora_name: str | None = None,
     ) -> AsyncIterator[EngineOutput]:
         """Stream outputs; closing this iterator closes vLLM's, which aborts the request."""
@@ -231,15 +239,18 @@ class VllmEngine:
             lora = self._loras.get(lora_name)
             if lora is None:
                 raise EngineInputError(f"LoRA adapter {lora_name!r} is not loaded")
-        sp = self._params(params)
         want_logprobs = params.logprobs is not None
-        client_errors, overload_errors, dead_errors = self._errors
-        stream = self._llm.generate(
-            self._tokens_input(prompt_ids), sp, request_id, lora_request=lora
-        )
+        started = False
         try:
+            stream = self._llm.generate(
+                self._tokens_input(prompt_ids),
+                self._params(params),
+                request_id,
+                lora_request=lora,
+            )
             async with contextlib.aclosing(stream):
                 async for out in stream:
+                    started = True
                     deltas = [
                         Delta(
                             c.index,
@@ -251,12 +262,11 @@ class VllmEngine:
                         for c in out.outputs
                     ]
                     yield EngineOutput(deltas, out.finished)
-        except overload_errors as exc:
-            raise EngineOverloadedError(str(exc) or "engine queue is full") from exc
-        except client_errors as exc:
-            raise EngineInputError(str(exc)) from exc
-        except dead_errors as exc:
-            raise EngineDeadError(str(exc) or "engine is dead") from exc
+        except Exception as exc:
+            mapped = self._errors.classify(exc, started)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
     def _logprobs(self, c: Any) -> list[TokenLogprobs] | None:
         """Convert vLLM's per-token logprob dicts (token id -> Logprob)."""
@@ -271,11 +281,13 @@ class VllmEngine:
         for token_id, entry in zip(c.token_ids, c.logprobs, strict=False):
             chosen = entry.get(token_id)
             top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
-            result.append(TokenLogprobs(
-                token=text(token_id, chosen) if chosen else decode([token_id]),
-                logprob=float(chosen.logprob) if chosen else float("-inf"),
-                top=[(text(t, lp), float(lp.logprob)) for t, lp in top],
-            ))
+            result.append(
+                TokenLogprobs(
+                    token=text(token_id, chosen) if chosen else decode([token_id]),
+                    logprob=float(chosen.logprob) if chosen else float("-inf"),
+                    top=[(text(t, lp), float(lp.logprob)) for t, lp in top],
+                )
+            )
         return result
 
     async def add_lora(self, name: str, path: str) -> None:
@@ -283,7 +295,11 @@ class VllmEngine:
         req = self._lora_request(lora_name=name, lora_int_id=next(self._lora_ids), lora_path=path)
         try:
             ok = await self._llm.add_lora(req)
-        except Exception as exc:  # vLLM raises various errors for unreadable adapters
+        except Exception as exc:
+            # vLLM raises various errors for unreadable adapters; all are the caller's input,
+            # except a dead engine.
+            if isinstance(exc, self._errors.dead):
+                raise EngineDeadError(str(exc) or "engine is dead") from exc
             raise EngineInputError(f"failed to load LoRA adapter {name!r}: {exc}") from exc
         if ok is False:
             raise EngineInputError(f"failed to load LoRA adapter {name!r}")
@@ -296,8 +312,9 @@ class VllmEngine:
 
     def lora_adapters(self) -> dict[str, LoraAdapter]:
         """Loaded adapters by name, with the lora_int_id vLLM knows them by."""
-        return {name: LoraAdapter(str(req.lora_path), int(req.lora_int_id))
-                for name, req in self._loras.items()}
+        return {
+            name: LoraAdapter(str(req.lora_path), int(req.lora_int_id)) for name, req in self._loras.items()
+        }
 
     async def check_health(self) -> bool:
         """True unless the engine core died."""
@@ -312,21 +329,63 @@ class VllmEngine:
         self._llm.shutdown()
 
 
-def _vllm_errors() -> tuple[tuple[type[BaseException], ...], ...]:
-    """vLLM's exception classes: (client errors, overload errors, dead-engine errors)."""
-    from vllm import exceptions as vx
-    from vllm.v1.engine import exceptions as v1x
+# Plain exceptions vLLM still raises for bad input (its own server maps these to 400 too).
+_INPUT_ERRORS = (ValueError, TypeError, OverflowError)
 
-    overload = tuple(
-        c for c in (getattr(vx, "QueueOverflowError", None),
-                    getattr(vx, "MaxQueuedTokensError", None)) if isinstance(c, type)
-    )
-    client = tuple(
-        c for c in (getattr(vx, "VLLMClientError", None), getattr(vx, "GracefulHTTPError", None),
-                    ValueError) if isinstance(c, type)
-    )
-    dead = (v1x.EngineDeadError,)
-    return client, overload, dead
+
+class _VllmErrors:
+    """The one place vLLM's exceptions become engine-neutral ones (then HTTP, in serving).
+
+    vLLM reports bad input in three ways: `VLLMValidationError` (with the parameter when it
+    knows it) and other `VLLMClientError`s; plain ValueError/TypeError/OverflowError; and,
+    for those raised while AsyncLLM adds a request (e.g. a value too large for its
+    MessagePack transport), an `EngineGenerateError` caused by one. That last one is input
+    only before the request produced anything: later, the same types are engine faults.
+    """
+
+    def __init__(self) -> None:
+        """Look up vLLM's exception classes (names vary across versions)."""
+        from vllm import exceptions as vx
+        from vllm.v1.engine import exceptions as v1x
+
+        def classes(*names: str) -> tuple[type[BaseException], ...]:
+            found = (getattr(vx, n, None) for n in names)
+            return tuple(c for c in found if isinstance(c, type))
+
+        self.overload = classes("QueueOverflowError", "MaxQueuedTokensError")
+        self.client = classes("VLLMClientError", "GracefulHTTPError")
+        self.dead: tuple[type[BaseException], ...] = (v1x.EngineDeadError,)
+        self.generate: tuple[type[BaseException], ...] = tuple(
+            c for c in (getattr(v1x, "EngineGenerateError", None),) if isinstance(c, type)
+        )
+
+    def classify(self, exc: BaseException, started: bool) -> EngineError | None:
+        """The engine error for `exc`, or None to let it through (a server fault: 500)."""
+        if isinstance(exc, EngineError):
+            return exc
+        if isinstance(exc, self.overload):
+            return EngineOverloadedError(str(exc) or "engine queue is full")
+        if isinstance(exc, self.dead):
+            return EngineDeadError(str(exc) or "engine is dead")
+        cause = exc.__cause__
+        if isinstance(exc, self.generate) and not started and isinstance(cause, _INPUT_ERRORS):
+            exc = cause
+        if isinstance(exc, self.client + _INPUT_ERRORS):
+            message = str(exc.args[0]) if exc.args else str(exc)
+            return EngineInputError(message, _param_of(exc, message))
+        return None
+
+
+_SPEC_FIELDS = frozenset(SamplingSpec.__dataclass_fields__)
+
+
+def _param_of(exc: BaseException, message: str) -> str | None:
+    """The parameter vLLM names: its `parameter`, else the message's first word if a field."""
+    param = getattr(exc, "parameter", None)
+    if isinstance(param, str):
+        return param
+    first = message.split(" ", 1)[0]
+    return first if first in _SPEC_FIELDS else None
 
 
 def engine_args_from_argv(argv: Sequence[str]) -> Any:

@@ -8,6 +8,7 @@ from vllm_server.protocol import ErrorInfo, ErrorResponse
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -35,17 +36,16 @@ class ApiError(Exception):
         self.message = message
         self.param = param
         self.code = code
-        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else
-                                       "invalid_request_error")
+        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
         self.headers = headers or {}
 
     def body(self) -> ErrorResponse:
         """The JSON body."""
-        return ErrorResponse(error=ErrorInfo(
-            message=self.message, type=self.type, param=self.param, code=self.code))
+        return ErrorResponse(
+            error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+        )
 
 
 def model_not_found(name: str) -> ApiError:
     """404 for an unknown model (OpenAI's wording and code)."""
-    return ApiError(404, f"The model `{name}` does not exist.", param="model",
-                    code="model_not_found")
+    return ApiError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")

@@ -20,11 +20,20 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Only these paths get their own label value; anything else is "other" (bounded cardinality).
-KNOWN_PATHS = frozenset({
-    "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
-    "/v1/stats", "/v1/info", "/v1/lora_adapters", "/v1/load_lora_adapter",
-    "/v1/unload_lora_adapter",
-})
+KNOWN_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/health",
+        "/metrics",
+        "/v1/stats",
+        "/v1/info",
+        "/v1/lora_adapters",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+    }
+)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -34,19 +43,34 @@ class HttpMetrics:
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         """Register the series (once per registry)."""
-        self.requests = _get_or_create(registry, "vllm_server_http_requests_total", lambda: Counter(
-            "vllm_server_http_requests", "HTTP requests by method, path and status.",
-            ["method", "path", "status"], registry=registry))
+        self.requests = _get_or_create(
+            registry,
+            "vllm_server_http_requests_total",
+            lambda: Counter(
+                "vllm_server_http_requests",
+                "HTTP requests by method, path and status.",
+                ["method", "path", "status"],
+                registry=registry,
+            ),
+        )
         self.latency = _get_or_create(
-            registry, "vllm_server_http_request_duration_seconds", lambda: Histogram(
+            registry,
+            "vllm_server_http_request_duration_seconds",
+            lambda: Histogram(
                 "vllm_server_http_request_duration_seconds",
                 "Time to the end of the HTTP response (whole stream for SSE).",
-                ["method", "path"], registry=registry,
-                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)))
+                ["method", "path"],
+                registry=registry,
+                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            ),
+        )
         self.in_progress = _get_or_create(
-            registry, "vllm_server_http_requests_in_progress", lambda: Gauge(
-                "vllm_server_http_requests_in_progress", "HTTP requests being served.",
-                registry=registry))
+            registry,
+            "vllm_server_http_requests_in_progress",
+            lambda: Gauge(
+                "vllm_server_http_requests_in_progress", "HTTP requests being served.", registry=registry
+            ),
+        )
 
 
 def _get_or_create(registry: CollectorRegistry, name: str, make: Callable[[], Any]) -> Any:

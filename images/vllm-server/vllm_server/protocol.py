@@ -7,11 +7,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+# Integers handed to the engine travel over its MessagePack transport, which carries 64 bits.
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
 
 class _Request(BaseModel):
-    """Base for request bodies: unknown fields are ignored, as OpenAI does."""
+    """Base for request bodies: unknown fields are ignored, as OpenAI does.
 
-    model_config = ConfigDict(extra="ignore")
+    JSON has no Infinity or NaN, but the parser accepts them; no sampling parameter means
+    anything with them (vLLM refused `repetition_penalty: Infinity` deep inside, as a 500).
+    """
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -53,14 +61,14 @@ class _SamplingRequest(_Request):
     model: str | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT64_MAX)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     min_tokens: Annotated[int, Field(ge=0)] = 0
     stop: StopField = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
@@ -72,18 +80,18 @@ class _SamplingRequest(_Request):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v: StopField) -> StopField:
-        """OpenAI allows at most 4 stop sequences; empty strings would stop at once."""
-        if isinstance(v, list):
-            if len(v) > 4:
-                raise ValueError("at most 4 stop sequences are allowed")
-            if any(not s for s in v):
-                raise ValueError("stop sequences must be non-empty")
+        """OpenAI allows at most 4 stop sequences; vLLM refuses empty ones (they match anywhere)."""
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        if v == "" or (isinstance(v, list) and not all(v)):
+            raise ValueError("stop sequences must be non-empty")
         return v
 
     @field_validator("stream_options")
     @classmethod
-    def _stream_options_need_stream(cls, v: StreamOptions | None,
-                                    info: ValidationInfo) -> StreamOptions | None:
+    def _stream_options_need_stream(
+        cls, v: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
         """`stream_options` only makes sense with `stream: true` (OpenAI refuses it too)."""
         if v is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-from collections.abc import Awaitable, Callable
+import copy
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from vllm_server import metrics
+from vllm_server.auth import Access
 from vllm_server.errors import ApiError
 from vllm_server.protocol import (
     ChatCompletionRequest,
@@ -35,22 +37,63 @@ def serving_of(request: Request) -> Serving:
     return s
 
 
+def _authorization(request: Request) -> bytes | None:
+    """The raw bytes of the Authorization header (Starlette's str view decodes as latin-1)."""
+    for name, value in request.scope["headers"]:
+        if name == b"authorization":
+            return bytes(value)
+    return None
+
+
 def require_api_key(request: Request) -> None:
-    """401 unless `Authorization: Bearer <key>` matches --api-key (when one is set)."""
-    key: str | None = request.app.state.api_key
-    if not key:
-        return
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                             key.encode()):
-        raise ApiError(401, "Invalid or missing API key.", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+    """401 unless the API key (or the admin token) is presented, when an API key is set."""
+    access: Access = request.app.state.access
+    access.check_api(_authorization(request))
+
+
+def require_adapter_admin(request: Request) -> None:
+    """401/403 unless the caller may load and unload adapters (see `vllm_server.auth`)."""
+    access: Access = request.app.state.access
+    access.check_adapter_change(_authorization(request))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` bytes.
+
+    A declared Content-Length is checked before reading anything; a chunked body is counted
+    as it arrives, so at most `limit` bytes (plus one chunk) are ever held. The rest is left
+    to the server, which discards it.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise body_too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise body_too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise ApiError(499, "Client disconnected.", code="client_closed_request") from exc
+    return b"".join(chunks)
+
+
+def body_too_large(limit: int) -> ApiError:
+    """413 naming the setting that raises the limit."""
+    return ApiError(
+        413,
+        f"The request body is larger than {limit} bytes. If such requests are "
+        f"expected, raise --max-request-body-bytes "
+        f"(VLLM_SERVER_MAX_REQUEST_BODY_BYTES).",
+        code="request_too_large",
+    )
 
 
 async def parse_body(request: Request, model: type[M]) -> M:
-    """Validate the JSON body straight from bytes; errors are 400 naming the parameter."""
-    body = await request.body()
+    """Read (bounded) and validate the JSON body; errors are 400 naming the parameter."""
+    body = await read_body(request, serving_of(request).body_limit())
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
@@ -61,8 +104,7 @@ def validation_error(exc: ValidationError) -> ApiError:
     """First validation problem as an OpenAI-style 400."""
     err = exc.errors(include_url=False)[0]
     if err["type"] == "json_invalid":
-        return ApiError(400, f"The request body is not valid JSON: {err['msg']}",
-                        code="invalid_json")
+        return ApiError(400, f"The request body is not valid JSON: {err['msg']}", code="invalid_json")
     loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith("function-")]
     # Drop pydantic's union branch names (e.g. "str", "list[...]") from the path.
     loc = [p for p in loc if not (p[:1].islower() and ("[" in p or p in {"str", "int", "float"}))]
@@ -120,11 +162,31 @@ def _sse(events: Any) -> SSEResponse:
     return SSEResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
+def body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI `requestBody` for a route that parses `model` itself (fuzzers and docs read it).
+
+    Pydantic's schema points into its own `$defs`; an OpenAPI document has none at its root,
+    so the definitions are inlined (the request models are not recursive).
+    """
+    schema = model.model_json_schema()
+    defs: dict[str, Any] = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(copy.deepcopy(defs[ref.removeprefix("#/$defs/")]))
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"content": {_JSON: {"schema": inline(schema)}}, "required": True}}
+
+
 def api_router() -> APIRouter:
     """The /v1 routes (behind the API key when one is set)."""
     r = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
-    body_doc: Callable[[type[BaseModel]], dict[str, Any]] = lambda m: {  # noqa: E731
-        "requestBody": {"content": {_JSON: {"schema": m.model_json_schema()}}, "required": True}}
 
     @r.post("/chat/completions", openapi_extra=body_doc(ChatCompletionRequest))
     async def chat(request: Request) -> Response:
@@ -164,6 +226,13 @@ def api_router() -> APIRouter:
         """Loaded LoRA adapters."""
         items = serving_of(request).lora_adapters()
         return JSONResponse([i.model_dump() for i in items])
+
+    return r
+
+
+def adapter_router() -> APIRouter:
+    """Adapter administration: its own credentials (see `vllm_server.auth`)."""
+    r = APIRouter(prefix="/v1", dependencies=[Depends(require_adapter_admin)])
 
     @r.post("/load_lora_adapter", openapi_extra=body_doc(LoadLoraAdapterRequest))
     async def load_lora_adapter(request: Request) -> Response:

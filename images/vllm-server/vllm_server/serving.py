@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from vllm_server import __version__
 from vllm_server.engine import (
@@ -50,6 +53,16 @@ log = logging.getLogger(__name__)
 _dumps = json.JSONEncoder(ensure_ascii=False).encode  # C encoder, no per-call setup
 DONE = "data: [DONE]\n\n"
 
+# The default body limit: what a prompt of max_model_len tokens can need as JSON. A token is
+# at most ~8 bytes as an id ("151643,") and ~4 as text, up to ~12 when a client escapes
+# non-ASCII as \uXXXX; 32 leaves room, and 1 MiB covers the rest of a request (many messages,
+# sampling fields). 128k-token context: 5 MiB.
+BODY_BYTES_PER_TOKEN = 32
+BODY_BYTES_BASE = 1 << 20
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
 
 @dataclass(slots=True)
 class _Prepared:
@@ -73,12 +86,23 @@ class Serving:
         self.engine: Engine | None = None
         self.inflight = 0  # admitted requests (n counts n), for the bounded queue
         self._base_names = set(settings.model_names)
+        # Chat templating and tokenizing run here, off the event loop: a 1 MB prompt held the
+        # loop (and every stream and /health) for ~1 s. One thread, as vLLM's own server
+        # does: a tokenizer is not meant for concurrent use, and it bounds the CPU taken.
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-server-prep")
+        # Adapter changes one at a time: two concurrent loads of a name both passed the
+        # "already loaded" check and left two copies in the engine.
+        self._adapter_lock = asyncio.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def attach(self, engine: Engine) -> None:
         """Start serving with this engine."""
         self.engine = engine
+
+    def close(self) -> None:
+        """Stop the preparation thread (work it is running finishes on its own)."""
+        self._prep.shutdown(wait=False, cancel_futures=True)
 
     @property
     def ready(self) -> bool:
@@ -88,13 +112,25 @@ class Serving:
     def _engine(self) -> Engine:
         """The engine, or 503 while it is starting."""
         if self.engine is None:
-            raise ApiError(503, "The model is still loading.", code="engine_starting",
-                           headers={"Retry-After": "5"})
+            raise ApiError(
+                503, "The model is still loading.", code="engine_starting", headers={"Retry-After": "5"}
+            )
         return self.engine
 
     async def healthy(self) -> bool:
         """Engine attached and alive."""
         return self.engine is not None and await self.engine.check_health()
+
+    def body_limit(self) -> int:
+        """Largest request body accepted, in bytes (503 while the default is not yet known)."""
+        if self.settings.max_request_body_bytes is not None:
+            return self.settings.max_request_body_bytes
+        return BODY_BYTES_BASE + BODY_BYTES_PER_TOKEN * self._engine().info.max_model_len
+
+    async def _off_loop(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run CPU-heavy request preparation in the preparation thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prep, lambda: fn(*args, **kwargs))
 
     # ---- models, info, stats -----------------------------------------------------------------
 
@@ -105,12 +141,16 @@ class Serving:
     def models(self) -> ModelList:
         """Base model name(s) and loaded LoRA adapters."""
         mml = self._max_model_len()
-        cards = [ModelCard(id=name, root=self.settings.model, max_model_len=mml)
-                 for name in self.settings.model_names]
+        cards = [
+            ModelCard(id=name, root=self.settings.model, max_model_len=mml)
+            for name in self.settings.model_names
+        ]
         if self.engine is not None:
             parent = self.settings.model_name
-            cards += [ModelCard(id=name, root=a.path, parent=parent, max_model_len=mml)
-                      for name, a in self.engine.lora_adapters().items()]
+            cards += [
+                ModelCard(id=name, root=a.path, parent=parent, max_model_len=mml)
+                for name, a in self.engine.lora_adapters().items()
+            ]
         return ModelList(data=cards)
 
     def info(self) -> InfoResponse:
@@ -142,34 +182,46 @@ class Serving:
     def lora_adapters(self) -> list[LoraAdapterInfo]:
         """Loaded adapters."""
         eng = self._engine()
-        return [LoraAdapterInfo(name=n, path=a.path, id=a.id)
-                for n, a in eng.lora_adapters().items()]
+        return [LoraAdapterInfo(name=n, path=a.path, id=a.id) for n, a in eng.lora_adapters().items()]
 
     async def load_lora(self, req: LoadLoraAdapterRequest) -> str:
         """Load an adapter; its name becomes a model name."""
         eng = self._engine()
         if not self.settings.lora_enabled:
-            raise ApiError(400, "LoRA is not enabled; start the server with --enable-lora.",
-                           param="lora_name", code="lora_disabled")
+            raise ApiError(
+                400,
+                "LoRA is not enabled; start the server with --enable-lora.",
+                param="lora_name",
+                code="lora_disabled",
+            )
         if req.lora_name in self._base_names:
-            raise ApiError(400, f"`{req.lora_name}` is the base model's name.",
-                           param="lora_name")
-        if req.lora_name in eng.lora_adapters():
-            raise ApiError(400, f"The LoRA adapter `{req.lora_name}` has already been loaded.",
-                           param="lora_name", code="lora_already_loaded")
-        try:
-            await eng.add_lora(req.lora_name, req.lora_path)
-        except EngineInputError as exc:
-            raise ApiError(400, str(exc), param="lora_path") from exc
+            raise ApiError(400, f"`{req.lora_name}` is the base model's name.", param="lora_name")
+        async with self._adapter_lock:
+            if req.lora_name in eng.lora_adapters():
+                raise ApiError(
+                    400,
+                    f"The LoRA adapter `{req.lora_name}` has already been loaded.",
+                    param="lora_name",
+                    code="lora_already_loaded",
+                )
+            try:
+                await eng.add_lora(req.lora_name, req.lora_path)
+            except EngineInputError as exc:
+                raise ApiError(400, str(exc), param="lora_path") from exc
         return f"Success: LoRA adapter '{req.lora_name}' added successfully."
 
     async def unload_lora(self, req: UnloadLoraAdapterRequest) -> str:
         """Unload an adapter; its name is then an unknown model."""
         eng = self._engine()
-        if req.lora_name not in eng.lora_adapters():
-            raise ApiError(404, f"The LoRA adapter `{req.lora_name}` is not loaded.",
-                           param="lora_name", code="lora_not_found")
-        await eng.remove_lora(req.lora_name)
+        async with self._adapter_lock:
+            if req.lora_name not in eng.lora_adapters():
+                raise ApiError(
+                    404,
+                    f"The LoRA adapter `{req.lora_name}` is not loaded.",
+                    param="lora_name",
+                    code="lora_not_found",
+                )
+            await eng.remove_lora(req.lora_name)
         return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
 
     # ---- shared request preparation ---------------------------------------------------------
@@ -187,23 +239,38 @@ class Serving:
         eng = self._engine()
         limit = eng.info.max_num_seqs + self.settings.max_queued_requests
         if self.inflight + n > limit:
-            raise ApiError(503, "The server is overloaded; retry later.",
-                           code="queue_full", headers={"Retry-After": "1"})
+            raise ApiError(
+                503, "The server is overloaded; retry later.", code="queue_full", headers={"Retry-After": "1"}
+            )
 
-    def _spec(self, req: ChatCompletionRequest | CompletionRequest, prompt_len: int,
-              max_tokens: int | None, logprobs: int | None, prompt_param: str) -> SamplingSpec:
+    def _spec(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        prompt_len: int,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_param: str,
+    ) -> SamplingSpec:
         """Check lengths against max_model_len and build the sampling spec."""
         mml = self._engine().info.max_model_len
         if prompt_len >= mml:
-            raise ApiError(400, f"The prompt is {prompt_len} tokens long, which reaches the "
-                           f"model's maximum context length of {mml} tokens.",
-                           param=prompt_param, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"The prompt is {prompt_len} tokens long, which reaches the "
+                f"model's maximum context length of {mml} tokens.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
             max_tokens = mml - prompt_len
         elif prompt_len + max_tokens > mml:
-            raise ApiError(400, f"This model's maximum context length is {mml} tokens; "
-                           f"the prompt has {prompt_len} and max_tokens is {max_tokens}.",
-                           param="max_tokens", code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {mml} tokens; "
+                f"the prompt has {prompt_len} and max_tokens is {max_tokens}.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         if req.min_tokens > max_tokens:
             raise ApiError(400, "min_tokens must not exceed max_tokens.", param="min_tokens")
         return SamplingSpec(
@@ -224,25 +291,17 @@ class Serving:
             ignore_eos=req.ignore_eos,
         )
 
-    def _prepare_chat(self, req: ChatCompletionRequest) -> _Prepared:
+    async def _prepare_chat(self, req: ChatCompletionRequest) -> _Prepared:
         """Chat template -> token ids -> spec."""
         eng = self._engine()
         model, lora = self._resolve_model(eng, req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            text = eng.render_chat(messages, req.add_generation_prompt)
-        except Exception as exc:  # template errors (e.g. roles a template refuses) are input
-            raise ApiError(400, f"Cannot apply the chat template: {exc}",
-                           param="messages") from exc
-        # The template already carries special tokens such as BOS.
-        ids = eng.encode(text, add_special_tokens=False)
+        ids = await self._off_loop(_chat_ids, eng, messages, req.add_generation_prompt)
         top = (req.top_logprobs or 0) if req.logprobs else None
-        spec = self._spec(req, len(ids), req.max_completion_tokens or req.max_tokens, top,
-                          "messages")
-        return _Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model, lora, ids,
-                         spec)
+        spec = self._spec(req, len(ids), req.max_completion_tokens or req.max_tokens, top, "messages")
+        return _Prepared(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model, lora, ids, spec)
 
-    def _prepare_completion(self, req: CompletionRequest) -> _Prepared:
+    async def _prepare_completion(self, req: CompletionRequest) -> _Prepared:
         """Prompt -> token ids -> spec."""
         eng = self._engine()
         model, lora = self._resolve_model(eng, req.model)
@@ -251,7 +310,7 @@ class Serving:
         if req.echo:
             raise ApiError(400, "echo is not supported.", param="echo")
         prompt = req.prompt_value()
-        ids = eng.encode(prompt) if isinstance(prompt, str) else prompt
+        ids = await self._off_loop(eng.encode, prompt) if isinstance(prompt, str) else prompt
         if not ids:
             raise ApiError(400, "The prompt is empty.", param="prompt")
         spec = self._spec(req, len(ids), req.max_tokens, req.logprobs, "prompt")
@@ -292,8 +351,9 @@ class Serving:
 
     # ---- non-streaming ----------------------------------------------------------------------------
 
-    async def _collect(self, p: _Prepared) -> tuple[list[list[str]], list[str | None],
-                                                   list[list[TokenLogprobs]], int]:
+    async def _collect(
+        self, p: _Prepared
+    ) -> tuple[list[list[str]], list[str | None], list[list[TokenLogprobs]], int]:
         """Run a request to the end: text pieces, finish reasons, logprobs, token count."""
         t0 = time.monotonic()
         gen, out = await self._start(p)
@@ -328,7 +388,7 @@ class Serving:
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         """Non-streaming chat completion."""
-        p = self._prepare_chat(req)
+        p = await self._prepare_chat(req)
         texts, reasons, lps, tokens = await self._collect(p)
         choices = [
             ChatChoice(
@@ -339,12 +399,17 @@ class Serving:
             )
             for i in range(p.params.n)
         ]
-        return ChatCompletionResponse(id=p.request_id, created=p.created, model=p.model,
-                                      choices=choices, usage=_usage(len(p.prompt_ids), tokens))
+        return ChatCompletionResponse(
+            id=p.request_id,
+            created=p.created,
+            model=p.model,
+            choices=choices,
+            usage=_usage(len(p.prompt_ids), tokens),
+        )
 
     async def completion(self, req: CompletionRequest) -> CompletionResponse:
         """Non-streaming text completion."""
-        p = self._prepare_completion(req)
+        p = await self._prepare_completion(req)
         texts, reasons, lps, tokens = await self._collect(p)
         choices = [
             CompletionChoice(
@@ -355,23 +420,29 @@ class Serving:
             )
             for i in range(p.params.n)
         ]
-        return CompletionResponse(id=p.request_id, created=p.created, model=p.model,
-                                  choices=choices, usage=_usage(len(p.prompt_ids), tokens))
+        return CompletionResponse(
+            id=p.request_id,
+            created=p.created,
+            model=p.model,
+            choices=choices,
+            usage=_usage(len(p.prompt_ids), tokens),
+        )
 
     # ---- streaming -----------------------------------------------------------------------------------
 
     async def chat_stream(self, req: ChatCompletionRequest) -> EventStream:
         """Start a streaming chat completion; returns the SSE event iterator."""
-        p = self._prepare_chat(req)
+        p = await self._prepare_chat(req)
         return await self._stream(p, req, chat=True)
 
     async def completion_stream(self, req: CompletionRequest) -> EventStream:
         """Start a streaming text completion; returns the SSE event iterator."""
-        p = self._prepare_completion(req)
+        p = await self._prepare_completion(req)
         return await self._stream(p, req, chat=False)
 
-    async def _stream(self, p: _Prepared, req: ChatCompletionRequest | CompletionRequest,
-                      *, chat: bool) -> EventStream:
+    async def _stream(
+        self, p: _Prepared, req: ChatCompletionRequest | CompletionRequest, *, chat: bool
+    ) -> EventStream:
         """Submit now (errors become HTTP statuses), then stream every delta as an SSE event."""
         t0 = time.monotonic()
         gen, first = await self._start(p)
@@ -385,14 +456,22 @@ class Serving:
 
         return EventStream(events, never_started)
 
-    async def _events(self, p: _Prepared, gen: AsyncIterator[EngineOutput], out: EngineOutput,
-                      t0: float, chat: bool, include_usage: bool) -> AsyncGenerator[str, None]:
+    async def _events(
+        self,
+        p: _Prepared,
+        gen: AsyncIterator[EngineOutput],
+        out: EngineOutput,
+        t0: float,
+        chat: bool,
+        include_usage: bool,
+    ) -> AsyncGenerator[str, None]:
         """The hot loop: one SSE event per delta, JSON assembled from pre-encoded pieces."""
         # Chat: top_logprobs (or 0) when logprobs is on; completions' number is not used.
         top = p.params.logprobs
         obj = "chat.completion.chunk" if chat else "text_completion"
-        meta = (f'data: {{"id":"{p.request_id}","object":"{obj}","created":{p.created},'
-                f'"model":{_dumps(p.model)}')
+        meta = (
+            f'data: {{"id":"{p.request_id}","object":"{obj}","created":{p.created},"model":{_dumps(p.model)}'
+        )
         head = meta + ',"choices":[{"index":'
         n = p.params.n
         heads = [f"{head}{i}," for i in range(n)]
@@ -419,13 +498,18 @@ class Serving:
                     if lead is not rest:
                         firsts[i] = rest
                     if top is not None and d.logprobs:
-                        lp = (_dumps(_chat_logprobs(d.logprobs, top).model_dump()) if chat else
-                              _dumps(_completion_logprobs(d.logprobs, 0).model_dump()))
+                        lp = (
+                            _dumps(_chat_logprobs(d.logprobs, top).model_dump())
+                            if chat
+                            else _dumps(_completion_logprobs(d.logprobs, 0).model_dump())
+                        )
                     else:
                         lp = "null"
                     fin = "null" if reason is None else f'"{reason}"'
-                    yield (f'{heads[i]}{lead}{_dumps(d.text)}{close},"logprobs":{lp},'
-                           f'"finish_reason":{fin}}}]}}\n\n')
+                    yield (
+                        f'{heads[i]}{lead}{_dumps(d.text)}{close},"logprobs":{lp},'
+                        f'"finish_reason":{fin}}}]}}\n\n'
+                    )
                 if out.finished:
                     break
                 try:
@@ -461,8 +545,7 @@ class EventStream:
 
     __slots__ = ("_agen", "_cleanup", "_started")
 
-    def __init__(self, agen: AsyncGenerator[str, None],
-                 cleanup: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, agen: AsyncGenerator[str, None], cleanup: Callable[[], Awaitable[None]]) -> None:
         """Wrap the event generator and the cleanup for the never-started case."""
         self._agen = agen
         self._cleanup = cleanup
@@ -497,33 +580,53 @@ def _engine_error(exc: BaseException) -> BaseException:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, EngineInputError):
-        return ApiError(400, str(exc))
+        return ApiError(400, str(exc), param=exc.param, code="invalid_value")
     if isinstance(exc, EngineOverloadedError):
-        return ApiError(503, str(exc) or "The engine is overloaded; retry later.",
-                        code="queue_full", headers={"Retry-After": "1"})
+        return ApiError(
+            503,
+            str(exc) or "The engine is overloaded; retry later.",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        )
     if isinstance(exc, EngineDeadError):
         return ApiError(500, f"The engine failed: {exc}", code="engine_dead")
     return exc
 
 
+def _chat_ids(
+    eng: Engine,
+    messages: list[dict[str, str]],
+    add_generation_prompt: bool,
+) -> list[int]:
+    """Apply the chat template and tokenize (in the preparation thread)."""
+    try:
+        text = eng.render_chat(messages, add_generation_prompt)
+    except Exception as exc:  # template errors (e.g. roles a template refuses) are input
+        raise ApiError(400, f"Cannot apply the chat template: {exc}", param="messages") from exc
+    # The template already carries special tokens such as BOS.
+    return eng.encode(text, add_special_tokens=False)
+
+
 def _usage(prompt: int, completion: int) -> UsageInfo:
     """Usage block."""
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _chat_logprobs(lps: list[TokenLogprobs], top: int) -> ChatLogprobs:
     """Chat-format logprobs."""
-    return ChatLogprobs(content=[
-        TokenLogprob(
-            token=t.token,
-            logprob=_finite(t.logprob),
-            bytes=list(t.token.encode()),
-            top_logprobs=[TopLogprob(token=s, logprob=_finite(v), bytes=list(s.encode()))
-                          for s, v in t.top[:top]],
-        )
-        for t in lps
-    ])
+    return ChatLogprobs(
+        content=[
+            TokenLogprob(
+                token=t.token,
+                logprob=_finite(t.logprob),
+                bytes=list(t.token.encode()),
+                top_logprobs=[
+                    TopLogprob(token=s, logprob=_finite(v), bytes=list(s.encode())) for s, v in t.top[:top]
+                ],
+            )
+            for t in lps
+        ]
+    )
 
 
 def _completion_logprobs(lps: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
