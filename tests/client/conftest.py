@@ -54,6 +54,9 @@ def client_server(
         ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
          "--lora-modules", f"preloaded={lora}", "--api-key", API_KEY],
         log_path=tmp_path_factory.mktemp("client-logs") / "server.log",
+        # A server started by hand, as a user would for the client's adapter calls: upstream's
+        # switch turns runtime adapter changes on (they then need the API key).
+        env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
     )
     srv.extra["lora_path"] = str(second)
     try:
