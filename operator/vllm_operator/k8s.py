@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Obj = Mapping[str, Any]
 
-RETRYABLE_STATUS = {409, 429, 500, 502, 503, 504}
+RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
 # (connect, read) seconds for one API call. Without them a server that accepts the connection
 # and never answers blocks the handler forever; a timed-out call is retried like a lost one.
 API_TIMEOUT = (5.0, 30.0)
@@ -62,13 +62,15 @@ def retry_after(exc: ApiException) -> float | None:
         return None
 
 
-def with_retries(call: Callable[[], T], attempts: int = 5, base: float = 0.2) -> T:
+def with_retries(
+    call: Callable[[], T], attempts: int = 5, base: float = 0.2, retryable: frozenset[int] = RETRYABLE_STATUS
+) -> T:
     """Run an API call, retrying conflicts, throttling, 5xx and lost connections with backoff."""
     for attempt in range(attempts):
         try:
             return call()
         except ApiException as exc:
-            if exc.status not in RETRYABLE_STATUS:
+            if exc.status not in retryable:
                 raise
             delay = retry_after(exc) or base * 2**attempt
             reason = f"HTTP {exc.status} {exc.reason}"
@@ -107,8 +109,9 @@ class KubeCluster:
         query: dict[str, Any] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        retryable: frozenset[int] = RETRYABLE_STATUS,
     ) -> Any:
-        """One API call with retries; raises ApiException on an HTTP error."""
+        """One API call with retries of the `retryable` statuses; raises ApiException on an HTTP error."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
         # The client JSON-encodes bodies of JSON content types itself; YAML ones (apply) go as text.
         payload = json.dumps(body) if body is not None and content_type == APPLY else body
@@ -130,7 +133,7 @@ class KubeCluster:
                 raise ApiException.from_response(http_resp=response, body=text, data=None)
             return json.loads(text) if text else None
 
-        return with_retries(call)
+        return with_retries(call, retryable=retryable)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -146,8 +149,12 @@ class KubeCluster:
         is all the operator may do to Secrets: it never reads or changes one."""
         meta = manifest["metadata"]
         try:
+            # A create's 409 is "already exists", an answer, not a conflict worth retrying.
             self.request(
-                "POST", PATHS[manifest["kind"]].format(namespace=meta["namespace"]), body=dict(manifest)
+                "POST",
+                PATHS[manifest["kind"]].format(namespace=meta["namespace"]),
+                body=dict(manifest),
+                retryable=RETRYABLE_STATUS - {409},
             )
         except ApiException as exc:
             if exc.status == 409:
