@@ -316,6 +316,18 @@ def test_apiserver_restart_is_survived(
     assert operator.pid == pid and operator.healthy()
 
 
+def wait_degraded(cluster: LocalCluster, namespace: str, name: str) -> dict[str, Any]:
+    """The model's Degraded condition, once it is True."""
+
+    def degraded() -> dict[str, Any]:
+        obj = cluster.get_json("vllmmodel", name, namespace=namespace, check=False) or {}
+        found = condition(obj, "Degraded")
+        return found if found.get("status") == "True" else {}
+
+    eventually(degraded, f"Degraded on model {name}")
+    return degraded()
+
+
 def test_a_foreign_service_with_the_models_name_is_never_adopted(
     operator: OperatorProcess, cluster: LocalCluster, namespace: str
 ) -> None:
@@ -330,13 +342,9 @@ def test_a_foreign_service_with_the_models_name_is_never_adopted(
     before = cluster.get_json("service", "taken", namespace=namespace)
     cluster.apply(model("taken"), namespace=namespace)
 
-    def conflict() -> dict[str, Any]:
-        obj = cluster.get_json("vllmmodel", "taken", namespace=namespace, check=False) or {}
-        found = condition(obj, "Degraded")
-        return found if found.get("reason") == "NameConflict" else {}
-
-    eventually(conflict, "Degraded=NameConflict on the model")
-    assert "Service taken" in conflict()["message"], conflict()
+    degraded = wait_degraded(cluster, namespace, "taken")
+    assert degraded["reason"] == "NameConflict", degraded
+    assert "Service taken" in degraded["message"], degraded
     after = cluster.get_json("service", "taken", namespace=namespace)
     assert "ownerReferences" not in after["metadata"], after["metadata"]
     assert after["spec"]["selector"] == before["spec"]["selector"]
@@ -360,13 +368,8 @@ def test_a_quota_refusing_the_pods_shows_in_degraded(
     cluster.apply(quota, namespace=namespace)
     cluster.apply(model("quota"), namespace=namespace)
 
-    def degraded() -> dict[str, Any]:
-        obj = cluster.get_json("vllmmodel", "quota", namespace=namespace, check=False) or {}
-        found = condition(obj, "Degraded")
-        return found if found.get("status") == "True" else {}
-
-    eventually(degraded, "Degraded on the model refused by the quota")
-    assert degraded()["reason"] == "FailedCreate", degraded()
-    assert "exceeded quota" in degraded()["message"], degraded()
+    degraded = wait_degraded(cluster, namespace, "quota")
+    assert degraded["reason"] == "FailedCreate", degraded
+    assert "exceeded quota" in degraded["message"], degraded
     obj = cluster.get_json("vllmmodel", "quota", namespace=namespace)
     assert obj["status"]["phase"] == "Degraded"

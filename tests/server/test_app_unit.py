@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 
+from tests.server.asgi import post_scope
 from tests.server.conftest import RUNTIME_LORA, fake_settings
 from tests.server.fake_engine import FakeEngine
 from vllm_server.app import create_app
@@ -372,20 +373,7 @@ async def _call_then_disconnect(app: object, body: bytes, after: float) -> list[
     async def send(message: dict[str, object]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": CHAT,
-        "raw_path": CHAT.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = post_scope(CHAT)
     await app(scope, receive, send)  # type: ignore[operator]
     return sent
 

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.server.asgi import post_scope
 from tests.server.conftest import RUNTIME_LORA, fake_settings
 from tests.server.fake_engine import FakeEngine
 from vllm_server.app import create_app
@@ -90,20 +91,7 @@ async def _drive(
     async def send(message: dict[str, object]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": CHAT,
-        "raw_path": CHAT.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json"), *headers],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = post_scope(CHAT, headers)
     await asyncio.wait_for(app(scope, receive, send), 10)  # type: ignore[operator]
     status: int = sent[0]["status"]  # type: ignore[assignment]
     body = json.loads(b"".join(m["body"] for m in sent[1:]))  # type: ignore[misc]
