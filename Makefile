@@ -49,6 +49,7 @@ engine: venv
 lint: venv
 	$(VENV)/bin/ruff check operator images/vllm-server tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Every generated file: the CRD, its chart copy, and the README's field and values tables.
 generate: venv
