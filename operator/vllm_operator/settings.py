@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vllm_operator import __version__
 from vllm_operator.api import ContainerResources, Quantity
 
 ENV_PREFIX = "VLLM_OPERATOR_"
@@ -19,7 +20,7 @@ class OperatorSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    server_image: str = Field(default="ghcr.io/vllm-operator/vllm-server:0.1.0", min_length=1)
+    server_image: str = Field(default=f"ghcr.io/vllm-operator/vllm-server:{__version__}", min_length=1)
     """Image of the bundled server, used when a resource sets no `spec.image`."""
     # A str with a pattern, not a Literal: from_env hands only str fields over unparsed.
     image_pull_policy: str = Field(default="IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")

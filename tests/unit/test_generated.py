@@ -6,6 +6,7 @@ import yaml
 
 from tests.paths import CRD_FILE, REPO_ROOT
 from vllm_operator import crd, docs
+from vllm_operator.settings import OperatorSettings
 
 
 def test_committed_crd_matches_models() -> None:
@@ -51,3 +52,22 @@ def test_every_spec_field_documented() -> None:
     for row in docs.rows(__import__("vllm_operator.api", fromlist=["VLLMModelSpec"]).VLLMModelSpec):
         assert row.rstrip(" |").split("|")[-1].strip(), f"undocumented: {row}"
     assert "`spec.lora.adapters[].name`" in table
+
+
+def test_every_version_is_the_operators() -> None:
+    """`vllm_operator.__version__` is the one source; everything that repeats it must agree."""
+    import tomllib
+
+    import vllm_server
+    from vllm_operator import __version__
+
+    chart = yaml.safe_load((REPO_ROOT / "charts" / "vllm-operator" / "Chart.yaml").read_text())
+    server = tomllib.loads((REPO_ROOT / "images" / "vllm-server" / "pyproject.toml").read_text())
+    found = {
+        "Chart.yaml version": chart["version"],
+        "Chart.yaml appVersion": chart["appVersion"],
+        "vllm_server.__version__": vllm_server.__version__,
+        "images/vllm-server/pyproject.toml": server["project"]["version"],
+        "default server image tag": OperatorSettings().server_image.rsplit(":", 1)[1],
+    }
+    assert {k: v for k, v in found.items() if v != __version__} == {}
