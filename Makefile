@@ -48,6 +48,7 @@ engine: venv
 
 lint: venv
 	$(VENV)/bin/ruff check operator images/vllm-server tests bench
+	$(VENV)/bin/ruff format --check operator images/vllm-server tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

@@ -57,9 +57,12 @@ def counters(base: str, before: bool) -> dict[str, float]:
     else:
         stats = httpx.get(f"{base}/v1/stats", timeout=10).json()
         text = httpx.get(f"{base}/metrics", timeout=10).text
-    return {"tokens": stats["tokens_generated"], "requests": stats["requests_processed"],
-            "uptime": stats["uptime_seconds"],
-            "gen_total": sum(float(v) for v in _GEN.findall(text))}
+    return {
+        "tokens": stats["tokens_generated"],
+        "requests": stats["requests_processed"],
+        "uptime": stats["uptime_seconds"],
+        "gen_total": sum(float(v) for v in _GEN.findall(text)),
+    }
 
 
 def body(i: int, tokens: int) -> dict[str, Any]:
@@ -72,8 +75,8 @@ async def aiohttp_minimal(base: str, n: int, c: int, tokens: int) -> None:
     """Stream n requests, c at a time, reading and discarding the bytes."""
     sem = asyncio.Semaphore(c)
     conn = aiohttp.TCPConnector(limit=c)
-    async with aiohttp.ClientSession(connector=conn,
-                                     timeout=aiohttp.ClientTimeout(total=600)) as s:
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as s:
+
         async def one(i: int) -> None:
             async with sem, s.post(f"{base}/v1/chat/completions", json=body(i, tokens)) as r:
                 r.raise_for_status()
@@ -88,9 +91,9 @@ async def httpx_minimal(base: str, n: int, c: int, tokens: int) -> None:
     sem = asyncio.Semaphore(c)
     limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600, pool=None)) as s:
+
         async def one(i: int) -> None:
-            async with sem, s.stream("POST", f"{base}/v1/chat/completions",
-                                     json=body(i, tokens)) as r:
+            async with sem, s.stream("POST", f"{base}/v1/chat/completions", json=body(i, tokens)) as r:
                 r.raise_for_status()
                 async for _ in r.aiter_bytes():
                     pass
@@ -106,20 +109,41 @@ def measure(base: str, run: Callable[[], Any]) -> dict[str, Any]:
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     after = counters(base, False)
     d = {k: after[k] - before[k] for k in before}
-    return {"wall_s": wall, "client_cpu_s": cpu, "server_tokens": d["tokens"],
-            "server_requests": d["requests"], "server_window_s": d["uptime"],
-            "server_tokens_per_s": d["tokens"] / d["uptime"],
-            "metrics_tokens_per_s": d["gen_total"] / d["uptime"],
-            "client_cpu_ms_per_1k_tokens": 1000 * 1000 * cpu / max(1, d["tokens"]),
-            "out": out}
+    return {
+        "wall_s": wall,
+        "client_cpu_s": cpu,
+        "server_tokens": d["tokens"],
+        "server_requests": d["requests"],
+        "server_window_s": d["uptime"],
+        "server_tokens_per_s": d["tokens"] / d["uptime"],
+        "metrics_tokens_per_s": d["gen_total"] / d["uptime"],
+        "client_cpu_ms_per_1k_tokens": 1000 * 1000 * cpu / max(1, d["tokens"]),
+        "out": out,
+    }
 
 
 def run_bench_load(base: str, n: int, c: int, tokens: int, http: str = "auto") -> dict[str, Any]:
     """`vllm-operator bench load --json`, in this process; returns its summary."""
     buf = io.StringIO()
-    argv = ["bench", "load", "--base-url", base, "--model", "tiny", "--requests", str(n),
-            "--concurrency", str(c), "--max-tokens", str(tokens), "--ignore-eos", "--json",
-            "--no-progress", "--http", http]
+    argv = [
+        "bench",
+        "load",
+        "--base-url",
+        base,
+        "--model",
+        "tiny",
+        "--requests",
+        str(n),
+        "--concurrency",
+        str(c),
+        "--max-tokens",
+        str(tokens),
+        "--ignore-eos",
+        "--json",
+        "--no-progress",
+        "--http",
+        http,
+    ]
     with contextlib.redirect_stdout(buf):
         code = cli_main(argv)
     if code:
@@ -127,8 +151,9 @@ def run_bench_load(base: str, n: int, c: int, tokens: int, http: str = "auto") -
     return dict(json.loads(buf.getvalue().strip().splitlines()[-1]))
 
 
-def minimal(fn: Callable[[str, int, int, int], Awaitable[None]], base: str, n: int, c: int,
-            tokens: int) -> None:
+def minimal(
+    fn: Callable[[str, int, int, int], Awaitable[None]], base: str, n: int, c: int, tokens: int
+) -> None:
     """Run a minimal generator to completion."""
     asyncio.run(fn(base, n, c, tokens))  # type: ignore[arg-type]
 
@@ -155,28 +180,41 @@ def main() -> None:
                 for http in ("aiohttp", "httpx"):
                     m = measure(base, lambda http=http: run_bench_load(base, n, c, tok, http))  # type: ignore[misc]
                     s = m.pop("out")
-                    m |= {"round": r, "generator": f"bench load ({http})",
-                          "client_tokens_per_s": s["output_tokens_per_s"],
-                          "client_output_tokens": s["output_tokens"],
-                          "client_requests": s["completed"], "errors": s["errors"],
-                          "ttft_p50_ms": s["ttft_p50_ms"], "ttft_p99_ms": s["ttft_p99_ms"],
-                          "itl_p50_ms": s["itl_p50_ms"], "e2e_p50_ms": s["e2e_p50_ms"],
-                          "duration_s": s["duration_s"]}
+                    m |= {
+                        "round": r,
+                        "generator": f"bench load ({http})",
+                        "client_tokens_per_s": s["output_tokens_per_s"],
+                        "client_output_tokens": s["output_tokens"],
+                        "client_requests": s["completed"],
+                        "errors": s["errors"],
+                        "ttft_p50_ms": s["ttft_p50_ms"],
+                        "ttft_p99_ms": s["ttft_p99_ms"],
+                        "itl_p50_ms": s["itl_p50_ms"],
+                        "e2e_p50_ms": s["e2e_p50_ms"],
+                        "duration_s": s["duration_s"],
+                    }
                     rows.append(m)
-                for name, fn in (("aiohttp-minimal", aiohttp_minimal),
-                                 ("httpx-minimal", httpx_minimal)):
+                for name, fn in (("aiohttp-minimal", aiohttp_minimal), ("httpx-minimal", httpx_minimal)):
                     m = measure(base, lambda fn=fn: minimal(fn, base, n, c, tok))  # type: ignore[misc]
                     m.pop("out")
-                    m |= {"round": r, "generator": name,
-                          "client_tokens_per_s": m["server_tokens"] / m["wall_s"]}
+                    m |= {
+                        "round": r,
+                        "generator": name,
+                        "client_tokens_per_s": m["server_tokens"] / m["wall_s"],
+                    }
                     rows.append(m)
                 for row in rows[-4:]:
                     print_row(row)
         finally:
             srv.stop()
 
-    result = {"requests": n, "concurrency": c, "max_tokens": tok, "rows": rows,
-              "machine": "2 cores, client and server on the same host"}
+    result = {
+        "requests": n,
+        "concurrency": c,
+        "max_tokens": tok,
+        "rows": rows,
+        "machine": "2 cores, client and server on the same host",
+    }
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwritten {a.out}")
 
@@ -186,12 +224,17 @@ def print_row(r: dict[str, Any]) -> None:
     extra = ""
     if r["generator"].startswith("bench load"):
         dev = 100 * (r["client_tokens_per_s"] / r["server_tokens_per_s"] - 1)
-        extra = (f"  vs server {dev:+.1f}%  TTFT p50 {r['ttft_p50_ms']:.0f} ms  "
-                 f"tokens {r['client_output_tokens']}/{r['server_tokens']}")
-    print(f"round {r['round']} {r['generator']:<20} client {r['client_tokens_per_s']:7.1f} tok/s  "
-          f"server /v1/stats {r['server_tokens_per_s']:7.1f}  /metrics "
-          f"{r['metrics_tokens_per_s']:7.1f}  client CPU {r['client_cpu_ms_per_1k_tokens']:.0f} "
-          f"ms/1k tok{extra}", flush=True)
+        extra = (
+            f"  vs server {dev:+.1f}%  TTFT p50 {r['ttft_p50_ms']:.0f} ms  "
+            f"tokens {r['client_output_tokens']}/{r['server_tokens']}"
+        )
+    print(
+        f"round {r['round']} {r['generator']:<20} client {r['client_tokens_per_s']:7.1f} tok/s  "
+        f"server /v1/stats {r['server_tokens_per_s']:7.1f}  /metrics "
+        f"{r['metrics_tokens_per_s']:7.1f}  client CPU {r['client_cpu_ms_per_1k_tokens']:.0f} "
+        f"ms/1k tok{extra}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -57,18 +57,21 @@ class LevelResult:
 
     def line(self, prefix: str = "") -> str:
         """The progress line of this level; `prefix` goes before the server name."""
-        return (f"  {prefix}{self.server:6s} c={self.concurrency:<3d} {self.tokens_per_second:8.1f} tok/s  "
-                f"TTFT p50 {self.ttft_p50_ms:7.1f} ms  p95 {self.ttft_p95_ms:7.1f} ms  "
-                f"errors {self.errors}")
+        return (
+            f"  {prefix}{self.server:6s} c={self.concurrency:<3d} {self.tokens_per_second:8.1f} tok/s  "
+            f"TTFT p50 {self.ttft_p50_ms:7.1f} ms  p95 {self.ttft_p95_ms:7.1f} ms  "
+            f"errors {self.errors}"
+        )
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, i: int,
-                      tokens: int) -> tuple[float, int]:
+async def one_request(session: aiohttp.ClientSession, url: str, i: int, tokens: int) -> tuple[float, int]:
     """Stream one chat completion; return (TTFT seconds, completion tokens)."""
     body = {
         "model": "tiny",
-        "messages": [{"role": "system", "content": "You are a benchmark."},
-                     {"role": "user", "content": f"Request {i}: tell me a story."}],
+        "messages": [
+            {"role": "system", "content": "You are a benchmark."},
+            {"role": "user", "content": f"Request {i}: tell me a story."},
+        ],
         "max_tokens": tokens,
         "min_tokens": tokens,
         "ignore_eos": True,
@@ -99,8 +102,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, i: int,
     return ttft, completion
 
 
-async def run_level(base: str, server: str, concurrency: int, n: int,
-                    tokens: int) -> LevelResult:
+async def run_level(base: str, server: str, concurrency: int, n: int, tokens: int) -> LevelResult:
     """Send n requests with at most `concurrency` in flight."""
     url = f"{base}/v1/chat/completions"
     sem = asyncio.Semaphore(concurrency)
@@ -127,8 +129,17 @@ async def run_level(base: str, server: str, concurrency: int, n: int,
         await asyncio.gather(*(task(i) for i in range(n)))
         seconds = time.perf_counter() - t0
     q = statistics.quantiles(ttfts, n=100) if len(ttfts) > 1 else ttfts * 99
-    return LevelResult(server, concurrency, n, errors, total, seconds, total / seconds,
-                       statistics.median(ttfts) * 1000, q[94] * 1000)
+    return LevelResult(
+        server,
+        concurrency,
+        n,
+        errors,
+        total,
+        seconds,
+        total / seconds,
+        statistics.median(ttfts) * 1000,
+        q[94] * 1000,
+    )
 
 
 async def warm_up(base: str, tokens: int) -> None:
@@ -154,8 +165,7 @@ def _start(name: str, model: Path, logdir: Path) -> RealServer:
     return srv
 
 
-def bench_server(name: str, model: Path, args: argparse.Namespace,
-                 logdir: Path) -> list[LevelResult]:
+def bench_server(name: str, model: Path, args: argparse.Namespace, logdir: Path) -> list[LevelResult]:
     """Start one server, run every level, stop it."""
     srv = _start(name, model, logdir)
     results = []
@@ -171,8 +181,7 @@ def bench_server(name: str, model: Path, args: argparse.Namespace,
     return results
 
 
-def bench_interleaved(model: Path, args: argparse.Namespace,
-                      logdir: Path) -> dict[str, list[LevelResult]]:
+def bench_interleaved(model: Path, args: argparse.Namespace, logdir: Path) -> dict[str, list[LevelResult]]:
     """Start both servers, then alternate them level by level; keep each one's median."""
     servers = {}
     try:
@@ -186,8 +195,7 @@ def bench_interleaved(model: Path, args: argparse.Namespace,
             for rnd in range(args.rounds):
                 order = list(servers) if rnd % 2 == 0 else list(servers)[::-1]
                 for name in order:
-                    r = asyncio.run(run_level(servers[name].url, name, c, args.requests,
-                                              args.tokens))
+                    r = asyncio.run(run_level(servers[name].url, name, c, args.requests, args.tokens))
                     runs[name].append(r)
                     print(r.line(f"round {rnd} "), flush=True)
             for name, rs in runs.items():
@@ -207,8 +215,9 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--servers", nargs="+", default=["ours", "theirs"], choices=list(SERVERS))
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level")
-    p.add_argument("--sequential", action="store_true",
-                   help="one server after the other instead of interleaving levels")
+    p.add_argument(
+        "--sequential", action="store_true", help="one server after the other instead of interleaving levels"
+    )
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = p.parse_args()
 
@@ -221,10 +230,14 @@ def main() -> int:
     else:
         results = bench_interleaved(model, args, work)
 
-    print(f"\n{args.requests} streamed chat requests x {args.tokens} tokens; tiny model, "
-          "dtype float32, enforce-eager")
-    print(f"{'conc':>4} | {'ours tok/s':>10} {'theirs tok/s':>12} {'ratio':>6} | "
-          f"{'ours p50':>8} {'theirs p50':>10} {'ratio':>6} | {'ours p95':>8} {'theirs p95':>10}")
+    print(
+        f"\n{args.requests} streamed chat requests x {args.tokens} tokens; tiny model, "
+        "dtype float32, enforce-eager"
+    )
+    print(
+        f"{'conc':>4} | {'ours tok/s':>10} {'theirs tok/s':>12} {'ratio':>6} | "
+        f"{'ours p50':>8} {'theirs p50':>10} {'ratio':>6} | {'ours p95':>8} {'theirs p95':>10}"
+    )
     rows = []
     for i, c in enumerate(args.concurrency):
         o = results.get("ours", [None] * len(args.concurrency))[i]
@@ -243,16 +256,25 @@ def main() -> int:
             "theirs_ttft_p95_ms": round(t.ttft_p95_ms, 1),
         }
         rows.append(row)
-        print(f"{c:>4} | {o.tokens_per_second:>10.1f} {t.tokens_per_second:>12.1f} "
-              f"{row['throughput_ratio']:>6.2f} | {o.ttft_p50_ms:>8.1f} {t.ttft_p50_ms:>10.1f} "
-              f"{row['ttft_p50_ratio']:>6.2f} | {o.ttft_p95_ms:>8.1f} {t.ttft_p95_ms:>10.1f}")
+        print(
+            f"{c:>4} | {o.tokens_per_second:>10.1f} {t.tokens_per_second:>12.1f} "
+            f"{row['throughput_ratio']:>6.2f} | {o.ttft_p50_ms:>8.1f} {t.ttft_p50_ms:>10.1f} "
+            f"{row['ttft_p50_ratio']:>6.2f} | {o.ttft_p95_ms:>8.1f} {t.ttft_p95_ms:>10.1f}"
+        )
     if args.out:
-        args.out.write_text(json.dumps({
-            "requests": args.requests, "tokens": args.tokens,
-            "mode": "sequential" if args.sequential else f"interleaved, {args.rounds} rounds",
-            "comparison": rows,
-            "raw": {k: [asdict(r) for r in v] for k, v in results.items()},
-        }, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "requests": args.requests,
+                    "tokens": args.tokens,
+                    "mode": "sequential" if args.sequential else f"interleaved, {args.rounds} rounds",
+                    "comparison": rows,
+                    "raw": {k: [asdict(r) for r in v] for k, v in results.items()},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

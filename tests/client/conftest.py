@@ -51,8 +51,17 @@ def client_server(
     shutil.copytree(lora, second)
     srv = start_server(
         model,
-        ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
-         "--lora-modules", f"preloaded={lora}", "--api-key", API_KEY],
+        [
+            "--enable-lora",
+            "--max-lora-rank",
+            "8",
+            "--max-loras",
+            "2",
+            "--lora-modules",
+            f"preloaded={lora}",
+            "--api-key",
+            API_KEY,
+        ],
         log_path=tmp_path_factory.mktemp("client-logs") / "server.log",
         # A server started by hand, as a user would for the client's adapter calls: upstream's
         # switch turns runtime adapter changes on (they then need the API key).

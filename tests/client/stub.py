@@ -38,10 +38,14 @@ class Seen:
 
 def chat_body(text: str = "hello there", model: str = "stub") -> dict[str, Any]:
     """A non-streaming chat completion."""
-    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+    }
 
 
 def chat_events(pieces: list[str], model: str = "stub") -> list[str]:
@@ -50,18 +54,36 @@ def chat_events(pieces: list[str], model: str = "stub") -> list[str]:
     for i, p in enumerate(pieces):
         delta: dict[str, Any] = {"content": p} | ({"role": "assistant"} if i == 0 else {})
         fin = "stop" if i == len(pieces) - 1 else None
-        out.append(json.dumps({"id": "c", "object": "chat.completion.chunk", "model": model,
-                               "choices": [{"index": 0, "delta": delta, "finish_reason": fin}]}))
-    out.append(json.dumps({"id": "c", "object": "chat.completion.chunk", "model": model,
-                           "choices": [], "usage": {"prompt_tokens": 5,
-                                                    "completion_tokens": len(pieces),
-                                                    "total_tokens": 5 + len(pieces)}}))
+        out.append(
+            json.dumps(
+                {
+                    "id": "c",
+                    "object": "chat.completion.chunk",
+                    "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": fin}],
+                }
+            )
+        )
+    out.append(
+        json.dumps(
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "model": model,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 5,
+                    "completion_tokens": len(pieces),
+                    "total_tokens": 5 + len(pieces),
+                },
+            }
+        )
+    )
     out.append("[DONE]")
     return out
 
 
-def error_body(message: str, type: str, code: str | None = None,
-               param: str | None = None) -> dict[str, Any]:
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -86,14 +108,14 @@ class Stub:
     def start(self) -> Stub:
         """Listen on a free loopback port."""
         self._thread.start()
-        fut = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._handle, "127.0.0.1", 0), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._handle, "127.0.0.1", 0), self._loop)
         self._server = fut.result(10)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     def stop(self) -> None:
         """Close and stop the loop."""
+
         async def close() -> None:
             if self._server is not None:
                 self._server.close()
@@ -118,8 +140,9 @@ class Stub:
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
             method, path, _ = lines[0].split(" ", 2)
-            headers = {k.strip().lower(): v.strip()
-                       for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+            headers = {
+                k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
+            }
             raw = await reader.readexactly(int(headers.get("content-length", "0")))
             body = json.loads(raw) if raw else None
             self.seen.append(Seen(time.monotonic(), method, path, headers, body))
@@ -139,12 +162,17 @@ class Stub:
         if r.drop:
             w.transport.abort()
             return
-        streaming = r.events is not None or (r.status == 200 and r.body is None and
-                                             isinstance(req, dict) and req.get("stream"))
+        streaming = r.events is not None or (
+            r.status == 200 and r.body is None and isinstance(req, dict) and req.get("stream")
+        )
         if streaming and r.status == 200:
             events = r.events if r.events is not None else chat_events(["hel", "lo", "!"])
-            hdr = {"content-type": "text/event-stream", "transfer-encoding": "chunked",
-                   "connection": "close", **r.headers}
+            hdr = {
+                "content-type": "text/event-stream",
+                "transfer-encoding": "chunked",
+                "connection": "close",
+                **r.headers,
+            }
             w.write(self._head(200, hdr))
             for i, data in enumerate(events):
                 if r.drop_after is not None and i >= r.drop_after:
@@ -161,8 +189,12 @@ class Stub:
             return
         body = r.body if r.body is not None else chat_body()
         data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-        hdr = {"content-type": "application/json", "content-length": str(len(data)),
-               "connection": "close", **r.headers}
+        hdr = {
+            "content-type": "application/json",
+            "content-length": str(len(data)),
+            "connection": "close",
+            **r.headers,
+        }
         w.write(self._head(r.status, hdr) + data)
         await w.drain()
 

@@ -15,21 +15,52 @@ from vllm_operator.cli import main
 pytestmark = [pytest.mark.cluster, pytest.mark.engine]
 
 
-def test_bench_load_by_model_ref(cluster: LocalCluster, namespace: str, client_server: RealServer,
-                                 monkeypatch: pytest.MonkeyPatch,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_load_by_model_ref(
+    cluster: LocalCluster,
+    namespace: str,
+    client_server: RealServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     install_crd(cluster)
-    model = {"apiVersion": "serving.vllm-operator.io/v1alpha1", "kind": "VLLMModel",
-             "metadata": {"name": "bench-target", "namespace": namespace},
-             "spec": {"model": "/models/tiny", "servedModelName": "tiny"}}
+    model = {
+        "apiVersion": "serving.vllm-operator.io/v1alpha1",
+        "kind": "VLLMModel",
+        "metadata": {"name": "bench-target", "namespace": namespace},
+        "spec": {"model": "/models/tiny", "servedModelName": "tiny"},
+    }
     cluster.apply(model)
     # No operator here: write the status a ready model would have, pointing at the real server.
     status = {"status": {"phase": "Ready", "endpoint": f"{client_server.url}/v1"}}
-    cluster.kubectl("patch", "vllmmodel", "bench-target", "-n", namespace, "--subresource=status",
-                    "--type=merge", "-p", json.dumps(status), check=True)
+    cluster.kubectl(
+        "patch",
+        "vllmmodel",
+        "bench-target",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+        check=True,
+    )
     monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
-    code = main(["bench", "load", "--model-ref", f"{namespace}/bench-target", "--api-key", API_KEY,
-                 "--requests", "4", "--max-tokens", "4", "--json", "--no-progress"])
+    code = main(
+        [
+            "bench",
+            "load",
+            "--model-ref",
+            f"{namespace}/bench-target",
+            "--api-key",
+            API_KEY,
+            "--requests",
+            "4",
+            "--max-tokens",
+            "4",
+            "--json",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert json.loads(out.out.strip().splitlines()[-1])["completed"] == 4

@@ -29,8 +29,11 @@ def client(client_server: RealServer) -> Client:
 
 
 def test_chat_and_completion(client: Client) -> None:
-    r = client.chat([{"role": "system", "content": "Be brief."},
-                     {"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
+    r = client.chat(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        max_tokens=8,
+        temperature=0,
+    )
     assert r.model == "tiny" and r.usage is not None
     assert r.usage.completion_tokens == r.metrics.completion_tokens <= 8
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
@@ -90,8 +93,9 @@ async def test_async_stream_and_batch(client_server: RealServer) -> None:
         async for chunk in stream:
             n += bool(chunk.text)
         assert n == 8 and stream.result.metrics.completion_tokens == 8
-        batch = await c.batch_chat([f"Prompt {i}" for i in range(12)], concurrency=4,
-                                   stream=True, max_tokens=16, ignore_eos=True)
+        batch = await c.batch_chat(
+            [f"Prompt {i}" for i in range(12)], concurrency=4, stream=True, max_tokens=16, ignore_eos=True
+        )
     assert all(isinstance(r, Result) for r in batch.results)
     m = batch.metrics
     assert (m.items, m.errors, m.completion_tokens) == (12, 0, 12 * 16)
@@ -112,20 +116,41 @@ def test_bench_check_passes(client_server: RealServer, capsys: pytest.CaptureFix
     assert "11 passed, 0 failed" in out and "FAIL" not in out
 
 
-def test_bench_check_fails_on_impossible_limits(client_server: RealServer,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["bench", "check", "--base-url", client_server.url, "--api-key", API_KEY,
-                 "--max-ttft-ms", "0.001"])
+def test_bench_check_fails_on_impossible_limits(
+    client_server: RealServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["bench", "check", "--base-url", client_server.url, "--api-key", API_KEY, "--max-ttft-ms", "0.001"]
+    )
     out = capsys.readouterr().out
     assert code == 1 and "FAIL  TTFT" in out
 
 
-def test_bench_load_matches_server_stats(client_server: RealServer, client: Client,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_load_matches_server_stats(
+    client_server: RealServer, client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = client.stats()
-    code = main(["bench", "load", "--base-url", client_server.url, "--api-key", API_KEY,
-                 "--model", "tiny", "--requests", "96", "--concurrency", "32",
-                 "--max-tokens", "32", "--ignore-eos", "--json", "--no-progress"])
+    code = main(
+        [
+            "bench",
+            "load",
+            "--base-url",
+            client_server.url,
+            "--api-key",
+            API_KEY,
+            "--model",
+            "tiny",
+            "--requests",
+            "96",
+            "--concurrency",
+            "32",
+            "--max-tokens",
+            "32",
+            "--ignore-eos",
+            "--json",
+            "--no-progress",
+        ]
+    )
     after = client.stats()
     out = capsys.readouterr().out
     assert code == 0, out
@@ -145,15 +170,31 @@ def test_bench_load_matches_server_stats(client_server: RealServer, client: Clie
 
 
 def test_bench_load_rate_mode_and_plot_needs_matplotlib(
-        client_server: RealServer, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code = main(["bench", "load", "--base-url", client_server.url, "--api-key", API_KEY,
-                 "--requests", "10", "--rate", "20", "--max-tokens", "8", "--no-stream",
-                 "--json", "--no-progress"])
+    client_server: RealServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code = main(
+        [
+            "bench",
+            "load",
+            "--base-url",
+            client_server.url,
+            "--api-key",
+            API_KEY,
+            "--requests",
+            "10",
+            "--rate",
+            "20",
+            "--max-tokens",
+            "8",
+            "--no-stream",
+            "--json",
+            "--no-progress",
+        ]
+    )
     s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and s["completed"] == 10 and s["ttft_p50_ms"] is None
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         with pytest.raises(SystemExit, match="pip install matplotlib"):
-            main(["bench", "load", "--base-url", client_server.url, "--plot",
-                  str(tmp_path / "x.png")])
+            main(["bench", "load", "--base-url", client_server.url, "--plot", str(tmp_path / "x.png")])

@@ -24,8 +24,7 @@ from vllm_operator.client import (
 )
 from vllm_operator.client.async_client import Backend
 
-OVERLOADED = error_body("The server is overloaded; retry later.", "service_unavailable_error",
-                        "queue_full")
+OVERLOADED = error_body("The server is overloaded; retry later.", "service_unavailable_error", "queue_full")
 
 
 def gaps(stub: Stub) -> list[float]:
@@ -68,8 +67,7 @@ def test_503_backoff_grows_then_succeeds(stub: Stub, fast_retry: RetryPolicy) ->
     assert 0.095 <= second < 0.5 and second > first * 1.3  # doubled
 
 
-def test_gives_up_after_max_retries_with_the_error_body(stub: Stub,
-                                                        fast_retry: RetryPolicy) -> None:
+def test_gives_up_after_max_retries_with_the_error_body(stub: Stub, fast_retry: RetryPolicy) -> None:
     stub.then(*[Reply(503, OVERLOADED)] * 5)
     with Client(stub.url, retry=fast_retry) as c, pytest.raises(InternalServerError) as info:
         c.chat("hi")
@@ -81,8 +79,7 @@ def test_gives_up_after_max_retries_with_the_error_body(stub: Stub,
 
 
 def test_400_is_never_retried(stub: Stub, fast_retry: RetryPolicy) -> None:
-    body = error_body("max_tokens: too big", "invalid_request_error", "invalid_value",
-                      "max_tokens")
+    body = error_body("max_tokens: too big", "invalid_request_error", "invalid_value", "max_tokens")
     stub.then(Reply(400, body))
     with Client(stub.url, retry=fast_retry) as c, pytest.raises(BadRequestError) as info:
         c.chat("hi", max_tokens=10**9)
@@ -91,18 +88,21 @@ def test_400_is_never_retried(stub: Stub, fast_retry: RetryPolicy) -> None:
 
 
 def test_401_not_retried_and_bearer_sent(stub: Stub, fast_retry: RetryPolicy) -> None:
-    stub.then(Reply(401, error_body("Invalid or missing API key.", "authentication_error",
-                                    "invalid_api_key")))
-    with Client(stub.url, api_key="sekret", retry=fast_retry) as c, \
-            pytest.raises(AuthenticationError):
+    stub.then(
+        Reply(401, error_body("Invalid or missing API key.", "authentication_error", "invalid_api_key"))
+    )
+    with Client(stub.url, api_key="sekret", retry=fast_retry) as c, pytest.raises(AuthenticationError):
         c.chat("hi")
     assert len(stub.seen) == 1
     assert stub.seen[0].headers["authorization"] == "Bearer sekret"
 
 
 def test_non_json_error_body(stub: Stub, fast_retry: RetryPolicy) -> None:
-    stub.then(Reply(502, "<html>bad gateway</html>"), Reply(502, "<html>bad gateway</html>"),
-              Reply(502, "<html>bad gateway</html>"))
+    stub.then(
+        Reply(502, "<html>bad gateway</html>"),
+        Reply(502, "<html>bad gateway</html>"),
+        Reply(502, "<html>bad gateway</html>"),
+    )
     with Client(stub.url, retry=fast_retry) as c, pytest.raises(InternalServerError) as info:
         c.chat("hi")
     assert info.value.status == 502 and "bad gateway" in info.value.message
@@ -155,8 +155,7 @@ def test_stream_drop_before_first_chunk_is_retried(stub: Stub, fast_retry: Retry
     assert r.metrics.retries == 1 and len(stub.seen) == 2
 
 
-def test_stream_drop_mid_stream_raises_with_partial_text(stub: Stub,
-                                                         fast_retry: RetryPolicy) -> None:
+def test_stream_drop_mid_stream_raises_with_partial_text(stub: Stub, fast_retry: RetryPolicy) -> None:
     stub.then(Reply(events=chat_events(["one ", "two ", "three ", "four"]), drop_after=2))
     got: list[str] = []
     with Client(stub.url, retry=fast_retry) as c, pytest.raises(StreamInterruptedError) as info:
@@ -168,9 +167,11 @@ def test_stream_drop_mid_stream_raises_with_partial_text(stub: Stub,
 
 
 def test_in_band_error_event(stub: Stub) -> None:
-    events = [*chat_events(["x"])[:1],
-              '{"error": {"message": "Generation failed", "type": "server_error", '
-              '"param": null, "code": 500}}', "[DONE]"]
+    events = [
+        *chat_events(["x"])[:1],
+        '{"error": {"message": "Generation failed", "type": "server_error", "param": null, "code": 500}}',
+        "[DONE]",
+    ]
     stub.then(Reply(events=events))
     with Client(stub.url) as c, pytest.raises(APIStreamError) as info:
         c.chat_stream("hi").collect()
@@ -209,8 +210,7 @@ def test_round_robin_spreads(stub: Stub, stub2: Stub) -> None:
 
 
 def test_every_endpoint_down(fast_retry: RetryPolicy) -> None:
-    with Client([closed_port(), closed_port()], retry=fast_retry) as c, \
-            pytest.raises(APIConnectionError):
+    with Client([closed_port(), closed_port()], retry=fast_retry) as c, pytest.raises(APIConnectionError):
         c.chat("hi")
 
 
@@ -228,10 +228,11 @@ async def test_async_429_then_stream(stub: Stub, fast_retry: RetryPolicy) -> Non
     assert stub.seen[1].body["model"] == "stub"
 
 
-async def test_async_no_retry_on_400_and_rate_limit_gives_up(stub: Stub,
-                                                             fast_retry: RetryPolicy) -> None:
-    stub.then(Reply(400, error_body("bad", "invalid_request_error")),
-              *[Reply(429, error_body("slow", "rate_limit_error"))] * 3)
+async def test_async_no_retry_on_400_and_rate_limit_gives_up(stub: Stub, fast_retry: RetryPolicy) -> None:
+    stub.then(
+        Reply(400, error_body("bad", "invalid_request_error")),
+        *[Reply(429, error_body("slow", "rate_limit_error"))] * 3,
+    )
     async with AsyncClient(stub.url, retry=fast_retry) as c:
         with pytest.raises(BadRequestError):
             await c.chat("hi")
@@ -268,8 +269,7 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     return value
 
 
-async def test_backend_retries_drops_and_503(stub: Stub, backend: Backend,
-                                             fast_retry: RetryPolicy) -> None:
+async def test_backend_retries_drops_and_503(stub: Stub, backend: Backend, fast_retry: RetryPolicy) -> None:
     stub.then(Reply(drop=True), Reply(503, OVERLOADED, {"Retry-After": "0.1"}))
     async with AsyncClient(stub.url, retry=fast_retry, backend=backend) as c:
         r = await c.chat("hi")
@@ -286,8 +286,7 @@ async def test_backend_mid_stream_break(stub: Stub, backend: Backend, fast_retry
 
 async def test_backend_timeout_and_400(stub: Stub, backend: Backend, fast_retry: RetryPolicy) -> None:
     stub.then(Reply(delay=1.0), Reply(400, error_body("bad", "invalid_request_error")))
-    async with AsyncClient(stub.url, retry=fast_retry, timeout=0.2, max_retries=0,
-                           backend=backend) as c:
+    async with AsyncClient(stub.url, retry=fast_retry, timeout=0.2, max_retries=0, backend=backend) as c:
         with pytest.raises(APITimeoutError):
             await c.chat("hi")
         with pytest.raises(BadRequestError):
@@ -295,7 +294,8 @@ async def test_backend_timeout_and_400(stub: Stub, backend: Backend, fast_retry:
 
 
 async def test_backend_failover(stub: Stub, backend: Backend, fast_retry: RetryPolicy) -> None:
-    async with AsyncClient([closed_port(), stub.url], strategy="failover", retry=fast_retry,
-                           backend=backend) as c:
+    async with AsyncClient(
+        [closed_port(), stub.url], strategy="failover", retry=fast_retry, backend=backend
+    ) as c:
         r = await c.chat("hi")
     assert r.metrics.endpoint == stub.url and r.metrics.retries == 1

@@ -27,13 +27,16 @@ def test_retry_after_wins_unless_absurd() -> None:
     assert p.delay(0, 3600.0) == 0.5
 
 
-@pytest.mark.parametrize(("headers", "seconds"), [
-    ({"Retry-After": "2"}, 2.0),
-    ({"retry-after": "0.5"}, 0.5),
-    ({"retry-after-ms": "1500", "Retry-After": "9"}, 1.5),
-    ({"Retry-After": "soon"}, None),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"Retry-After": "2"}, 2.0),
+        ({"retry-after": "0.5"}, 0.5),
+        ({"retry-after-ms": "1500", "Retry-After": "9"}, 1.5),
+        ({"Retry-After": "soon"}, None),
+        ({}, None),
+    ],
+)
 def test_parse_retry_after(headers: dict[str, str], seconds: float | None) -> None:
     assert parse_retry_after(headers) == seconds
 
@@ -44,21 +47,26 @@ def test_parse_retry_after_http_date() -> None:
 
 
 def test_retryable_statuses() -> None:
-    assert [s for s in (400, 401, 404, 408, 409, 422, 429, 500, 502, 503) if
-            retryable_status(s)] == [408, 409, 429, 500, 502, 503]
+    assert [s for s in (400, 401, 404, 408, 409, 422, 429, 500, 502, 503) if retryable_status(s)] == [
+        408,
+        409,
+        429,
+        500,
+        502,
+        503,
+    ]
 
 
 def test_status_error_classes_and_fields() -> None:
     e = status_error(400, {"error": {"message": "m", "type": "t", "param": "p", "code": "c"}})
-    assert isinstance(e, BadRequestError) and (e.message, e.type, e.param, e.code) == (
-        "m", "t", "p", "c")
+    assert isinstance(e, BadRequestError) and (e.message, e.type, e.param, e.code) == ("m", "t", "p", "c")
     e2 = status_error(504, "gateway timeout")
     assert isinstance(e2, InternalServerError) and e2.message == "gateway timeout"
 
 
 def test_sse_decoder() -> None:
     d = SSEDecoder()
-    lines = [": comment", "event: x", "data: {\"a\":", "data: 1}", "", "", "data:[DONE]", ""]
+    lines = [": comment", "event: x", 'data: {"a":', "data: 1}", "", "", "data:[DONE]", ""]
     assert [x for x in map(d.line, lines) if x is not None] == ['{"a":\n1}', "[DONE]"]
 
 
@@ -70,8 +78,7 @@ def test_percentile() -> None:
 
 def test_endpoint_order() -> None:
     now = [0.0]
-    rr = EndpointPool(["http://a/v1/", "http://b"], "round_robin", cooldown=5,
-                      clock=lambda: now[0])
+    rr = EndpointPool(["http://a/v1/", "http://b"], "round_robin", cooldown=5, clock=lambda: now[0])
     assert rr.order() == ["http://a", "http://b"]
     assert rr.order() == ["http://b", "http://a"]
     fo = EndpointPool(["http://a", "http://b"], "failover", cooldown=5, clock=lambda: now[0])
@@ -84,8 +91,11 @@ def test_endpoint_order() -> None:
 def test_model_ref() -> None:
     assert parse_ref("team/llama") == ("team", "llama")
     assert parse_ref("llama") == ("default", "llama")
-    obj = {"metadata": {"name": "llama", "namespace": "team"}, "spec": {},
-           "status": {"endpoint": "http://llama.team.svc:8000/v1"}}
+    obj = {
+        "metadata": {"name": "llama", "namespace": "team"},
+        "spec": {},
+        "status": {"endpoint": "http://llama.team.svc:8000/v1"},
+    }
     assert target_of(obj) == ("http://llama.team.svc:8000/v1", "llama")
     obj["spec"] = {"servedModelName": "llama-8b"}
     assert target_of(obj)[1] == "llama-8b"

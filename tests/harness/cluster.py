@@ -98,8 +98,7 @@ def node_manifest(name: str, gpus: int, cpu: str, memory: str) -> dict[str, Any]
 
 def node_manifests(spec: ClusterSpec) -> list[dict[str, Any]]:
     """All fake nodes of a spec: GPU nodes first, then CPU-only nodes."""
-    gpu = [node_manifest(f"kwok-gpu-{i}", spec.gpus_per_node, "32", "256Gi")
-           for i in range(spec.gpu_nodes)]
+    gpu = [node_manifest(f"kwok-gpu-{i}", spec.gpus_per_node, "32", "256Gi") for i in range(spec.gpu_nodes)]
     cpu = [node_manifest(f"kwok-cpu-{i}", 0, "16", "64Gi") for i in range(spec.cpu_nodes)]
     return gpu + cpu
 
@@ -158,9 +157,7 @@ class KubeClient:
     def apply(self, manifest: dict[str, Any], *flags: str, namespace: str | None = None) -> str:
         """`kubectl apply -f -` of one manifest (as JSON on stdin); kubectl's output."""
         scope = ["-n", namespace] if namespace else []
-        return self.kubectl(
-            "apply", *scope, *flags, "-f", "-", input=json.dumps(manifest), check=True
-        ).stdout
+        return self.kubectl("apply", *scope, *flags, "-f", "-", input=json.dumps(manifest), check=True).stdout
 
     def helm(
         self, *args: str, input: str | None = None, check: bool = False, timeout: float = 300
@@ -173,8 +170,13 @@ class KubeClient:
     ) -> subprocess.CompletedProcess[str]:
         """Run a client binary with our environment; raise with its output if check fails."""
         proc = subprocess.run(
-            [binary, *args], input=input, capture_output=True, text=True, env=self.env(),
-            timeout=timeout, check=False,
+            [binary, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=timeout,
+            check=False,
         )
         if check and proc.returncode != 0:
             raise ToolError(proc.returncode, proc.args, proc.stdout, proc.stderr)
@@ -187,8 +189,9 @@ class KubeClient:
     def create_namespace(self, name: str, timeout: float = 30) -> None:
         """Create a namespace and wait for its default ServiceAccount (pods are refused before)."""
         self.kubectl("create", "namespace", name, check=True)
-        wait_until(lambda: self.has_default_service_account(name),
-                   f"ServiceAccount default in {name}", timeout)
+        wait_until(
+            lambda: self.has_default_service_account(name), f"ServiceAccount default in {name}", timeout
+        )
 
 
 class ToolError(subprocess.CalledProcessError):
@@ -297,14 +300,27 @@ class LocalCluster(KubeClient):
         """Single-member etcd on loopback; fsync off because the data is throwaway."""
         client = f"http://127.0.0.1:{self.ports.etcd_client}"
         peer = f"http://127.0.0.1:{self.ports.etcd_peer}"
-        self.supervisor.start("etcd", [
-            str(binary), "--name=local", f"--data-dir={self.run_dir / 'etcd'}",
-            f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
-            f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=local={peer}", "--unsafe-no-fsync", "--log-level=warn",
-        ])
-        wait_until(lambda: self.http_ok(f"{client}/health"), "etcd /health", timeout,
-                   lambda: self.supervisor.check_alive("etcd"))
+        self.supervisor.start(
+            "etcd",
+            [
+                str(binary),
+                "--name=local",
+                f"--data-dir={self.run_dir / 'etcd'}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=local={peer}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )
+        wait_until(
+            lambda: self.http_ok(f"{client}/health"),
+            "etcd /health",
+            timeout,
+            lambda: self.supervisor.check_alive("etcd"),
+        )
 
     def apiserver_args(self, binary: Path) -> list[str]:
         """kube-apiserver's command line."""
@@ -312,10 +328,12 @@ class LocalCluster(KubeClient):
         return [
             str(binary),
             f"--etcd-servers=http://127.0.0.1:{self.ports.etcd_client}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
             f"--secure-port={self.ports.apiserver}",
             f"--cert-dir={self.run_dir / 'certs'}",
-            f"--tls-cert-file={p.serving_cert}", f"--tls-private-key-file={p.serving_key}",
+            f"--tls-cert-file={p.serving_cert}",
+            f"--tls-private-key-file={p.serving_key}",
             f"--client-ca-file={p.ca_cert}",
             "--authorization-mode=Node,RBAC",
             f"--service-account-key-file={p.sa_pub}",
@@ -331,58 +349,85 @@ class LocalCluster(KubeClient):
     def start_apiserver(self, binary: Path, timeout: float) -> None:
         """Start kube-apiserver and wait for /readyz."""
         self.supervisor.start("kube-apiserver", self.apiserver_args(binary))
-        wait_until(lambda: self.http_ok(f"{self.server}/readyz", client_cert=True),
-                   "kube-apiserver /readyz", timeout,
-                   lambda: self.supervisor.check_alive("kube-apiserver"))
+        wait_until(
+            lambda: self.http_ok(f"{self.server}/readyz", client_cert=True),
+            "kube-apiserver /readyz",
+            timeout,
+            lambda: self.supervisor.check_alive("kube-apiserver"),
+        )
 
     def start_controllers(self, binaries: dict[str, Path], timeout: float) -> None:
         """Start controller-manager, scheduler and kwok, and wait for their health."""
         kubeconfig = str(self.kubeconfig)
         common = [
-            f"--kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
-            f"--authorization-kubeconfig={kubeconfig}", "--bind-address=127.0.0.1",
-            "--leader-elect=false", f"--cert-dir={self.run_dir / 'certs'}",
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            "--leader-elect=false",
+            f"--cert-dir={self.run_dir / 'certs'}",
             # No front-proxy CA here; looking it up only fills the logs with errors.
             "--authentication-skip-lookup=true",
         ]
-        self.supervisor.start("kube-controller-manager", [
-            str(binaries["kube-controller-manager"]), *common,
-            f"--secure-port={self.ports.controller_manager}",
-            # Signs service-account tokens and publishes kube-root-ca.crt in every namespace.
-            f"--service-account-private-key-file={self.pki.sa_key}",
-            f"--root-ca-file={self.pki.ca_cert}",
-            f"--cluster-signing-cert-file={self.pki.ca_cert}",
-            f"--cluster-signing-key-file={self.pki.ca_key}",
-            f"--service-cluster-ip-range={self.spec.service_cidr}",
-            "--controllers=*",
-        ])
-        self.supervisor.start("kube-scheduler", [
-            str(binaries["kube-scheduler"]), *common, f"--secure-port={self.ports.scheduler}",
-        ])
+        self.supervisor.start(
+            "kube-controller-manager",
+            [
+                str(binaries["kube-controller-manager"]),
+                *common,
+                f"--secure-port={self.ports.controller_manager}",
+                # Signs service-account tokens and publishes kube-root-ca.crt in every namespace.
+                f"--service-account-private-key-file={self.pki.sa_key}",
+                f"--root-ca-file={self.pki.ca_cert}",
+                f"--cluster-signing-cert-file={self.pki.ca_cert}",
+                f"--cluster-signing-key-file={self.pki.ca_key}",
+                f"--service-cluster-ip-range={self.spec.service_cidr}",
+                "--controllers=*",
+            ],
+        )
+        self.supervisor.start(
+            "kube-scheduler",
+            [
+                str(binaries["kube-scheduler"]),
+                *common,
+                f"--secure-port={self.ports.scheduler}",
+            ],
+        )
         self.start_kwok(binaries["kwok"])
-        for name, port in (("kube-controller-manager", self.ports.controller_manager),
-                           ("kube-scheduler", self.ports.scheduler)):
+        for name, port in (
+            ("kube-controller-manager", self.ports.controller_manager),
+            ("kube-scheduler", self.ports.scheduler),
+        ):
             self.wait_healthz(name, port, timeout)
 
     def wait_healthz(self, name: str, port: int, timeout: float) -> None:
         """Wait for a component's /healthz on its loopback port."""
-        wait_until(lambda: self.http_ok(f"https://127.0.0.1:{port}/healthz"),
-                   f"{name} /healthz", timeout, self.check_all_alive)
+        wait_until(
+            lambda: self.http_ok(f"https://127.0.0.1:{port}/healthz"),
+            f"{name} /healthz",
+            timeout,
+            self.check_all_alive,
+        )
 
     def start_kwok(self, binary: Path) -> None:
         """kwok managing only the nodes annotated as fake, handing out pod IPs."""
         configs = [f"--config={path}" for path in toolchain.kwok_stage_files()]
-        self.supervisor.start("kwok", [
-            str(binary), f"--kubeconfig={self.kubeconfig}", *configs,
-            "--manage-all-nodes=false",
-            f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-            f"--cidr={self.spec.pod_cidr}", "--node-ip=127.0.0.1",
-            # Heartbeats through Leases, as kubelets do: the node controller keeps them Ready.
-            "--node-lease-duration-seconds=40",
-            f"--server-address=127.0.0.1:{self.ports.kwok}",
-            # INFO logs every node-lease renewal (a line per node every 10 s).
-            "--v=WARN",
-        ])
+        self.supervisor.start(
+            "kwok",
+            [
+                str(binary),
+                f"--kubeconfig={self.kubeconfig}",
+                *configs,
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+                f"--cidr={self.spec.pod_cidr}",
+                "--node-ip=127.0.0.1",
+                # Heartbeats through Leases, as kubelets do: the node controller keeps them Ready.
+                "--node-lease-duration-seconds=40",
+                f"--server-address=127.0.0.1:{self.ports.kwok}",
+                # INFO logs every node-lease renewal (a line per node every 10 s).
+                "--v=WARN",
+            ],
+        )
 
     def create_nodes(self) -> None:
         """Create the fake nodes (status included, which kwok then keeps alive)."""
@@ -392,8 +437,13 @@ class LocalCluster(KubeClient):
     def wait_ready(self, timeout: float) -> None:
         """Nodes Ready and the default ServiceAccount present, so pods can be created."""
         wait_until(self.nodes_ready, "fake nodes to be Ready", timeout, self.check_all_alive, 0.5)
-        wait_until(lambda: self.has_default_service_account("default"),
-                   "the default ServiceAccount", timeout, self.check_all_alive, 0.5)
+        wait_until(
+            lambda: self.has_default_service_account("default"),
+            "the default ServiceAccount",
+            timeout,
+            self.check_all_alive,
+            0.5,
+        )
 
     def check_all_alive(self) -> None:
         """Raise with a log tail if any component we started has exited."""
@@ -421,11 +471,21 @@ class LocalCluster(KubeClient):
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "local", "cluster": {
-                "server": self.server, "certificate-authority-data": b64(self.pki.ca_cert)}}],
-            "users": [{"name": "admin", "user": {
-                "client-certificate-data": b64(self.pki.admin_cert),
-                "client-key-data": b64(self.pki.admin_key)}}],
+            "clusters": [
+                {
+                    "name": "local",
+                    "cluster": {"server": self.server, "certificate-authority-data": b64(self.pki.ca_cert)},
+                }
+            ],
+            "users": [
+                {
+                    "name": "admin",
+                    "user": {
+                        "client-certificate-data": b64(self.pki.admin_cert),
+                        "client-key-data": b64(self.pki.admin_key),
+                    },
+                }
+            ],
             "contexts": [{"name": "local", "context": {"cluster": "local", "user": "admin"}}],
             "current-context": "local",
         }
@@ -478,8 +538,11 @@ def explain_failure(cluster: LocalCluster, error: BaseException) -> str:
     """An error message with the failing component's log tail (if the error lacks one)."""
     if isinstance(error, ComponentFailed):
         return str(error)
-    tails = [f"--- {name} ---\n{log_tail(cluster.supervisor.log_path(name), 15)}"
-             for name in reversed(COMPONENTS) if cluster.supervisor.log_path(name).exists()]
+    tails = [
+        f"--- {name} ---\n{log_tail(cluster.supervisor.log_path(name), 15)}"
+        for name in reversed(COMPONENTS)
+        if cluster.supervisor.log_path(name).exists()
+    ]
     return f"{error}\n" + "\n".join(tails)
 
 
@@ -494,16 +557,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpu-nodes", type=int, default=ClusterSpec.cpu_nodes)
     args = parser.parse_args(argv)
     if args.command == "up":
-        spec = ClusterSpec(pod_cidr=args.pod_cidr, gpu_nodes=args.gpu_nodes,
-                           gpus_per_node=args.gpus_per_node, cpu_nodes=args.cpu_nodes)
+        spec = ClusterSpec(
+            pod_cidr=args.pod_cidr,
+            gpu_nodes=args.gpu_nodes,
+            gpus_per_node=args.gpus_per_node,
+            cpu_nodes=args.cpu_nodes,
+        )
         cluster = LocalCluster(args.root, spec)
         try:
             cluster.start()
         except (ComponentFailed, TimeoutError, subprocess.CalledProcessError) as error:
             print(f"cluster up FAILED: {explain_failure(cluster, error)}", file=sys.stderr)
             return 1
-        print(f"cluster up in {cluster.started_seconds:.1f}s: Kubernetes {versions.KUBERNETES} "
-              f"at {cluster.server}\nexport KUBECONFIG={cluster.kubeconfig}")
+        print(
+            f"cluster up in {cluster.started_seconds:.1f}s: Kubernetes {versions.KUBERNETES} "
+            f"at {cluster.server}\nexport KUBECONFIG={cluster.kubeconfig}"
+        )
         return 0
     cluster = LocalCluster.load(args.root)
     if args.command == "down":

@@ -63,8 +63,16 @@ class Pki:
 
     def exists(self) -> bool:
         """True when every file is present (a restart reuses them)."""
-        files = (self.ca_cert, self.ca_key, self.serving_cert, self.serving_key,
-                 self.admin_cert, self.admin_key, self.sa_key, self.sa_pub)
+        files = (
+            self.ca_cert,
+            self.ca_key,
+            self.serving_cert,
+            self.serving_key,
+            self.admin_cert,
+            self.admin_key,
+            self.sa_key,
+            self.sa_pub,
+        )
         return all(path.exists() for path in files)
 
 
@@ -78,11 +86,23 @@ def openssl(*args: str, cwd: Path) -> None:
 def make_ca(pki: Pki) -> None:
     """A self-signed CA."""
     openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", DAYS,
-        "-keyout", str(pki.ca_key), "-out", str(pki.ca_cert),
-        "-subj", "/CN=vllm-operator-local-ca",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        DAYS,
+        "-keyout",
+        str(pki.ca_key),
+        "-out",
+        str(pki.ca_cert),
+        "-subj",
+        "/CN=vllm-operator-local-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
         cwd=pki.directory,
     )
 
@@ -92,11 +112,38 @@ def sign(pki: Pki, name: str, subject: str, extensions: list[str]) -> tuple[Path
     key, csr, cert = (pki.directory / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
     extfile = pki.directory / f"{name}.ext"
     extfile.write_text("\n".join(extensions) + "\n")
-    openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-            "-out", str(csr), "-subj", subject, cwd=pki.directory)
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(pki.ca_cert), "-CAkey", str(pki.ca_key),
-            "-CAcreateserial", "-days", DAYS, "-out", str(cert), "-extfile", str(extfile),
-            cwd=pki.directory)
+    openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        subject,
+        cwd=pki.directory,
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(pki.ca_cert),
+        "-CAkey",
+        str(pki.ca_key),
+        "-CAcreateserial",
+        "-days",
+        DAYS,
+        "-out",
+        str(cert),
+        "-extfile",
+        str(extfile),
+        cwd=pki.directory,
+    )
     csr.unlink()
     extfile.unlink()
     return key, cert
@@ -112,21 +159,44 @@ def make_all(directory: Path, service_cidr: str) -> Pki:
     directory.mkdir(parents=True, exist_ok=True)
     pki = Pki(directory)
     make_ca(pki)
-    names = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-             "kubernetes.default.svc.cluster.local"]
+    names = [
+        "localhost",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    ]
     sans = [f"DNS:{name}" for name in names] + ["IP:127.0.0.1", f"IP:{service_ip(service_cidr)}"]
-    sign(pki, "apiserver", "/CN=kube-apiserver", [
-        "keyUsage=critical,digitalSignature,keyEncipherment",
-        "extendedKeyUsage=serverAuth",
-        f"subjectAltName={','.join(sans)}",
-    ])
+    sign(
+        pki,
+        "apiserver",
+        "/CN=kube-apiserver",
+        [
+            "keyUsage=critical,digitalSignature,keyEncipherment",
+            "extendedKeyUsage=serverAuth",
+            f"subjectAltName={','.join(sans)}",
+        ],
+    )
     # system:masters bypasses RBAC: the harness, kubectl, helm and the control plane use it.
-    sign(pki, "admin", "/O=system:masters/CN=admin", [
-        "keyUsage=critical,digitalSignature,keyEncipherment",
-        "extendedKeyUsage=clientAuth",
-    ])
-    openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
-            "-out", str(pki.sa_key), cwd=directory)
+    sign(
+        pki,
+        "admin",
+        "/O=system:masters/CN=admin",
+        [
+            "keyUsage=critical,digitalSignature,keyEncipherment",
+            "extendedKeyUsage=clientAuth",
+        ],
+    )
+    openssl(
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        str(pki.sa_key),
+        cwd=directory,
+    )
     openssl("pkey", "-in", str(pki.sa_key), "-pubout", "-out", str(pki.sa_pub), cwd=directory)
     for path in directory.glob("*.key"):
         path.chmod(0o600)

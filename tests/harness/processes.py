@@ -88,8 +88,12 @@ class Supervisor:
             # Own session: a Ctrl-C in the test run does not reach the control plane
             # before the fixture has had the chance to stop it in order.
             proc = subprocess.Popen(
-                list(args), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, env=env,
+                list(args),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
             )
         self.children[name] = proc
         self.pid_path(name).write_text(f"{proc.pid}\n")

@@ -36,13 +36,22 @@ def test_pki_chain_verifies(tmp_path: Path) -> None:
     made = pki.make_all(tmp_path, "10.96.0.0/16")
     assert made.exists()
     for cert in (made.serving_cert, made.admin_cert):
-        subprocess.run(["openssl", "verify", "-CAfile", str(made.ca_cert), str(cert)], check=True,
-                       capture_output=True)
-    text = subprocess.run(["openssl", "x509", "-in", str(made.serving_cert), "-noout", "-text"],
-                          check=True, capture_output=True, text=True).stdout
+        subprocess.run(
+            ["openssl", "verify", "-CAfile", str(made.ca_cert), str(cert)], check=True, capture_output=True
+        )
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(made.serving_cert), "-noout", "-text"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "IP Address:10.96.0.1" in text and "IP Address:127.0.0.1" in text
-    subject = subprocess.run(["openssl", "x509", "-in", str(made.admin_cert), "-noout",
-                              "-subject"], check=True, capture_output=True, text=True).stdout
+    subject = subprocess.run(
+        ["openssl", "x509", "-in", str(made.admin_cert), "-noout", "-subject"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "O = system:masters" in subject
 
 

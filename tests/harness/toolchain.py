@@ -85,8 +85,7 @@ def run_go(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None) ->
     cmd = [versions.GO, *args]
     started = time.monotonic()
     with tempfile.TemporaryFile() as output:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env or go_env(), stdout=output,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or go_env(), stdout=output, stderr=subprocess.STDOUT)
         # A cold Kubernetes build is silent for 15 minutes; say it is still alive.
         while True:
             try:
@@ -157,8 +156,15 @@ def build_kubectl(out: Path) -> None:
     for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
         flags += version_ldflags(package, versions.KUBERNETES)
     run_go(
-        ["build", "-trimpath", "-ldflags", " ".join(flags), "-o", f"{out}/kubectl",
-         "k8s.io/kubernetes/cmd/kubectl"],
+        [
+            "build",
+            "-trimpath",
+            "-ldflags",
+            " ".join(flags),
+            "-o",
+            f"{out}/kubectl",
+            "k8s.io/kubernetes/cmd/kubectl",
+        ],
         module,
     )
 
@@ -168,8 +174,7 @@ def build_etcd(out: Path) -> None:
     module = HARNESS_DIR / "etcd"
     check_wrapper(module, f"go.etcd.io/etcd/server/v3 {versions.ETCD}")
     run_go(
-        ["build", "-trimpath", "-ldflags", "-s -w", "-o", f"{out}/etcd",
-         "go.etcd.io/etcd/server/v3"],
+        ["build", "-trimpath", "-ldflags", "-s -w", "-o", f"{out}/etcd", "go.etcd.io/etcd/server/v3"],
         module,
     )
 
@@ -185,7 +190,11 @@ def module_dir(module: str, version: str) -> Path:
     """The directory of a downloaded module in the Go module cache."""
     proc = subprocess.run(
         [versions.GO, "mod", "download", "-json", f"{module}@{version}"],
-        env=go_env(), capture_output=True, text=True, check=False, cwd=HARNESS_DIR,
+        env=go_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=HARNESS_DIR,
     )
     if proc.returncode != 0:
         raise ToolchainError(f"go mod download {module}@{version}: {proc.stderr.strip()}")
@@ -214,8 +223,10 @@ def build_kwok(out: Path) -> None:
 def build_helm(out: Path) -> None:
     """Install helm with its version, and default capabilities matching our cluster."""
     major, minor = versions.kubernetes_major(), versions.kubernetes_minor()
-    flags = [f"-X helm.sh/helm/v3/internal/version.version={versions.HELM}",
-             "-X helm.sh/helm/v3/internal/version.gitTreeState=clean"]
+    flags = [
+        f"-X helm.sh/helm/v3/internal/version.version={versions.HELM}",
+        "-X helm.sh/helm/v3/internal/version.gitTreeState=clean",
+    ]
     for package in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
         flags += [f"-X {package}.k8sVersionMajor={major}", f"-X {package}.k8sVersionMinor={minor}"]
     go_install(out, f"helm.sh/helm/v3/cmd/helm@{versions.HELM}", flags)
@@ -233,8 +244,9 @@ def build_kind(out: Path) -> None:
 
 def build_pause(out: Path) -> None:
     """Build the pod sandbox's pause program from tests/harness/kind/pause (no dependencies)."""
-    run_go(["build", "-trimpath", "-ldflags", "-s -w", "-o", f"{out}/pause", "."],
-           HARNESS_DIR / "kind" / "pause")
+    run_go(
+        ["build", "-trimpath", "-ldflags", "-s -w", "-o", f"{out}/pause", "."], HARNESS_DIR / "kind" / "pause"
+    )
 
 
 KUBERNETES = Component(
