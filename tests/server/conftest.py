@@ -78,3 +78,14 @@ def real_server(
         yield srv
     finally:
         srv.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that stop the shared real server run after this folder's other tests (and before the
+    next folder's, so that the server's package-scoped fixture ends with the folder)."""
+    here = Path(__file__).parent
+    slots = [i for i, item in enumerate(items) if here in Path(str(item.fspath)).parents]
+    ours = [items[i] for i in slots]
+    ours.sort(key=lambda item: item.get_closest_marker("stops_real_server") is not None)
+    for slot, item in zip(slots, ours, strict=True):
+        items[slot] = item

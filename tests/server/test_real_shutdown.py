@@ -1,6 +1,7 @@
 """SIGTERM on the real server: stop accepting, finish in-flight streams, exit 0.
 
-Runs last (file order) because it stops the session's server.
+The SIGTERM test stops the package's shared server, so it is marked `stops_real_server` and
+runs after every other test (tests/server/conftest.py), whatever the file order.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tests.server.realserver import ENGINE_FLAGS, RealServer, free_port
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(300)]
 
 
+@pytest.mark.stops_real_server
 def test_sigterm_drains_streams_then_exits_zero(real_server: RealServer) -> None:
     body = {
         "model": "tiny",
