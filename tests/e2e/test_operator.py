@@ -366,6 +366,16 @@ def test_a_quota_refusing_the_pods_shows_in_degraded(
         "spec": {"hard": {"requests.nvidia.com/gpu": "0"}},
     }
     cluster.apply(quota, namespace=namespace)
+    # Quota admission enforces a quota only once the quota controller has filled in its status:
+    # a model applied at once could get its pods (seen once on a cold CI run).
+    eventually(
+        lambda: (
+            (cluster.get_json("resourcequota", "no-gpus", namespace=namespace, check=False) or {})
+            .get("status", {})
+            .get("hard")
+        ),
+        "the quota to be in force",
+    )
     cluster.apply(model("quota"), namespace=namespace)
 
     degraded = wait_degraded(cluster, namespace, "quota")
