@@ -162,6 +162,9 @@ def live(
                 served_name="tiny",
                 log_path=tmp / f"{name}.log",
                 env=env,
+                # Two loaded engines on a 2-core machine froze etcd and the API server for 55-80 s
+                # (CI logs: etcd silent, the operator's writes timing out): they yield to them.
+                niceness=10,
             )
         for server in servers.values():
             server.wait_healthy()
@@ -350,7 +353,9 @@ def test_status_reports_live_throughput_and_unhealthy_pods(live: LiveModel, clus
             return metrics.get("scrapedAt", ""), float(metrics.get("generationTokensPerSecond", 0))
 
         def next_window(after: str) -> tuple[str, float]:
-            deadline = time.monotonic() + 10 * INTERVAL + 60
+            # Generous: one stall of the local control plane must not fail a throughput check
+            # (the status' time-weighted mean copes with the longer window it leaves).
+            deadline = time.monotonic() + 10 * INTERVAL + 120
             while time.monotonic() < deadline:
                 stamp, value = scraped_at()
                 if stamp and stamp != after:

@@ -90,10 +90,13 @@ def spawn_server(
     port: int | None = None,
     host: str = "127.0.0.1",
     env: Mapping[str, str] | None = None,
+    niceness: int = 0,
 ) -> RealServer:
     """Start a server process without waiting for it (see RealServer.wait_healthy).
 
     `env` adds to this process's environment (e.g. VLLM_SERVER_ADMIN_TOKEN, which has no flag).
+    `niceness` lowers its CPU priority, so that engines under load beside a local control plane
+    cannot starve etcd and the API server of the machine's cores.
     """
     port = port or free_port()
     argv = [
@@ -116,7 +119,13 @@ def spawn_server(
     if "--api-key" in extra_args:
         api_key = extra_args[extra_args.index("--api-key") + 1]
     log = open(log_path, "wb")  # noqa: SIM115 - the child keeps writing to it
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env)
+    proc = subprocess.Popen(
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=child_env,
+        preexec_fn=(lambda: os.nice(niceness)) if niceness else None,
+    )
     return RealServer(proc, port, log_path, served_name, api_key, host=host)
 
 
