@@ -105,11 +105,6 @@ def listed_adapters(body: Any, served_name: str) -> dict[str, str]:
     return out
 
 
-def adapters_from_models(body: Any, served_name: str) -> tuple[str, ...]:
-    """The adapter names of `listed_adapters`, sorted."""
-    return tuple(sorted(listed_adapters(body, served_name)))
-
-
 def pod_url(ip: str, port: int) -> str:
     """`http://IP:PORT`, with an IPv6 address in brackets as URLs want it."""
     try:

@@ -28,9 +28,9 @@ from vllm_operator.scrape import (
     ScrapeError,
     Scraper,
     Target,
-    adapters_from_models,
     bearer,
     clip,
+    listed_adapters,
     pod_url,
     redact,
     targets_of,
@@ -71,8 +71,8 @@ def test_adapters_from_vllm_models() -> None:
             {"id": "chat", "root": "/lora/chat", "parent": "llama"},
         ]
     }
-    assert adapters_from_models(body, "llama") == ("chat", "sql")
-    assert adapters_from_models({"data": [{"id": "llama"}, {"id": "x"}]}, "llama") == ("x",)
+    assert tuple(sorted(listed_adapters(body, "llama"))) == ("chat", "sql")
+    assert tuple(sorted(listed_adapters({"data": [{"id": "llama"}, {"id": "x"}]}, "llama"))) == ("x",)
 
 
 KEY = "sk-test-0123"
