@@ -55,6 +55,7 @@ LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 ConditionType = Literal["Ready", "Progressing", "Degraded", "SpecValid", "AdaptersReady"]
 ConditionStatus = Literal["True", "False", "Unknown"]
+RoutingStrategy = Literal["LeastLoad", "PrefixAffinity"]
 
 ModelSource = Annotated[str, Field(pattern=MODEL_SOURCE_PATTERN, min_length=1, max_length=512)]
 Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=32)]
@@ -148,6 +149,38 @@ class Cache(WireModel):
     """PersistentVolumeClaim to mount as the cache; empty means a per-pod emptyDir."""
 
 
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$")
+
+
+class Routing(WireModel):
+    """How the router (`vllm-operator router`) reaches this model and spreads its requests."""
+
+    strategy: RoutingStrategy = "LeastLoad"
+    """LeastLoad: the pod with fewest requests in flight; PrefixAffinity: alike conversations share a pod."""
+    aliases: list[Annotated[str, Field(min_length=1, max_length=253, pattern=MODEL_NAME.pattern)]] = Field(
+        default_factory=list, max_length=16
+    )
+    """Other names for the base model; the router rewrites them to the served name."""
+    prefix_length: int = Field(default=256, ge=16, le=100_000)
+    """PrefixAffinity: leading characters of the system prompt and first user message that pick the pod."""
+    load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
+    """PrefixAffinity: a pod takes at most loadFactor x the mean load; past it the next pod is used."""
+    session_header: str = Field(default="", max_length=128, pattern=r"^([A-Za-z0-9-]+)?$")
+    """Request header (e.g. x-session-id) whose value pins a conversation to one pod; empty: off."""
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, aliases: list[str]) -> list[str]:
+        if len(set(aliases)) != len(aliases):
+            raise ValueError("an alias is listed twice; list each once")
+        return aliases
+
+    @field_validator("session_header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        return value.lower()  # HTTP header names are case-insensitive; the router compares lowercase
+
+
 class VLLMModelSpec(WireModel):
     """Desired state of a served model."""
 
@@ -199,6 +232,8 @@ class VLLMModelSpec(WireModel):
     """Secret key holding a Hugging Face token for gated models."""
     cache: Cache = Field(default_factory=Cache)
     """Model weights cache volume."""
+    routing: Routing = Field(default_factory=Routing)
+    """How the router spreads requests over the pods, and the model's other names."""
     shm_size: Quantity | None = None
     """Size of the pod's in-memory /dev/shm (vLLM needs more than a container's 64Mi); default 8Gi."""
     startup_timeout_seconds: int = Field(default=3600, ge=60, le=86_400)
@@ -239,6 +274,17 @@ class VLLMModelSpec(WireModel):
             raise ValueError(
                 f"lora.adapters: {self.served_model_name!r} is also spec.servedModelName; rename the adapter"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _alias_names_free(self) -> VLLMModelSpec:
+        taken = {a.name for a in self.lora.adapters} if self.lora is not None else set()
+        taken.add(self.served_model_name)
+        for alias in self.routing.aliases:
+            if alias in taken:
+                raise ValueError(
+                    f"routing.aliases: {alias!r} is already the served name or an adapter; remove the alias"
+                )
         return self
 
     @property
@@ -333,6 +379,15 @@ def _describe(error: Any) -> str:
         message = (
             f"{error['input']!r} is not a model source; use an HF repo id (org/name), hf://, s3://, "
             "gs://, pvc://CLAIM/PATH or an absolute path"
+        )
+    elif error["type"] == "string_pattern_mismatch" and "aliases" in error["loc"]:
+        message = (
+            f"{error['input']!r} is not a model name; use letters, digits and '.', '_', '/', ':', '-', "
+            "starting with a letter or digit (e.g. 'llama-3-8b')"
+        )
+    elif error["type"] == "string_pattern_mismatch" and error["loc"][-1:] == ("sessionHeader",):
+        message = (
+            f"{error['input']!r} is not a header name; use letters, digits and '-' (e.g. 'x-session-id')"
         )
     elif error["type"] == "literal_error":
         message = f"{error['input']!r} is not allowed; {message[0].lower()}{message[1:]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,6 +124,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upstream(text: str) -> tuple[str, str]:
+    name, sep, url = text.partition("=")
+    if not sep or not name or not url:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=http://HOST:PORT")
+    return name, url
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from vllm_operator.router import serve, table
+
+    if args.upstream and (args.namespace or args.all_namespaces or args.selector):
+        print(
+            "error: --upstream serves fixed URLs; it cannot be combined with --namespace/--selector",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    if not args.upstream and not args.all_namespaces and not args.namespace:
+        print(
+            "error: give --namespace NS (repeatable), --all-namespaces, or --upstream NAME=URL",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    try:
+        table.static(args.upstream)  # refuse a bad URL before listening
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_INVALID
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s"
+    )
+    namespaces: list[str | None] = [None] if args.all_namespaces else list(args.namespace)
+    serve.run(
+        serve.Options(
+            host=args.host,
+            port=args.port,
+            namespaces=namespaces,
+            selector=args.selector,
+            upstreams=args.upstream,
+            max_body_bytes=args.max_body_bytes,
+            grace_seconds=args.grace_seconds,
+        )
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="vllm-operator", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
@@ -145,6 +191,33 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("docs", help="print the resource field table (or update a README with --readme)")
     p.add_argument("--readme", help="README file whose generated table to rewrite")
     p.set_defaults(func=cmd_docs)
+
+    p = sub.add_parser("router", help="serve one OpenAI endpoint for every VLLMModel, routed by `model`")
+    p.add_argument(
+        "--namespace", "-n", action="append", default=[], help="serve this namespace's models (repeatable)"
+    )
+    p.add_argument("--all-namespaces", "-A", action="store_true", help="serve every namespace's models")
+    p.add_argument("--selector", "-l", default="", help="label selector of the VLLMModels to serve")
+    p.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        type=_upstream,
+        metavar="NAME=URL",
+        help="serve model NAME from a fixed server URL instead of Kubernetes (repeatable)",
+    )
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument(
+        "--port", type=port, default=8000, help="port of the OpenAI endpoint, /metrics and /healthz"
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=32 * 1024 * 1024, help="largest request body accepted"
+    )
+    p.add_argument(
+        "--grace-seconds", type=float, default=30.0, help="on SIGTERM, how long open requests may finish"
+    )
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.set_defaults(func=cmd_router)
 
     bench_cli.register(sub)  # `bench check` and `bench load` (vllm_operator.client)
     return top

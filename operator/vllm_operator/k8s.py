@@ -7,7 +7,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -92,6 +92,24 @@ PATHS = {
     "Secret": "/api/v1/namespaces/{namespace}/secrets",
     "VLLMModel": f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}",
 }
+
+
+def collection(kind: str, namespace: str | None) -> str:
+    """The list path of a kind in one namespace, or in every namespace when None."""
+    path = PATHS[kind]
+    return (
+        path.replace("/namespaces/{namespace}", "") if namespace is None else path.format(namespace=namespace)
+    )
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        yield from (line for line in lines if line.strip())
+    if buffer.strip():
+        yield buffer
 
 
 class KubeCluster:
@@ -180,6 +198,52 @@ class KubeCluster:
             "GET", PATHS["Pod"].format(namespace=namespace), query={"labelSelector": selector}
         )
         return result.get("items", [])  # type: ignore[no-any-return]
+
+    def list(self, kind: str, namespace: str | None, selector: str = "") -> tuple[list[dict[str, Any]], str]:
+        """Every object of a kind (matching `selector`) and the list's resourceVersion to watch from."""
+        result = self.request(
+            "GET", collection(kind, namespace), query={"labelSelector": selector} if selector else {}
+        )
+        return result.get("items") or [], str((result.get("metadata") or {}).get("resourceVersion", ""))
+
+    def watch(
+        self, kind: str, namespace: str | None, selector: str, resource_version: str, seconds: int = 240
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The changes after `resource_version` as (type, object) until the server ends the watch
+        after about `seconds`. Raises ApiException; 410 means the version is too old: list again."""
+        query: dict[str, Any] = {
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": seconds,
+        }
+        if selector:
+            query["labelSelector"] = selector
+        _, url, signed, _, _ = self.api.param_serialize(
+            "GET",
+            collection(kind, namespace),
+            query_params=list(query.items()),
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        # The read timeout outlives the server's own end of the watch: a silent connection is dead.
+        response = self.api.call_api(
+            "GET", url, header_params=signed, _request_timeout=(self.timeout[0], seconds + 30)
+        )
+        try:
+            if not 200 <= response.status <= 299:
+                response.read()  # type: ignore[no-untyped-call]
+                raise ApiException.from_response(
+                    http_resp=response, body=(response.data or b"").decode(), data=None
+                )
+            for line in _lines(response.response.stream(64 * 1024, decode_content=True)):
+                event = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object") or {}
+                    raise ApiException(status=status.get("code", 500), reason=status.get("message", ""))
+                yield str(event.get("type")), event.get("object") or {}
+        finally:
+            response.response.release_conn()
 
     def write_status(
         self, namespace: str, name: str, status: dict[str, Any], previous: Mapping[str, Any]

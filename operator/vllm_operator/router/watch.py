@@ -1,0 +1,136 @@
+"""Keeps the routing table current: list, then watch, VLLMModels and their pods (the Kubernetes edge).
+
+One thread per (kind, namespace) runs list-then-watch; every change rebuilds the table (a pure
+function of what is known) and hands it to the event loop. A watch that ends is resumed from its
+last resourceVersion; one whose version expired (410) lists again. The router reports ready
+once every stream has listed once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from vllm_operator import render
+from vllm_operator.k8s import KubeCluster, TransientError
+from vllm_operator.router import table
+from vllm_operator.router.table import PodInfo
+
+log = logging.getLogger(__name__)
+
+POD_SELECTOR = f"{render.NAME_LABEL}=vllm,{render.MANAGED_BY_LABEL}=vllm-operator"
+RETRY_SECONDS = (0.5, 1.0, 2.0, 5.0)
+
+
+class Watcher:
+    def __init__(
+        self,
+        cluster: KubeCluster,
+        namespaces: Sequence[str | None],
+        selector: str,
+        publish: Callable[[table.Table, bool], None],
+    ) -> None:
+        """`namespaces`: the namespaces to serve, or `[None]` for all; `selector`: of the VLLMModels;
+        `publish(table, ready)` is called from the watch threads with every new table."""
+        self.cluster = cluster
+        self.namespaces = namespaces
+        self.selector = selector
+        self.publish = publish
+        self.lock = threading.Lock()
+        self.models: dict[tuple[str, str], Mapping[str, Any]] = {}
+        self.pods: dict[tuple[str, str], PodInfo] = {}
+        self.synced: set[tuple[str, str | None]] = set()
+        self.stop = threading.Event()
+
+    def start(self) -> None:
+        for namespace in self.namespaces:
+            for kind in ("VLLMModel", "Pod"):
+                thread = threading.Thread(
+                    target=self._run,
+                    args=(kind, namespace),
+                    name=f"watch-{kind}-{namespace or 'all'}",
+                    daemon=True,
+                )
+                thread.start()
+
+    def _key(self, obj: Mapping[str, Any]) -> tuple[str, str]:
+        meta = obj.get("metadata") or {}
+        return str(meta.get("namespace", "")), str(meta.get("name", ""))
+
+    def _replace(self, kind: str, namespace: str | None, items: list[dict[str, Any]]) -> None:
+        with self.lock:
+            store: dict[tuple[str, str], Any] = self.models if kind == "VLLMModel" else self.pods
+            for key in [k for k in store if namespace is None or k[0] == namespace]:
+                del store[key]
+            for item in items:
+                self._put(kind, item)
+            self.synced.add((kind, namespace))
+            self._publish()
+
+    def _put(self, kind: str, obj: Mapping[str, Any]) -> None:
+        key = self._key(obj)
+        if kind == "VLLMModel":
+            self.models[key] = obj
+            return
+        info = table.pod_info(obj)
+        if info is None:
+            self.pods.pop(key, None)
+        else:
+            self.pods[key] = info
+
+    def _apply(self, kind: str, kind_of_event: str, obj: Mapping[str, Any]) -> None:
+        with self.lock:
+            if kind_of_event == "DELETED":
+                (self.models if kind == "VLLMModel" else self.pods).pop(self._key(obj), None)
+            else:
+                self._put(kind, obj)
+            self._publish()
+
+    def _publish(self) -> None:
+        ready = len(self.synced) == 2 * len(self.namespaces)
+        self.publish(table.build(self.models.values(), self.pods.values()), ready)
+
+    def _run(self, kind: str, namespace: str | None) -> None:
+        selector = self.selector if kind == "VLLMModel" else POD_SELECTOR
+        failures = 0
+        version = ""
+        while not self.stop.is_set():
+            try:
+                if not version:
+                    items, version = self.cluster.list(kind, namespace, selector)
+                    self._replace(kind, namespace, items)
+                for event, obj in self.cluster.watch(kind, namespace, selector, version):
+                    if event == "BOOKMARK":
+                        version = str((obj.get("metadata") or {}).get("resourceVersion", version))
+                        continue
+                    version = str((obj.get("metadata") or {}).get("resourceVersion", version))
+                    self._apply(kind, event, obj)
+                    failures = 0
+            except ApiException as error:
+                if error.status == 410:
+                    version = ""  # expired: list again
+                    continue
+                failures += 1
+                log.warning(
+                    "watching %s in %s: HTTP %s %s",
+                    kind,
+                    namespace or "all namespaces",
+                    error.status,
+                    error.reason,
+                )
+                version = "" if error.status in (401, 403, 404) else version
+            except (TransientError, OSError, ValueError, urllib3.exceptions.HTTPError) as error:
+                failures += 1
+                log.warning("watching %s in %s: %s", kind, namespace or "all namespaces", error)
+            except Exception as error:  # a watch thread must never die silently
+                failures += 1
+                log.exception("watching %s in %s failed: %s", kind, namespace or "all namespaces", error)
+                version = ""
+            if failures:
+                time.sleep(RETRY_SECONDS[min(failures, len(RETRY_SECONDS)) - 1])
