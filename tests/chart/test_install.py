@@ -2,7 +2,8 @@
 
 kwok fakes pods, so the chart's own Deployment runs no image; the operator runs instead as a
 local process with the Deployment's arguments and environment and a token of the chart's
-ServiceAccount, which proves the RBAC is enough for its whole job (and no more).
+ServiceAccount, which proves the RBAC is enough for its whole job (and no more). The router's
+objects install too (its pod runs nothing either); its RBAC is checked with `kubectl auth can-i`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,26 @@ OPTIONAL_CALLS = {
     ("watch", "namespaces"),
 }
 READY_SECONDS = 60
+# The router's reads, all it may do: watch the models and list their pods.
+ROUTER_READS = (
+    ("get", "vllmmodels.serving.vllm-operator.io"),
+    ("list", "vllmmodels.serving.vllm-operator.io"),
+    ("watch", "vllmmodels.serving.vllm-operator.io"),
+    ("list", "pods"),
+    ("watch", "pods"),
+)
+ROUTER_REFUSED = (
+    ("create", "vllmmodels.serving.vllm-operator.io"),
+    ("patch", "vllmmodels.serving.vllm-operator.io"),
+    ("delete", "vllmmodels.serving.vllm-operator.io"),
+    ("patch", "vllmmodels.serving.vllm-operator.io/status"),
+    ("get", "pods"),
+    ("delete", "pods"),
+    ("get", "secrets"),
+    ("list", "secrets"),
+    ("create", "deployments"),
+    ("create", "events"),
+)
 
 
 @pytest.fixture
@@ -95,6 +116,38 @@ def assert_operator_did_its_job(cluster: LocalCluster, namespace: str) -> None:
     assert "Created" in reasons, reasons
 
 
+def router_name(release: Release) -> str:
+    """The router's Deployment, Service, ServiceAccount and (Cluster)Role(Binding)s: <fullname>-router."""
+    return f"{release.name}-router"
+
+
+def router_can(release: Release, verb: str, resource: str, *scope: str) -> bool:
+    """`kubectl auth can-i` as the router's ServiceAccount."""
+    user = f"system:serviceaccount:{release.namespace}:{router_name(release)}"
+    proc = release.cluster.kubectl("auth", "can-i", verb, resource, *scope, f"--as={user}")
+    assert proc.stdout.strip() in ("yes", "no"), proc.stdout + proc.stderr
+    return proc.stdout.strip() == "yes"
+
+
+def assert_router_installed(release: Release) -> None:
+    """The router's Deployment (kwok "runs" it), Service and own ServiceAccount are there."""
+    cluster, name = release.cluster, router_name(release)
+    deployment = cluster.get_json("deployment", name, namespace=release.namespace)
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == name != release.service_account
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["args"][0] == "router"
+    service = cluster.get_json("service", name, namespace=release.namespace)
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("http", 8000)]
+    assert exists(cluster, "serviceaccount", name, release.namespace)
+
+
+def assert_router_reads_only(release: Release, *scope: str) -> None:
+    """Within `scope`, the router may read models and list pods, and do nothing else."""
+    for verb, resource in ROUTER_READS:
+        assert router_can(release, verb, resource, *scope), (verb, resource, scope)
+    for verb, resource in ROUTER_REFUSED:
+        assert not router_can(release, verb, resource, *scope), (verb, resource, scope)
+
+
 def denied_calls(log: str) -> set[tuple[str, str]]:
     """(verb, resource) of every call the API server refused for lack of RBAC, from the log."""
     return set(DENIED.findall(log))
@@ -124,10 +177,16 @@ def run_operator_and_serve(release: Release, model_namespace: str, tmp_path: Pat
 def test_all_namespaces(release: Release, make_namespace: Callable[[], str], tmp_path: Path) -> None:
     notes = release.install(*TEST_SETTINGS).stdout
     assert "kubectl -n default apply -f examples/model.yaml" in notes
+    router = router_name(release)
+    assert f"http://{router}.{release.namespace}.svc:8000/v1" in notes
     cluster = release.cluster
     assert exists(cluster, "clusterrole", release.name)
     assert exists(cluster, "clusterrolebinding", release.name)
     assert release.deployment()["status"].get("readyReplicas") == 1  # kwok "runs" it
+    assert_router_installed(release)
+    assert exists(cluster, "clusterrole", router)
+    assert exists(cluster, "clusterrolebinding", router)
+    assert_router_reads_only(release, "--all-namespaces")
 
     model_namespace = make_namespace()
     assert_no_denied_calls(run_operator_and_serve(release, model_namespace, tmp_path))
@@ -137,6 +196,7 @@ def test_all_namespaces(release: Release, make_namespace: Callable[[], str], tmp
     assert not release.can("list", "secrets", "--all-namespaces")
     assert not release.can("delete", "deployments", "-n", model_namespace)
     assert not release.can("list", "namespaces")
+    assert_router_reads_only(release, "-n", model_namespace)
 
 
 def test_listed_namespaces_only(release: Release, make_namespace: Callable[[], str], tmp_path: Path) -> None:
@@ -144,9 +204,15 @@ def test_listed_namespaces_only(release: Release, make_namespace: Callable[[], s
     release.install(*TEST_SETTINGS, f"--set=watchNamespaces={{{','.join(watched)}}}")
     cluster = release.cluster
     assert not exists(cluster, "clusterrole", release.name)
+    router = router_name(release)
+    assert not exists(cluster, "clusterrole", router)
     for namespace in watched:
         assert exists(cluster, "role", release.name, namespace)
         assert exists(cluster, "rolebinding", release.name, namespace)
+        assert exists(cluster, "role", router, namespace)
+        assert exists(cluster, "rolebinding", router, namespace)
+    assert_router_installed(release)
+    assert_router_reads_only(release, "-n", watched[0])
 
     assert_no_denied_calls(run_operator_and_serve(release, watched[1], tmp_path))
 
@@ -156,11 +222,14 @@ def test_listed_namespaces_only(release: Release, make_namespace: Callable[[], s
     assert not release.can("create", "deployments", "-n", release.namespace)
     assert not release.can("list", "vllmmodels.serving.vllm-operator.io", "--all-namespaces")
     assert not release.can("get", "secrets", "-n", watched[0])
+    assert not router_can(release, "list", "vllmmodels.serving.vllm-operator.io", "-n", other)
+    assert not router_can(release, "list", "vllmmodels.serving.vllm-operator.io", "--all-namespaces")
 
     release.uninstall()
     for namespace in watched:
-        assert not exists(cluster, "role", release.name, namespace)
-        assert not exists(cluster, "rolebinding", release.name, namespace)
+        for name in (release.name, router):
+            assert not exists(cluster, "role", name, namespace)
+            assert not exists(cluster, "rolebinding", name, namespace)
 
 
 def operator_env(release: Release) -> dict[str, str]:
@@ -194,7 +263,8 @@ def test_upgrade_then_uninstall_keeps_the_crd(release: Release) -> None:
         ("clusterrolebinding", None),
     ):
         name = f"{release.name}-metrics" if kind == "service" else release.name
-        assert not exists(cluster, kind, name, scope), f"{kind} {name} left behind"
+        for left in (name, router_name(release)):
+            assert not exists(cluster, kind, left, scope), f"{kind} {left} left behind"
     crd = cluster.get_json("crd", CRD_NAME)
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 

@@ -30,14 +30,21 @@ Chart name and version, for the helm.sh/chart label.
 {{- end }}
 
 {{/*
-Labels on every resource of the chart.
+Labels on every resource of the chart, the operator's and the router's alike.
+*/}}
+{{- define "vllm-operator.commonLabels" -}}
+helm.sh/chart: {{ include "vllm-operator.chart" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Labels on the operator's resources (and the CRD's).
 */}}
 {{- define "vllm-operator.labels" -}}
-helm.sh/chart: {{ include "vllm-operator.chart" . }}
+{{ include "vllm-operator.commonLabels" . }}
 {{ include "vllm-operator.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/component: operator
-app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
@@ -64,6 +71,70 @@ The operator image: repository and tag (the chart's appVersion unless set).
 */}}
 {{- define "vllm-operator.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+Pod-level fields the operator's and the router's pods share: the image pull Secrets and the
+pod security context (restricted Pod Security Standard). Under a pod `spec:`.
+*/}}
+{{- define "vllm-operator.podSecurity" -}}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Container fields both containers share: the operator image (the router is a subcommand of the
+same program) and the container security context. Under a container.
+*/}}
+{{- define "vllm-operator.containerBase" -}}
+image: {{ include "vllm-operator.image" . }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+{{- end }}
+
+{{/*
+The scratch directory both containers mount, their root filesystem being read-only (Python and
+the Kubernetes client may need one): `vllm-operator.tmpMount` under a container,
+`vllm-operator.tmpVolume` under a pod `spec:`.
+*/}}
+{{- define "vllm-operator.tmpMount" -}}
+volumeMounts:
+  - name: tmp
+    mountPath: /tmp
+{{- end }}
+
+{{- define "vllm-operator.tmpVolume" -}}
+volumes:
+  - name: tmp
+    emptyDir: {}
+{{- end }}
+
+{{/*
+Where a pod runs, from a map holding priorityClassName, nodeSelector, tolerations and affinity:
+the top-level values for the operator, .Values.router for the router. Under a pod `spec:`;
+empty when none is set.
+*/}}
+{{- define "vllm-operator.podPlacement" -}}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -101,10 +172,9 @@ the operator never reads, lists or changes a Secret (pods read them through the 
 {{- end }}
 
 {{/*
-The operator's command line: the watch scope, its endpoints and the log level.
+The namespaces the operator watches, as command line flags; the router serves the same ones.
 */}}
-{{- define "vllm-operator.args" -}}
-- run
+{{- define "vllm-operator.watchScope" -}}
 {{- if .Values.watchNamespaces }}
 {{- range .Values.watchNamespaces }}
 - --namespace={{ . }}
@@ -112,6 +182,14 @@ The operator's command line: the watch scope, its endpoints and the log level.
 {{- else }}
 - --all-namespaces
 {{- end }}
+{{- end }}
+
+{{/*
+The operator's command line: the watch scope, its endpoints and the log level.
+*/}}
+{{- define "vllm-operator.args" -}}
+- run
+{{- include "vllm-operator.watchScope" . }}
 - --liveness=http://0.0.0.0:{{ .Values.ports.liveness }}/healthz
 - --metrics-port={{ .Values.ports.metrics }}
 {{- if .Values.verbose }}
@@ -124,4 +202,75 @@ The Secret holding the key the operator derives adapter admin tokens from (a DNS
 */}}
 {{- define "vllm-operator.adminKeySecret" -}}
 {{- printf "%s-admin-key" (include "vllm-operator.fullname" . | trunc 53 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+The router's resource names: the full name plus `-router`, within a DNS label's 63 characters.
+Its Service, hence the OpenAI endpoint http://<this>.<namespace>.svc:<router.port>/v1.
+*/}}
+{{- define "vllm-operator.router.fullname" -}}
+{{- printf "%s-router" (include "vllm-operator.fullname" . | trunc 56 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+Labels that select the router's pods. Their `name` differs from the operator's, so that neither
+the operator's Deployment nor its metrics Service (which select by name and instance) ever
+matches a router pod.
+*/}}
+{{- define "vllm-operator.router.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-router" (include "vllm-operator.name" . | trunc 56 | trimSuffix "-") }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels on the router's resources.
+*/}}
+{{- define "vllm-operator.router.labels" -}}
+{{ include "vllm-operator.commonLabels" . }}
+{{ include "vllm-operator.router.selectorLabels" . }}
+app.kubernetes.io/component: router
+app.kubernetes.io/part-of: {{ include "vllm-operator.name" . }}
+{{- end }}
+
+{{/*
+The ServiceAccount the router runs as (never the operator's: the router only reads).
+*/}}
+{{- define "vllm-operator.router.serviceAccountName" -}}
+{{- if .Values.router.serviceAccount.create }}
+{{- default (include "vllm-operator.router.fullname" .) .Values.router.serviceAccount.name }}
+{{- else }}
+{{- required "router.serviceAccount.name is required when router.serviceAccount.create is false" .Values.router.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The rules the router needs, shared by its ClusterRole and namespaced Roles: it watches
+VLLMModels (get, list, watch) and their pods (list, watch) to know where each model is served.
+It writes nothing to the API server and reads no Secret.
+*/}}
+{{- define "vllm-operator.router.rules" -}}
+- apiGroups: ["serving.vllm-operator.io"]
+  resources: ["vllmmodels"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
+{{- end }}
+
+{{/*
+The router's command line: the operator's watch scope (watchNamespaces), the models it serves,
+where it listens, how long it drains on SIGTERM and the log level.
+*/}}
+{{- define "vllm-operator.router.args" -}}
+- router
+{{- include "vllm-operator.watchScope" . }}
+{{- with .Values.router.selector }}
+- {{ printf "--selector=%s" . | quote }}
+{{- end }}
+- --host=0.0.0.0
+- --port={{ .Values.router.port }}
+- --grace-seconds={{ .Values.router.graceSeconds }}
+{{- if .Values.router.verbose }}
+- --verbose
+{{- end }}
 {{- end }}

@@ -582,11 +582,11 @@ class Router:
                 conn, endpoint, request, headers, body, stats, stream, may_retry
             )
             if outcome == "retry":
+                stats.retries += 1
                 if reused and stale_retry:
                     stale_retry = False  # a pooled connection the pod had just closed: same pod, anew
                     attempt -= 1
                     continue
-                stats.retries += 1
                 tried.add(endpoint.address)
                 continue
             if outcome == "connect":

@@ -156,7 +156,7 @@ def _claims(route: Route) -> Iterable[tuple[str, Target]]:
         yield adapter, Target(route, adapter=adapter)
 
 
-def _index(routes: Sequence[Route]) -> Table:
+def index(routes: Sequence[Route]) -> Table:
     names: dict[str, Target] = {}
     conflicts: list[str] = []
     # Oldest first: a new resource cannot take a name that already serves traffic.
@@ -174,7 +174,7 @@ def build(models: Iterable[Mapping[str, Any]], pods: Iterable[PodInfo]) -> Table
     """The routing table for these VLLMModels (as on the wire) and their pods."""
     pod_list = list(pods)
     routes = [r for r in (_route(m, pod_list) for m in models) if r is not None]
-    return _index(routes)
+    return index(routes)
 
 
 def static(upstreams: Sequence[tuple[str, str]]) -> Table:
@@ -202,4 +202,4 @@ def static(upstreams: Sequence[tuple[str, str]]) -> Table:
         )
         for name, eps in by_name.items()
     ]
-    return _index(routes)
+    return index(routes)

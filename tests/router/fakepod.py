@@ -1,0 +1,206 @@
+"""Fake vLLM pods for the router's tests: keep-alive HTTP/1.1 servers at any loopback address.
+
+Each answers like a vLLM pod as far as the operator and the router look (/health, /metrics,
+/v1/models with its adapters, adapter load and unload, chat and completions, streamed or not),
+says in every completion which pod answered and which model name it was sent, and misbehaves
+on demand: the next requests can be dropped before an answer, answered 503, or cut mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.e2e.hostile import metrics_page, models_body
+
+
+@dataclass
+class FakePod:
+    """One pod's behaviour and what it saw."""
+
+    name: str
+    served: str = "tiny"
+    adapters: set[str] = field(default_factory=set)
+    refuse_loads: bool = False
+    events: int = 3
+    delay: float = 0.0
+    """Seconds before answering a completion, and between stream events."""
+    faults: deque[str] = field(default_factory=deque)
+    """Next completions: "drop" (close without answering), "503", "cut" (stream cut after one event)."""
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    """Completion requests: path, model, headers."""
+    in_flight: int = 0
+    most_in_flight: int = 0
+    connections: int = 0
+
+    def completion(self, model: str, index: int = 0) -> dict[str, Any]:
+        return {
+            "id": f"cmpl-{self.name}",
+            "object": "chat.completion",
+            "model": model,
+            "pod": self.name,
+            "choices": [{"index": index, "message": {"role": "assistant", "content": self.name}}],
+        }
+
+
+def _head(status: int, headers: dict[str, str]) -> bytes:
+    lines = [f"HTTP/1.1 {status} X"] + [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _json(status: int, body: Any) -> bytes:
+    data = json.dumps(body).encode()
+    return _head(status, {"content-type": "application/json", "content-length": str(len(data))}) + data
+
+
+class FakePods:
+    """Fake pods at (host, port) addresses, on one asyncio loop in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fake-pods", daemon=True)
+        self.servers: list[asyncio.Server] = []
+        self.thread.start()
+
+    def serve(self, pod: FakePod, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve `pod` at host:port (0: a free port); returns `host:port`."""
+
+        async def start() -> asyncio.Server:
+            return await asyncio.start_server(lambda r, w: self._connection(r, w, pod), host, port)
+
+        server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=10)
+        self.servers.append(server)
+        return f"{host}:{server.sockets[0].getsockname()[1]}"
+
+    async def _connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pod: FakePod
+    ) -> None:
+        pod.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {
+                    k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
+                }
+                raw = await reader.readexactly(int(headers.get("content-length", "0")))
+                body = json.loads(raw) if raw else {}
+                if not await self._answer(pod, method, path, headers, body, writer):
+                    return
+                if headers.get("connection", "").lower() == "close":
+                    return
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _answer(
+        self,
+        pod: FakePod,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: dict[str, Any],
+        writer: asyncio.StreamWriter,
+    ) -> bool:
+        """Write one response; False when the connection must end."""
+        if method == "GET" and path == "/health":
+            writer.write(_head(200, {"content-length": "0"}))
+        elif method == "GET" and path == "/metrics":
+            page = metrics_page(running=str(pod.in_flight)).encode()
+            writer.write(_head(200, {"content-length": str(len(page))}) + page)
+        elif method == "GET" and path == "/v1/models":
+            data = models_body(*sorted(pod.adapters), served=pod.served)
+            writer.write(
+                _head(200, {"content-type": "application/json", "content-length": str(len(data))}) + data
+            )
+        elif method == "POST" and path == "/v1/load_lora_adapter":
+            if pod.refuse_loads:
+                writer.write(_json(400, {"error": {"message": "refused by the test"}}))
+            else:
+                pod.adapters.add(str(body.get("lora_name")))
+                writer.write(_json(200, {"ok": True}))
+        elif method == "POST" and path == "/v1/unload_lora_adapter":
+            pod.adapters.discard(str(body.get("lora_name")))
+            writer.write(_json(200, {"ok": True}))
+        elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
+            return await self._complete(pod, path, headers, body, writer)
+        else:
+            writer.write(_json(404, {"error": {"message": f"no route {path}"}}))
+        await writer.drain()
+        return True
+
+    async def _complete(
+        self,
+        pod: FakePod,
+        path: str,
+        headers: dict[str, str],
+        body: dict[str, Any],
+        writer: asyncio.StreamWriter,
+    ) -> bool:
+        model = str(body.get("model"))
+        pod.seen.append({"path": path, "model": model, "headers": headers})
+        fault = pod.faults.popleft() if pod.faults else ""
+        if fault == "drop":
+            writer.transport.abort()
+            return False
+        if fault == "503":
+            writer.write(_json(503, {"error": {"message": "draining"}}))
+            await writer.drain()
+            return True
+        pod.in_flight += 1
+        pod.most_in_flight = max(pod.most_in_flight, pod.in_flight)
+        try:
+            if pod.delay:
+                await asyncio.sleep(pod.delay)
+            if not body.get("stream"):
+                writer.write(_json(200, pod.completion(model)))
+                await writer.drain()
+                return True
+            writer.write(_head(200, {"content-type": "text/event-stream", "transfer-encoding": "chunked"}))
+            for i in range(pod.events):
+                event = json.dumps(
+                    {"object": "chat.completion.chunk", "model": model, "pod": pod.name, "i": i}
+                )
+                data = f"data: {event}\n\n".encode()
+                writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+                await writer.drain()
+                if fault == "cut":
+                    writer.transport.abort()
+                    return False
+                if pod.delay:
+                    await asyncio.sleep(pod.delay)
+            done = b"data: [DONE]\n\n"
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+            await writer.drain()
+            return True
+        finally:
+            pod.in_flight -= 1
+
+    def close(self) -> None:
+        async def stop() -> None:
+            for server in self.servers:
+                server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+    def __enter__(self) -> FakePods:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
