@@ -333,6 +333,17 @@ class AdapterStatus(WireModel):
     ready_pods: int = 0
 
 
+class RoutingStatus(WireModel):
+    """How the router (`vllm-operator router`) sees the model, read from it every scrape round."""
+
+    endpoints: int = 0
+    """Pods of the model the router knows."""
+    ready_endpoints: int = 0
+    """Of those, the ready ones it sends requests to."""
+    in_flight: int = 0
+    """Requests for the model (and its aliases and adapters) in flight at the router."""
+
+
 class VLLMModelStatus(WireModel):
     """Observed state, written by the operator."""
 
@@ -349,6 +360,7 @@ class VLLMModelStatus(WireModel):
     metrics: Metrics | None = None
     pods: list[PodStatus] = Field(default_factory=list, max_length=64)
     lora_adapters: list[AdapterStatus] = Field(default_factory=list)
+    routing: RoutingStatus | None = None
 
 
 class SpecError(ValueError):

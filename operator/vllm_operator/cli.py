@@ -162,6 +162,7 @@ def cmd_router(args: argparse.Namespace) -> int:
             namespaces=namespaces,
             selector=args.selector,
             upstreams=args.upstream,
+            strategy=args.strategy,
             max_body_bytes=args.max_body_bytes,
             grace_seconds=args.grace_seconds,
         )
@@ -205,6 +206,12 @@ def parser() -> argparse.ArgumentParser:
         type=_upstream,
         metavar="NAME=URL",
         help="serve model NAME from a fixed server URL instead of Kubernetes (repeatable)",
+    )
+    p.add_argument(
+        "--strategy",
+        choices=["LeastLoad", "PrefixAffinity"],
+        default="LeastLoad",
+        help="routing strategy of the --upstream routes",
     )
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
     p.add_argument(

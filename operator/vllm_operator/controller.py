@@ -16,7 +16,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from vllm_operator import lora, metrics, reconcile, render, throughput
-from vllm_operator.api import ConditionStatus, SpecError, VLLMModelSpec, parse_spec
+from vllm_operator.api import ConditionStatus, RoutingStatus, SpecError, VLLMModelSpec, parse_spec
 from vllm_operator.scrape import Scraper, Target, targets_of
 from vllm_operator.settings import OperatorSettings
 
@@ -50,6 +50,7 @@ class Controller:
         # Adapter calls that failed: (pod, adapter) -> (retry not before, failures in a row).
         self.adapter_waits: dict[Key, dict[tuple[str, str], tuple[float, int]]] = {}
         self.adapter_errors: dict[Key, dict[str, str]] = {}
+        self.routing: dict[Key, RoutingStatus] = {}
 
     def _lock(self, key: Key) -> threading.Lock:
         with self._guard:
@@ -114,6 +115,7 @@ class Controller:
             self.samples,
             self.adapter_waits,
             self.adapter_errors,
+            self.routing,
         ):
             cache.pop(key, None)
 
@@ -146,9 +148,16 @@ class Controller:
         started = time.monotonic()
         models = self.targets()
         samples = await scraper.scrape_all({key: model.pods for key, model in models.items()})
+        views: dict[Key, RoutingStatus] | None = None
+        if self.settings.router_url:
+            demand = await scraper.router_demand(self.settings.router_url)
+            # An unreadable router leaves the last view in place rather than wiping it.
+            views = throughput.router_view(demand) if demand is not None else None
         scraped_at = reconcile.utcnow()
         writes = 0
         for key, current in samples.items():
+            if views is not None:
+                self.routing[key] = views.get(key, RoutingStatus())
             try:
                 writes += await self._after_scrape(key, current, models[key], scraper, scraped_at)
             except Exception:  # one model's failure (e.g. a refused write) must not skip the others
@@ -168,7 +177,7 @@ class Controller:
         """Adapters, health and the status write of one model after a round; 1 if it wrote."""
         current, adapters_ready, events = await self.manage_adapters(key, current, model, scraper)
         health = throughput.aggregate(self.samples.get(key, {}), current, scraped_at)
-        health = dataclasses.replace(health, adapters_ready=adapters_ready)
+        health = dataclasses.replace(health, adapters_ready=adapters_ready, routing=self.routing.get(key))
         self.samples[key] = {s.name: s for s in current}
         self.health[key] = health
         return int(await asyncio.to_thread(self._write_scrape, key, health, scraped_at, events))

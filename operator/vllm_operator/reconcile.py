@@ -248,6 +248,7 @@ def desired_status(
             "pods": health.pods,
             "lora_adapters": health.adapters,
             "conditions": conditions,
+            "routing": health.routing,
         }
     )
 

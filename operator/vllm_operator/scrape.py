@@ -228,6 +228,24 @@ class Scraper:
         async with client.stream("GET", f"{base}{path}", headers=request_headers) as response:
             return response.status_code, await read_capped(response, self.max_page_bytes, path)
 
+    async def router_demand(self, url: str) -> Any:
+        """The router's /router/demand JSON, or None when it cannot be read (logged): the
+        router is an observer here, and its absence must not hold up a round."""
+        try:
+            async with (
+                asyncio.timeout(self.timeout),
+                httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client,
+            ):
+                status, body = await self._get(client, url.rstrip("/"), "/router/demand", _Progress())
+            if status != 200:
+                raise ScrapeError(f"/router/demand answered {status}")
+            return parse_json(body, "/router/demand")
+        except TimeoutError:
+            log.warning("router %s: /router/demand not read within %gs", url, self.timeout)
+        except (httpx.HTTPError, ScrapeError) as exc:
+            log.warning("router %s: %s", url, describe(exc))
+        return None
+
     async def call_adapters(
         self, calls: Sequence[AdapterCall], ips: Mapping[str, str], api_key: str = ""
     ) -> list[str]:

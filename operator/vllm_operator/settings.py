@@ -42,6 +42,9 @@ class OperatorSettings(BaseModel):
     """Relative change of a rate below which the status is not rewritten (0.1: 10 %)."""
     cluster_domain: str = Field(default="svc", min_length=1)
     """Suffix of the endpoint host: NAME.NAMESPACE.<this>."""
+    router_url: str = Field(default="", pattern=r"^(https?://[^\s/]+)?$")
+    """Base URL of the router (`vllm-operator router`) whose view of each model goes to
+    `status.routing`, read every scrape round; empty: none (the chart sets it)."""
     admin_key: str = Field(default="", repr=False)
     """Secret from which each LoRA model's adapter admin token is derived (the chart generates
     one); empty: a random one per operator start, so LoRA pods roll when the operator restarts."""

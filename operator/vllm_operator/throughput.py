@@ -10,10 +10,18 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_operator.api import AdapterStatus, ConditionStatus, Metrics, PodStatus, VLLMModelStatus
+from vllm_operator.api import (
+    AdapterStatus,
+    ConditionStatus,
+    Metrics,
+    PodStatus,
+    RoutingStatus,
+    VLLMModelStatus,
+)
 
 # Sample names of vLLM's (and the bundled server's) Prometheus exposition.
 GENERATION_TOKENS = "vllm:generation_tokens_total"
@@ -124,6 +132,8 @@ class Aggregate:
     adapters: list[AdapterStatus]
     unhealthy: dict[str, str]
     adapters_ready: tuple[ConditionStatus, str, str] | None = None
+    routing: RoutingStatus | None = None
+    """The router's view of the model, when the operator knows a router."""
 
 
 def aggregate(previous: Mapping[str, PodSample], current: Sequence[PodSample], scraped_at: str) -> Aggregate:
@@ -206,3 +216,24 @@ def _pod_shape(status: VLLMModelStatus) -> list[tuple[str, bool, bool, tuple[str
 def _rest_differs(old: VLLMModelStatus, new: VLLMModelStatus) -> bool:
     keep = {"metrics", "pods"}
     return old.model_dump(exclude=keep) != new.model_dump(exclude=keep) or _pod_shape(old) != _pod_shape(new)
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else None
+
+
+def router_view(demand: Any) -> dict[tuple[str, str], RoutingStatus]:
+    """Each model's `status.routing` from the router's /router/demand JSON, by (namespace, name).
+    Entries of an unexpected shape are left out: the router is an observer, not an authority."""
+    models = demand.get("models") if isinstance(demand, dict) else None
+    views: dict[tuple[str, str], RoutingStatus] = {}
+    for entry in models.values() if isinstance(models, dict) else ():
+        if not isinstance(entry, dict):
+            continue
+        namespace, name = entry.get("namespace"), entry.get("resource")
+        counts = [_count(entry.get(k)) for k in ("pods", "readyPods", "inFlight")]
+        if not isinstance(namespace, str) or not isinstance(name, str) or None in counts:
+            continue
+        pods, ready, in_flight = (int(c or 0) for c in counts)
+        views[(namespace, name)] = RoutingStatus(endpoints=pods, ready_endpoints=ready, in_flight=in_flight)
+    return views

@@ -283,7 +283,8 @@ def test_values_settings_match_the_operator_defaults() -> None:
     expected = {
         camel(name): field.get_default(call_default_factory=True)
         for name, field in OperatorSettings.model_fields.items()
-        if name != "admin_key"  # a generated Secret (templates/admin-key.yaml), never a value
+        # admin_key: a generated Secret (templates/admin-key.yaml); router_url: the router's Service.
+        if name not in ("admin_key", "router_url")
     }
     assert values == expected
 
@@ -294,7 +295,17 @@ def test_default_env_covers_every_setting(tmp_path: Path) -> None:
     key = env[ENV_PREFIX + "ADMIN_KEY"]
     again = env_of(operator_objects(render(tmp_path, {})))
     assert len(key) == 48 and key != again[ENV_PREFIX + "ADMIN_KEY"]  # random
-    assert OperatorSettings.from_env(env) == OperatorSettings(admin_key=key)
+    router = "http://vllm-vllm-operator-router.vllm-system.svc:8000"
+    assert OperatorSettings.from_env(env) == OperatorSettings(admin_key=key, router_url=router)
+
+
+def test_the_operator_reads_the_routers_view_only_when_there_is_a_router(tmp_path: Path) -> None:
+    values = {"router": {"enabled": True, "port": 8100}, "settings": {"clusterDomain": "svc.example"}}
+    env = env_of(operator_objects(render(tmp_path, values)))
+    assert env[ENV_PREFIX + "ROUTER_URL"] == "http://vllm-vllm-operator-router.vllm-system.svc.example:8100"
+    assert ENV_PREFIX + "ROUTER_URL" not in env_of(
+        operator_objects(render(tmp_path, {"router": {"enabled": False}}))
+    )
 
 
 def test_metrics_service_and_service_monitor(tmp_path: Path) -> None:

@@ -25,12 +25,29 @@ CHAT = "/v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
-def scraping_operator(operator: OperatorProcess, cluster: LocalCluster) -> Iterator[OperatorProcess]:
-    """The session's operator, swapped for one that scrapes every 2 s."""
-    operator.stop()
-    scraper = OperatorProcess(
-        cluster, "router-operator.log", env={"VLLM_OPERATOR_SCRAPE_INTERVAL_SECONDS": "2"}
+def namespace(cluster: LocalCluster) -> Iterator[str]:
+    name = f"router-{uuid.uuid4().hex[:8]}"
+    cluster.create_namespace(name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def router(cluster: LocalCluster, namespace: str, tmp_path_factory: pytest.TempPathFactory) -> RouterProcess:
+    """The router for the namespace, not started yet (its port is known)."""
+    return RouterProcess(
+        ["--namespace", namespace], cluster.env(), tmp_path_factory.mktemp("router") / "router.log"
     )
+
+
+@pytest.fixture(scope="module")
+def scraping_operator(
+    operator: OperatorProcess, cluster: LocalCluster, router: RouterProcess
+) -> Iterator[OperatorProcess]:
+    """The session's operator, swapped for one that scrapes every 2 s and reads the router."""
+    operator.stop()
+    env = {"VLLM_OPERATOR_SCRAPE_INTERVAL_SECONDS": "2", "VLLM_OPERATOR_ROUTER_URL": router.url}
+    scraper = OperatorProcess(cluster, "router-operator.log", env=env)
     scraper.start()
     yield scraper
     scraper.stop()
@@ -76,10 +93,8 @@ def chat(client: httpx.Client, model: str) -> httpx.Response:
 
 
 def test_router_follows_models_pods_and_verified_adapters(
-    scraping_operator: OperatorProcess, cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
+    scraping_operator: OperatorProcess, cluster: LocalCluster, namespace: str, router: RouterProcess
 ) -> None:
-    namespace = f"router-{uuid.uuid4().hex[:8]}"
-    cluster.create_namespace(namespace)
     alpha = vllm_model(
         "alpha",
         2,
@@ -91,14 +106,10 @@ def test_router_follows_models_pods_and_verified_adapters(
     alpha_pods = wait_pods(cluster, namespace, "alpha", 2)
     (name_a, ip_a), (name_b, ip_b) = sorted(alpha_pods.items())
     a, b = FakePod(name_a, served="alpha"), FakePod(name_b, served="alpha", refuse_loads=True)
-    log = tmp_path_factory.mktemp("router") / "router.log"
     with FakePods() as fakes:
         fakes.serve(a, ip_a, 8000)
         fakes.serve(b, ip_b, 8000)
-        with (
-            RouterProcess(["--namespace", namespace], cluster.env(), log) as router,
-            httpx.Client(base_url=router.url, timeout=10) as client,
-        ):
+        with router, httpx.Client(base_url=router.url, timeout=10) as client:
             # Known models are listed at once, ready or not; a model at zero is 503, not 404.
             listed = {m["id"] for m in client.get("/v1/models").json()["data"]}
             assert listed == {"alpha", "alpha-latest", "sql", "beta"}
@@ -121,6 +132,18 @@ def test_router_follows_models_pods_and_verified_adapters(
             wait_until(sql_verified, "sql verified on pod a only", timeout=60, interval=0.5)
             wait_until(lambda: chat(client, "sql").status_code == 200, "the router routes sql", timeout=10)
             assert {chat(client, "sql").json()["pod"] for _ in range(10)} == {name_a}
+
+            # The operator reads the router's view of each model into its status.
+            def routing(model: str) -> Any:
+                obj = cluster.get_json("vllmmodel", model, namespace=namespace, check=False) or {}
+                return obj.get("status", {}).get("routing")
+
+            wait_until(
+                lambda: routing("alpha") == {"endpoints": 2, "readyEndpoints": 2, "inFlight": 0},
+                "status.routing of alpha",
+                timeout=30,
+            )
+            assert routing("beta") == {"endpoints": 0, "readyEndpoints": 0, "inFlight": 0}
 
             # A pod that drops a request before answering costs a retry, not an error.
             a.faults.append("drop")
@@ -146,4 +169,4 @@ def test_router_follows_models_pods_and_verified_adapters(
             assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {"beta"}
             demand = client.get("/router/demand").json()["models"]
             assert demand["beta"]["readyPods"] == 1 and demand["beta"]["resource"] == "beta"
-    cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+            wait_until(lambda: (routing("beta") or {}).get("readyEndpoints") == 1, "beta routed", timeout=30)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
 import pytest
 
-from vllm_operator.router import balance, table
+from vllm_operator import throughput
+from vllm_operator.api import RoutingStatus
+from vllm_operator.router import balance, stats, table
 
 
 def model(
@@ -189,3 +192,48 @@ def test_affinity_is_stable_and_bounded() -> None:
     # Removing a pod moves only its own keys.
     moved = [k for k, e in homes.items() if e != eps[3] and balance.Balancer().pick(eps[:3], key=k) != e]
     assert not moved
+
+
+@pytest.mark.parametrize(
+    ("demand", "views"),
+    [
+        (
+            {"models": {"m": {"namespace": "ns", "resource": "r", "pods": 3, "readyPods": 2, "inFlight": 5}}},
+            {("ns", "r"): RoutingStatus(endpoints=3, ready_endpoints=2, in_flight=5)},
+        ),
+        (
+            {
+                "models": {
+                    "m": {"namespace": "ns", "resource": "r", "pods": -1, "readyPods": 2, "inFlight": 5}
+                }
+            },
+            {},
+        ),
+        (
+            {
+                "models": {
+                    "m": {"namespace": "ns", "resource": "r", "pods": 1, "readyPods": True, "inFlight": 0}
+                }
+            },
+            {},
+        ),
+        ({"models": {"m": {"namespace": 3, "resource": "r", "pods": 1, "readyPods": 1, "inFlight": 0}}}, {}),
+        ({"models": {"m": "junk"}}, {}),
+        ({"models": []}, {}),
+        ([], {}),
+        (None, {}),
+    ],
+)
+def test_router_view_reads_only_well_formed_entries(demand: Any, views: dict[Any, RoutingStatus]) -> None:
+    assert throughput.router_view(demand) == views
+
+
+def test_router_view_of_a_built_table_round_trips() -> None:
+    """What the router serves at /router/demand is what the operator reads."""
+    built = table.build(
+        [model("m", spec={"servedModelName": "llama"})], infos(pod("m-a", "m"), pod("m-b", "m"))
+    )
+    demand = stats.Stats().demand(built, {"10.0.0.1:8000": 2})
+    assert throughput.router_view(json.loads(json.dumps(demand))) == {
+        ("ns", "m"): RoutingStatus(endpoints=2, ready_endpoints=2, in_flight=0)
+    }

@@ -23,6 +23,8 @@ class Options:
     selector: str = ""
     upstreams: Sequence[tuple[str, str]] = ()
     """Static `NAME=URL` routes; when given, no Kubernetes is used."""
+    strategy: str = "LeastLoad"
+    """The routing strategy of the static routes."""
     max_body_bytes: int = 32 * 1024 * 1024
     grace_seconds: float = 30.0
     """On SIGTERM: readiness fails at once, then requests in flight get this long to finish."""
@@ -32,7 +34,7 @@ async def _main(options: Options) -> None:
     loop = asyncio.get_running_loop()
     router = proxy.Router(table.Table(), max_body=options.max_body_bytes)
     if options.upstreams:
-        router.set_table(table.static(options.upstreams))
+        router.set_table(table.static(options.upstreams, options.strategy))
     else:
         from vllm_operator import k8s
         from vllm_operator.router.watch import Watcher

@@ -177,9 +177,9 @@ def build(models: Iterable[Mapping[str, Any]], pods: Iterable[PodInfo]) -> Table
     return index(routes)
 
 
-def static(upstreams: Sequence[tuple[str, str]]) -> Table:
+def static(upstreams: Sequence[tuple[str, str]], strategy: str = "LeastLoad") -> Table:
     """A table from `NAME=URL` pairs (`vllm-operator router --upstream`): no Kubernetes involved.
-    A name given twice gets both URLs as endpoints."""
+    A name given twice gets both URLs as endpoints; every route uses `strategy`."""
     by_name: dict[str, list[Endpoint]] = {}
     for name, url in upstreams:
         parts = urlsplit(url)
@@ -198,7 +198,7 @@ def static(upstreams: Sequence[tuple[str, str]]) -> Table:
             endpoints=tuple(eps),
             pods=len(eps),
             adapters=frozenset(),
-            routing=api.Routing(),
+            routing=api.Routing(strategy=strategy),
         )
         for name, eps in by_name.items()
     ]
