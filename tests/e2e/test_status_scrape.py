@@ -27,6 +27,7 @@ import pytest
 
 from tests.e2e.operator_process import OperatorProcess, admin_token
 from tests.harness.cluster import LocalCluster, condition, wait_until
+from tests.router.process import RouterProcess
 from tests.server.realserver import RealServer, spawn_server
 from vllm_operator.throughput import GENERATION_TOKENS, parse_metrics
 
@@ -337,6 +338,48 @@ def test_adapters_hot_loaded_verified_and_removed_without_restarts(
     deployment = must(lambda: poll_json(cluster, "deployment", "tiny", "-n", live.namespace), "deployment")
     assert deployment["spec"]["template"] == template
     set_adapters(cluster, live, [sql])
+
+
+def test_the_router_serves_the_real_pods_by_name_and_adapter_and_the_pods_check_the_key(
+    live: LiveModel, cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """`vllm-operator router` in front of the two real servers: streamed tokens by the model's
+    name and by its adapter (sent only where the status says it is loaded); the key stays the
+    pods' business (the router holds none)."""
+    body = {"messages": [{"role": "user", "content": "count to ten"}], "max_tokens": 8, "stream": True}
+    with (
+        RouterProcess(["--namespace", live.namespace], cluster.env(), tmp_path / "router.log") as router,
+        httpx.Client(base_url=router.url, timeout=120) as client,
+    ):
+        refused = client.post("/v1/chat/completions", json={**body, "model": "tiny"})
+        assert refused.status_code == 401, refused.text
+
+        def chunks(model: str) -> list[str]:
+            pieces: list[str] = []
+            with client.stream(
+                "POST", "/v1/chat/completions", json={**body, "model": model}, headers=AUTH
+            ) as r:
+                assert r.status_code == 200, r.read()
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        pieces.extend(
+                            c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"]
+                        )
+            return pieces
+
+        assert len(chunks("tiny")) >= 4  # token by token through the router
+        # The previous test left `sql` on both pods; the router sends it once the status says so.
+        wait_until(
+            lambda: (
+                client.post("/v1/chat/completions", json={**body, "model": "sql"}, headers=AUTH).status_code
+                == 200
+            ),
+            "sql routed",
+            timeout=30,
+        )
+        assert len(chunks("sql")) >= 4
+        listed = {m["id"] for m in client.get("/v1/models").json()["data"]}
+        assert {"tiny", "sql"} <= listed
 
 
 def test_status_reports_live_throughput_and_unhealthy_pods(live: LiveModel, cluster: LocalCluster) -> None:

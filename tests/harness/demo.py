@@ -89,6 +89,9 @@ def up(timeout: int) -> int:
     say(f"a pod in the cluster streams a chat completion from {url}")
     text, timing = stack.stream_in_cluster(cluster, url, "tiny", "default")
     print(f"   {text!r}\n   {json.dumps(timing)}")
+    say(f"the same through the router, one endpoint for every model: {stack.ROUTER_URL}")
+    text, timing = stack.stream_in_cluster(cluster, stack.ROUTER_URL, "tiny", "default", name="router-check")
+    print(f"   {text!r}\n   {json.dumps(timing)}")
     say("vllm-operator bench load from the host, through kubectl port-forward svc/tiny")
     with stack.port_forward(cluster, "svc/tiny", "default") as base_url:
         bench = subprocess.run(
@@ -139,6 +142,8 @@ Look around:
   kubectl describe vllmmodel tiny          # conditions and events
   kubectl logs -n {stack.OPERATOR_NAMESPACE} deploy/{stack.RELEASE}   # the operator, in-cluster
   kubectl port-forward svc/tiny 8000:8000  # then: vllm-operator bench check --base-url http://127.0.0.1:8000
+  kubectl port-forward -n {stack.OPERATOR_NAMESPACE} svc/{stack.ROUTER} 8001:8000  # the router
+  curl http://127.0.0.1:8001/v1/models     # every model behind it
 `make demo-down` deletes the cluster and puts the machine back as it was.""")
     return 0
 

@@ -305,6 +305,23 @@ def test_a_lora_adapter_from_a_pvc_is_served_without_a_restart(model: KindCluste
     assert timing["chunks"] >= 12, timing
 
 
+def test_the_router_in_the_cluster_streams_by_name_and_by_adapter(model: KindCluster) -> None:
+    """The chart's router (its own pod, from the operator image) in front of the real pods."""
+    cluster = model
+    wait_model_ready(cluster)
+    pods = len(server_pods(cluster))
+
+    def routed() -> bool:
+        routing = get_model(cluster).get("status", {}).get("routing") or {}
+        return routing.get("readyEndpoints") == pods
+
+    wait_until(routed, "status.routing: every pod behind the router", 60, interval=1)
+    for name, check in ((NAME, "router-check"), ("tiny-lora", "router-lora-check")):
+        text, timing = stack.stream_in_cluster(cluster, stack.ROUTER_URL, name, NAMESPACE, name=check)
+        print(f"via the router, {name}: {text!r} {timing}")
+        assert timing["chunks"] >= 12, timing
+
+
 def roll(cluster: KindCluster, patch: dict[str, Any], api_key: str | None = None) -> dict[str, Any]:
     """Apply a spec change that rolls the pods while a client keeps sending; its tally."""
     old = {p["metadata"]["name"] for p in server_pods(cluster)}

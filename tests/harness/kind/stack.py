@@ -23,6 +23,9 @@ from tests.paths import REPO_ROOT
 OPERATOR_NAMESPACE = "vllm-operator"
 RELEASE = "vllm-operator"
 CHART = REPO_ROOT / "charts" / "vllm-operator"
+ROUTER = f"{RELEASE}-router"
+ROUTER_URL = f"http://{ROUTER}.{OPERATOR_NAMESPACE}.svc:8000/v1"
+"""The router the chart installs: one OpenAI endpoint for every model in the cluster."""
 
 
 def install_operator(cluster: KindCluster, scrape_interval: int = 5, timeout: float = 300) -> None:
@@ -77,7 +80,8 @@ def prepare(cluster: KindCluster, models: dict[str, Path], namespace: str) -> di
         figures[f"load {image.rsplit('/', 1)[1]}"] = round(time.monotonic() - step, 1)
         if loaded and image == images.OPERATOR_IMAGE:
             # A new image under the same tag: a running operator pod keeps the old one.
-            cluster.kubectl("rollout", "restart", f"deployment/{RELEASE}", "-n", OPERATOR_NAMESPACE)
+            for deployment in (RELEASE, ROUTER):
+                cluster.kubectl("rollout", "restart", f"deployment/{deployment}", "-n", OPERATOR_NAMESPACE)
     cluster.install_models(models, namespace)
     step = time.monotonic()
     install_operator(cluster)
