@@ -58,6 +58,11 @@ def _json(status: int, body: Any) -> bytes:
     return _head(status, {"content-type": "application/json", "content-length": str(len(data))}) + data
 
 
+def _address(server: asyncio.Server) -> str:
+    host, port = server.sockets[0].getsockname()[:2]
+    return f"{host}:{port}"
+
+
 class FakePods:
     """Fake pods at (host, port) addresses, on one asyncio loop in a daemon thread."""
 
@@ -65,17 +70,31 @@ class FakePods:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fake-pods", daemon=True)
         self.servers: list[asyncio.Server] = []
+        self.tasks: dict[str, set[asyncio.Task[None]]] = {}
         self.thread.start()
 
     def serve(self, pod: FakePod, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve `pod` at host:port (0: a free port); returns `host:port`."""
 
+        address = ""
+
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            tasks = self.tasks.setdefault(address, set())
+            tasks.add(task)
+            try:
+                await self._connection(reader, writer, pod)
+            finally:
+                tasks.discard(task)
+
         async def start() -> asyncio.Server:
-            return await asyncio.start_server(lambda r, w: self._connection(r, w, pod), host, port)
+            return await asyncio.start_server(connection, host, port)
 
         server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=10)
         self.servers.append(server)
-        return f"{host}:{server.sockets[0].getsockname()[1]}"
+        address = _address(server)
+        return address
 
     async def _connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pod: FakePod
@@ -95,8 +114,10 @@ class FakePods:
                     return
                 if headers.get("connection", "").lower() == "close":
                     return
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError):
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
+        except asyncio.CancelledError:
+            writer.transport.abort()  # killed: connections reset, as a dead pod's are
         finally:
             writer.close()
             with contextlib.suppress(OSError):
@@ -184,6 +205,18 @@ class FakePods:
             return True
         finally:
             pod.in_flight -= 1
+
+    def kill(self, address: str) -> None:
+        """The pod at `address` dies: its port closes and its open connections are reset."""
+
+        async def stop() -> None:
+            for server in [s for s in self.servers if _address(s) == address]:
+                server.close()
+                self.servers.remove(server)
+                for task in self.tasks.pop(address, set()):
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=10)
 
     def close(self) -> None:
         async def stop() -> None:

@@ -205,6 +205,46 @@ def test_client_disconnect_stops_the_pods_work(running_router: RunningRouter, fa
     assert slow.in_flight == 0  # the 5 s stream was abandoned with its client
 
 
+def test_a_pod_killed_under_load_costs_no_request_that_had_not_started(
+    running_router: RunningRouter, fake_pods: FakePods
+) -> None:
+    """One of 4 pods dies mid-load: requests it held before their first byte go to another pod;
+    only streams it had already started may end in an error event."""
+    pods = [FakePod(f"p{i}", events=3, delay=0.2) for i in range(4)]
+    addresses = [fake_pods.serve(p) for p in pods]
+    running_router.use(route("tiny", list(zip(addresses, pods, strict=True))))
+    outcomes: list[tuple[bool, int, bool]] = []  # (stream, events before an error, failed)
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        stream = n % 2 == 0
+        with httpx.Client(base_url=running_router.url, timeout=20) as http:
+            while not stop.is_set():
+                if not stream:
+                    r = chat(http, "tiny")
+                    outcomes.append((False, 0, r.status_code != 200))
+                    continue
+                with http.stream("POST", CHAT, json={"model": "tiny", "stream": True}) as r:
+                    got = events(r) if r.status_code == 200 else []
+                errors = [e for e in got if isinstance(e, dict) and "error" in e]
+                before = len([e for e in got if isinstance(e, dict) and "i" in e])
+                outcomes.append((True, before, r.status_code != 200 or bool(errors)))
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(client, n) for n in range(16)]
+        time.sleep(1.5)
+        fake_pods.kill(addresses[0])
+        time.sleep(1.5)
+        stop.set()
+        for future in futures:
+            future.result()
+    failed = [o for o in outcomes if o[2]]
+    assert len(outcomes) > 60 and pods[0].seen  # the victim was serving when it died
+    # Only streams that had delivered events may fail; nothing else is lost.
+    assert all(stream and before >= 1 for stream, before, _ in failed), failed
+    print(f"{len(outcomes)} requests, {len(failed)} streams cut after their first event")
+
+
 def prompt(session: int, turn: int, system: str = "You are terse.") -> dict[str, Any]:
     messages: list[dict[str, str]] = [{"role": "system", "content": system}]
     for t in range(turn + 1):
