@@ -8,8 +8,11 @@ each pod's verified adapters to the status; the router routes by what the status
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -170,3 +173,58 @@ def test_router_follows_models_pods_and_verified_adapters(
             demand = client.get("/router/demand").json()["models"]
             assert demand["beta"]["readyPods"] == 1 and demand["beta"]["resource"] == "beta"
             wait_until(lambda: (routing("beta") or {}).get("readyEndpoints") == 1, "beta routed", timeout=30)
+
+
+def test_adapters_hot_loaded_and_removed_are_never_misrouted(
+    scraping_operator: OperatorProcess, cluster: LocalCluster, namespace: str, router: RouterProcess
+) -> None:
+    """An adapter added and removed three times under steady load: no request for it ever
+    reaches a pod that does not serve it (a pod would answer 404). While it is in the spec and
+    not yet verified the router answers 503; once removed, 404 (an unknown name)."""
+    cluster.apply(vllm_model("churn", 2, lora={"maxLoraRank": 8, "adapters": []}), namespace=namespace)
+    (name_a, ip_a), (name_b, ip_b) = sorted(wait_pods(cluster, namespace, "churn", 2).items())
+    a, b = FakePod(name_a, served="churn"), FakePod(name_b, served="churn")
+    codes: dict[int, int] = {}
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=router.url, timeout=10) as client:
+            while not stop.is_set():
+                status = chat(client, "hot").status_code
+                codes[status] = codes.get(status, 0) + 1
+                assert chat(client, "churn").status_code == 200
+
+    def set_adapters(adapters: list[dict[str, str]]) -> None:
+        patch = {"spec": {"lora": {"maxLoraRank": 8, "adapters": adapters}}}
+        cluster.kubectl(
+            "patch",
+            "vllmmodel",
+            "churn",
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            json.dumps(patch),
+            check=True,
+        )
+
+    with FakePods() as fakes:
+        fakes.serve(a, ip_a, 8000)
+        fakes.serve(b, ip_b, 8000)
+        with router, ThreadPoolExecutor(4) as pool, httpx.Client(base_url=router.url, timeout=10) as probe:
+            loads = [pool.submit(load) for _ in range(4)]
+            try:
+                for _ in range(3):
+                    set_adapters([{"name": "hot", "source": "/lora/hot"}])
+                    wait_until(lambda: chat(probe, "hot").status_code == 200, "hot routed", timeout=30)
+                    time.sleep(6)
+                    set_adapters([])
+                    wait_until(lambda: chat(probe, "hot").status_code == 404, "hot gone", timeout=30)
+                    time.sleep(3)
+            finally:
+                stop.set()
+                for future in loads:
+                    future.result()
+    print(f"answers for the adapter: {codes}; pod a saw {len(a.seen)}, pod b {len(b.seen)} requests")
+    assert a.misrouted == [] and b.misrouted == []
+    assert codes.get(200, 0) > 50 and set(codes) <= {200, 404, 503}, codes

@@ -37,6 +37,8 @@ class FakePod:
     in_flight: int = 0
     most_in_flight: int = 0
     connections: int = 0
+    misrouted: list[str] = field(default_factory=list)
+    """Completions for a name this pod does not serve (answered 404, as vLLM does)."""
 
     def completion(self, model: str, index: int = 0) -> dict[str, Any]:
         return {
@@ -169,6 +171,13 @@ class FakePods:
     ) -> bool:
         model = str(body.get("model"))
         pod.seen.append({"path": path, "model": model, "headers": headers})
+        if model != pod.served and model not in pod.adapters:
+            pod.misrouted.append(model)
+            writer.write(
+                _json(404, {"error": {"message": f"The model `{model}` does not exist.", "code": 404}})
+            )
+            await writer.drain()
+            return True
         fault = pod.faults.popleft() if pod.faults else ""
         if fault == "drop":
             writer.transport.abort()
