@@ -110,8 +110,8 @@ def test_router_follows_models_pods_and_verified_adapters(
     (name_a, ip_a), (name_b, ip_b) = sorted(alpha_pods.items())
     a, b = FakePod(name_a, served="alpha"), FakePod(name_b, served="alpha", refuse_loads=True)
     with FakePods() as fakes:
-        fakes.serve(a, ip_a, 8000)
-        fakes.serve(b, ip_b, 8000)
+        fakes.add(a, ip_a, 8000)
+        fakes.add(b, ip_b, 8000)
         with router, httpx.Client(base_url=router.url, timeout=10) as client:
             # Known models are listed at once, ready or not; a model at zero is 503, not 404.
             listed = {m["id"] for m in client.get("/v1/models").json()["data"]}
@@ -160,7 +160,7 @@ def test_router_follows_models_pods_and_verified_adapters(
                 json.dumps({"spec": {"replicas": 1}}), check=True,
             )  # fmt: skip
             ((beta_name, beta_ip),) = wait_pods(cluster, namespace, "beta", 1).items()
-            fakes.serve(FakePod(beta_name, served="beta"), beta_ip, 8000)
+            fakes.add(FakePod(beta_name, served="beta"), beta_ip, 8000)
             wait_until(
                 lambda: chat(client, "beta").status_code == 200, "beta answers via the router", timeout=20
             )
@@ -209,8 +209,8 @@ def test_adapters_hot_loaded_and_removed_are_never_misrouted(
         )
 
     with FakePods() as fakes:
-        fakes.serve(a, ip_a, 8000)
-        fakes.serve(b, ip_b, 8000)
+        fakes.add(a, ip_a, 8000)
+        fakes.add(b, ip_b, 8000)
         with router, ThreadPoolExecutor(4) as pool, httpx.Client(base_url=router.url, timeout=10) as probe:
             loads = [pool.submit(load) for _ in range(4)]
             try:

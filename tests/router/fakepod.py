@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.e2e.hostile import metrics_page, models_body
+from tests.e2e.hostile import PodServers, metrics_page, models_body
 
 
 @dataclass
@@ -65,17 +64,14 @@ def _address(server: asyncio.Server) -> str:
     return f"{host}:{port}"
 
 
-class FakePods:
+class FakePods(PodServers):
     """Fake pods at (host, port) addresses, on one asyncio loop in a daemon thread."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fake-pods", daemon=True)
-        self.servers: list[asyncio.Server] = []
+        super().__init__()
         self.tasks: dict[str, set[asyncio.Task[None]]] = {}
-        self.thread.start()
 
-    def serve(self, pod: FakePod, host: str = "127.0.0.1", port: int = 0) -> str:
+    def add(self, pod: FakePod, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve `pod` at host:port (0: a free port); returns `host:port`."""
 
         address = ""
@@ -226,23 +222,3 @@ class FakePods:
                     task.cancel()
 
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=10)
-
-    def close(self) -> None:
-        async def stop() -> None:
-            for server in self.servers:
-                server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
-
-    def __enter__(self) -> FakePods:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -41,7 +41,7 @@ def events(response: httpx.Response) -> list[Any]:
 
 def two_pods(fake_pods: FakePods) -> tuple[list[tuple[str, FakePod]], FakePod, FakePod]:
     a, b = FakePod("a"), FakePod("b")
-    pods = [(fake_pods.serve(a), a), (fake_pods.serve(b), b)]
+    pods = [(fake_pods.add(a), a), (fake_pods.add(b), b)]
     return pods, a, b
 
 
@@ -50,7 +50,7 @@ def test_routes_by_name_spreads_over_pods_and_reuses_connections(
 ) -> None:
     pods, a, b = two_pods(fake_pods)
     other = FakePod("o", served="other")
-    running_router.use(route("tiny", pods), route("other", [(fake_pods.serve(other), other)]))
+    running_router.use(route("tiny", pods), route("other", [(fake_pods.add(other), other)]))
     with httpx.Client(base_url=running_router.url, timeout=10) as client:
         answered = Counter(chat(client, "tiny").json()["pod"] for _ in range(20))
         assert chat(client, "other").json()["pod"] == "o"
@@ -63,7 +63,7 @@ def test_alias_is_rewritten_and_adapters_go_only_to_pods_that_serve_them(
     running_router: RunningRouter, fake_pods: FakePods
 ) -> None:
     a, b = FakePod("a", adapters={"sql"}), FakePod("b")
-    pods = [(fake_pods.serve(a), a), (fake_pods.serve(b), b)]
+    pods = [(fake_pods.add(a), a), (fake_pods.add(b), b)]
     running_router.use(
         route("tiny", pods, adapters=["sql", "poem"], routing=api.Routing(aliases=["tiny-latest"]))
     )
@@ -127,7 +127,7 @@ def test_bad_requests_get_openai_errors_naming_the_fix(
 
 def test_a_stream_is_relayed_as_it_is_produced(running_router: RunningRouter, fake_pods: FakePods) -> None:
     slow = FakePod("s", events=4, delay=0.4)
-    running_router.use(route("tiny", [(fake_pods.serve(slow), slow)]))
+    running_router.use(route("tiny", [(fake_pods.add(slow), slow)]))
     arrivals: list[float] = []
     start = time.monotonic()
     with (
@@ -193,7 +193,7 @@ def test_every_pod_failing_gives_502_and_a_refusing_pod_is_skipped(
 
 def test_client_disconnect_stops_the_pods_work(running_router: RunningRouter, fake_pods: FakePods) -> None:
     slow = FakePod("s", events=50, delay=0.1)
-    running_router.use(route("tiny", [(fake_pods.serve(slow), slow)]))
+    running_router.use(route("tiny", [(fake_pods.add(slow), slow)]))
     with (
         httpx.Client(base_url=running_router.url, timeout=10) as client,
         client.stream("POST", CHAT, json={"model": "tiny", "stream": True}) as response,
@@ -211,7 +211,7 @@ def test_a_pod_killed_under_load_costs_no_request_that_had_not_started(
     """One of 4 pods dies mid-load: requests it held before their first byte go to another pod;
     only streams it had already started may end in an error event."""
     pods = [FakePod(f"p{i}", events=3, delay=0.2) for i in range(4)]
-    addresses = [fake_pods.serve(p) for p in pods]
+    addresses = [fake_pods.add(p) for p in pods]
     running_router.use(route("tiny", list(zip(addresses, pods, strict=True))))
     outcomes: list[tuple[bool, int, bool]] = []  # (stream, events before an error, failed)
     stop = threading.Event()
@@ -258,7 +258,7 @@ def test_prefix_affinity_keeps_conversations_on_one_pod_within_the_load_bound(
     running_router: RunningRouter, fake_pods: FakePods
 ) -> None:
     pods = [FakePod(f"p{i}") for i in range(4)]
-    served = [(fake_pods.serve(p), p) for p in pods]
+    served = [(fake_pods.add(p), p) for p in pods]
     running_router.use(route("tiny", served, routing=api.Routing(strategy="PrefixAffinity")))
     with httpx.Client(base_url=running_router.url, timeout=10) as client:
         homes = {
@@ -282,7 +282,7 @@ def test_session_header_pins_requests(running_router: RunningRouter, fake_pods: 
     running_router.use(
         route(
             "tiny",
-            [(fake_pods.serve(p), p) for p in pods],
+            [(fake_pods.add(p), p) for p in pods],
             routing=api.Routing(session_header="x-session-id"),
         )
     )
@@ -302,7 +302,7 @@ def test_session_header_pins_requests(running_router: RunningRouter, fake_pods: 
 def test_sigterm_lets_an_open_stream_finish(fake_pods: FakePods, tmp_path: Path) -> None:
     """The real command: `vllm-operator router --upstream`, stopped mid-stream."""
     slow = FakePod("s", events=6, delay=0.25)
-    address = fake_pods.serve(slow)
+    address = fake_pods.add(slow)
     port = free_port()
     listen = ["--host", "127.0.0.1", "--port", str(port)]
     log = (tmp_path / "router.log").open("w")
@@ -367,7 +367,8 @@ def test_the_callers_key_goes_to_the_pod_and_hop_headers_do_not(
 ) -> None:
     """The router holds no key: the pod checks the caller's Authorization header itself."""
     pod = FakePod("a")
-    running_router.use(route("tiny", [(fake_pods.serve(pod), pod)]))
+    address = fake_pods.add(pod)
+    running_router.use(route("tiny", [(address, pod)]))
     with httpx.Client(base_url=running_router.url, timeout=10) as client:
         client.post(
             CHAT,
@@ -376,10 +377,4 @@ def test_the_callers_key_goes_to_the_pod_and_hop_headers_do_not(
         )
     seen = pod.seen[0]["headers"]
     assert seen["authorization"] == "Bearer sk-1" and seen["x-trace"] == "7"
-    assert "keep-alive" not in seen.get("connection", "") and seen["host"] == pod_address(fake_pods)
-
-
-def pod_address(fake_pods: FakePods) -> str:
-    sockets = fake_pods.servers[-1].sockets
-    host, port = sockets[0].getsockname()[:2]
-    return f"{host}:{port}"
+    assert "keep-alive" not in seen.get("connection", "") and seen["host"] == address
