@@ -271,9 +271,11 @@ class Exchange:
         started: float,
         may_retry: bool,
         stream: bool,
+        on_head: Callable[[float], None],
     ) -> None:
         self.downstream = downstream
         self.stats = stats
+        self.on_head = on_head
         self.started = started
         self.may_retry = may_retry
         self.stream = stream
@@ -292,7 +294,9 @@ class Exchange:
 
     def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
-        self.stats.first_byte.observe(time.perf_counter() - self.started)
+        elapsed = time.perf_counter() - self.started
+        self.stats.first_byte.observe(elapsed)
+        self.on_head(elapsed)
         if status in RETRY_STATUSES and self.may_retry:
             self.swallow = True
             return
@@ -626,7 +630,8 @@ class Router:
                 self.pool.put(upstream)
                 return "gone", False, 0
             reused = upstream.used
-            exchange = Exchange(conn, stats, request.started, may_retry, stream)
+            on_head = functools.partial(self.stats.pod_head, endpoint.address)
+            exchange = Exchange(conn, stats, request.started, may_retry, stream, on_head)
             conn.exchange = exchange
             self.stats.pod_requests[endpoint.address] = self.stats.pod_requests.get(endpoint.address, 0) + 1
             head = b"".join(

@@ -57,6 +57,13 @@ class Stats:
     def __init__(self) -> None:
         self.models: dict[str, ModelStats] = {}
         self.pod_requests: dict[str, int] = {}
+        self.pod_first_byte: dict[str, Histogram] = {}
+
+    def pod_head(self, address: str, seconds: float) -> None:
+        histogram = self.pod_first_byte.get(address)
+        if histogram is None:
+            histogram = self.pod_first_byte[address] = Histogram()
+        histogram.observe(seconds)
 
     def model(self, name: str) -> ModelStats:
         stats = self.models.get(name)
@@ -122,7 +129,14 @@ class _Collector:
         )
         for address, count in sorted(self.stats.pod_requests.items()):
             pod_requests.add_metric([address], count)
-        yield from (requests, flying, retries, broken, head, chunk, pods, pod_requests)
+        pod_head = HistogramMetricFamily(
+            "vllm_router_pod_first_byte_seconds",
+            "Request to the response head, by pod address",
+            labels=["pod"],
+        )
+        for address, histogram in sorted(self.stats.pod_first_byte.items()):
+            pod_head.add_metric([address], histogram.buckets(), histogram.total)
+        yield from (requests, flying, retries, broken, head, chunk, pods, pod_requests, pod_head)
 
 
 def prometheus_text(stats: Stats, in_flight: Mapping[str, int]) -> bytes:
