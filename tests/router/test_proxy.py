@@ -169,6 +169,8 @@ def test_retries_go_to_another_pod_only_before_the_first_byte(
     assert got[1]["error"]["code"] == 502 and "closed the stream" in got[1]["error"]["message"]
     assert len(got) == 3
     assert 'vllm_router_retries_total{model="tiny"} 4.0' in metrics, metrics
+    for address, _ in pods:  # upstream latency per pod, beside the per-model figures
+        assert f'vllm_router_pod_first_byte_seconds_count{{pod="{address}"}}' in metrics
     assert 'vllm_router_broken_streams_total{model="tiny"} 1.0' in metrics
 
 
