@@ -53,13 +53,13 @@ class Target:
     """Whether to read /v1/models for the adapters (models without LoRA skip it)."""
     fetched: frozenset[str] = frozenset()
     """Paths the pod's init steps downloaded (s3:// and gs:// sources)."""
-    api_key: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)
     """Bearer token for the server's /v1 routes (a LoRA model's admin token); kept out of reprs and
     redacted from every reason, so that it never reaches a log or a condition."""
 
 
 def targets_of(
-    pods: Sequence[Mapping[str, Any]], served_name: str, lora: bool = False, api_key: str = ""
+    pods: Sequence[Mapping[str, Any]], served_name: str, lora: bool = False, token: str = ""
 ) -> list[Target]:
     """Scrape targets from pod objects: every pod is listed, only ready ones with an IP are read."""
     out = []
@@ -78,7 +78,7 @@ def targets_of(
                 served_name,
                 lora,
                 fetched_paths(pod) if lora else frozenset(),
-                api_key,
+                token,
             )
         )
     return out
@@ -175,7 +175,7 @@ class Scraper:
         finally:
             metrics.SCRAPE_SECONDS.observe(time.monotonic() - started)
         metrics.SCRAPE_FAILURES.inc()
-        error = redact(reason, target.api_key)
+        error = redact(reason, target.token)
         return PodSample(name=target.name, at=started, ready=True, healthy=False, error=error)
 
     async def _read(
@@ -195,12 +195,12 @@ class Scraper:
         adapters: dict[str, str] = {}
         models_error = ""
         if target.lora:
-            status, body = await self._get(client, base, "/v1/models", progress, bearer(target.api_key))
+            status, body = await self._get(client, base, "/v1/models", progress, bearer(target.token))
             if 200 <= status < 300:
                 adapters = listed_adapters(parse_json(body, "/v1/models"), target.served_name)
             else:
                 # The server works but refuses us (a wrong key, say): metrics still count.
-                models_error = redact(f"/v1/models answered {status}: {message_of(body)}", target.api_key)
+                models_error = redact(f"/v1/models answered {status}: {message_of(body)}", target.token)
         return PodSample(
             name=target.name,
             at=started,
@@ -247,17 +247,17 @@ class Scraper:
         return None
 
     async def call_adapters(
-        self, calls: Sequence[AdapterCall], ips: Mapping[str, str], api_key: str = ""
+        self, calls: Sequence[AdapterCall], ips: Mapping[str, str], token: str = ""
     ) -> list[str]:
         """Run load/unload calls (pod name -> IP in `ips`); returns each call's error or ''."""
         limits = httpx.Limits(max_connections=self.concurrency)
         # Loading an adapter reads its weights: allow more than a scrape's timeout.
         budget = max(30.0, self.timeout)
         async with httpx.AsyncClient(
-            timeout=budget, limits=limits, trust_env=False, headers=bearer(api_key)
+            timeout=budget, limits=limits, trust_env=False, headers=bearer(token)
         ) as client:
             calls_done = (self._call(client, c, ips.get(c.pod, ""), budget) for c in calls)
-            return [redact(error, api_key) for error in await asyncio.gather(*calls_done)]
+            return [redact(error, token) for error in await asyncio.gather(*calls_done)]
 
     async def _call(self, client: httpx.AsyncClient, call: AdapterCall, ip: str, budget: float) -> str:
         body = {"lora_name": call.name, **({"lora_path": call.path} if call.action == "load" else {})}
@@ -310,9 +310,9 @@ def parse_json(body: bytes, what: str) -> Any:
         raise ScrapeError(f"{what}: not a JSON body") from None
 
 
-def bearer(api_key: str) -> dict[str, str]:
-    """The Authorization header for a server started with --api-key, or none."""
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+def bearer(token: str) -> dict[str, str]:
+    """The Authorization header carrying `token` (a model's admin token), or none."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def message_of(body: bytes) -> str:

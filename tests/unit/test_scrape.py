@@ -97,27 +97,27 @@ def keyed_server(request: httpx.Request) -> httpx.Response:
 
 
 @pytest.mark.parametrize(
-    ("api_key", "adapters", "models_error"),
+    ("token", "adapters", "models_error"),
     [
         (KEY, ("sql", "x"), ""),
         ("", (), "/v1/models answered 401: Invalid or missing API key."),
         ("wrong", (), "/v1/models answered 401: Invalid or missing API key. Bearer ***"),
     ],
 )
-async def test_models_are_read_with_the_api_key(
-    api_key: str, adapters: tuple[str, ...], models_error: str
+async def test_models_are_read_with_the_token(
+    token: str, adapters: tuple[str, ...], models_error: str
 ) -> None:
-    target = Target("a", "10.0.0.1", True, "m", lora=True, api_key=api_key)
+    target = Target("a", "10.0.0.1", True, "m", lora=True, token=token)
     async with httpx.AsyncClient(transport=httpx.MockTransport(keyed_server)) as client:
         sample = await Scraper().scrape_pod(client, target)
     assert (sample.healthy, sample.adapters, sample.models_error) == (True, adapters, models_error)
     assert sample.running == 1.0
     # Only string roots are kept: the "adapter replaced behind our back" check compares them.
-    assert sample.adapter_roots == ({"sql": "/lora/sql"} if api_key == KEY else {})
+    assert sample.adapter_roots == ({"sql": "/lora/sql"} if token == KEY else {})
 
 
-def test_the_api_key_never_shows_in_a_repr() -> None:
-    assert KEY not in repr(Target("a", "10.0.0.1", True, "m", lora=True, api_key=KEY))
+def test_the_token_never_shows_in_a_repr() -> None:
+    assert KEY not in repr(Target("a", "10.0.0.1", True, "m", lora=True, token=KEY))
     assert bearer(KEY) == {"Authorization": f"Bearer {KEY}"} and bearer("") == {}
 
 
