@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.client.stub import Stub
-from tests.server.realserver import RealServer, start_server
+from tests.server.realserver import RealServer, lora_flags, start_server
 from vllm_operator.client import RetryPolicy
 
 API_KEY = "client-key"
@@ -52,13 +52,7 @@ def client_server(
     srv = start_server(
         model,
         [
-            "--enable-lora",
-            "--max-lora-rank",
-            "8",
-            "--max-loras",
-            "2",
-            "--lora-modules",
-            f"preloaded={lora}",
+            *lora_flags(lora),
             "--api-key",
             API_KEY,
         ],

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.server.fake_engine import FakeEngine
-from tests.server.realserver import RealServer, start_server
+from tests.server.realserver import RealServer, lora_flags, start_server
 from vllm_server.app import create_app
 from vllm_server.settings import Settings, parse_settings
 
@@ -56,13 +56,7 @@ def real_server(
     srv = start_server(
         tiny_model,
         [
-            "--enable-lora",
-            "--max-lora-rank",
-            "8",
-            "--max-loras",
-            "2",
-            "--lora-modules",
-            f"preloaded={tiny_lora}",
+            *lora_flags(tiny_lora),
             "--api-key",
             "test-key",
             "--max-num-seqs",

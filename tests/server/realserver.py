@@ -16,9 +16,22 @@ import httpx
 
 from tests.harness.processes import free_port
 
-__all__ = ["ENGINE_FLAGS", "RealServer", "free_port", "spawn_server", "start_server"]
+__all__ = ["ENGINE_FLAGS", "RealServer", "free_port", "lora_flags", "spawn_server", "start_server"]
 
 ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.3"]
+
+
+def lora_flags(preloaded: Path) -> list[str]:
+    """LoRA on, rank 8 (the tiny adapter's), 2 adapters per batch, `preloaded` served from the start."""
+    return [
+        "--enable-lora",
+        "--max-lora-rank",
+        "8",
+        "--max-loras",
+        "2",
+        "--lora-modules",
+        f"preloaded={preloaded}",
+    ]
 
 
 @dataclass

@@ -22,7 +22,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.core.result import Ok
 
-from tests.server.realserver import RealServer, start_server
+from tests.server.realserver import RealServer, lora_flags, start_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
@@ -49,13 +49,7 @@ def fuzz_server(
         [
             "--max-model-len",
             "128",
-            "--enable-lora",
-            "--max-lora-rank",
-            "8",
-            "--max-loras",
-            "2",
-            "--lora-modules",
-            f"preloaded={tiny_lora}",
+            *lora_flags(tiny_lora),
             "--api-key",
             API_KEY,
         ],
