@@ -80,6 +80,19 @@ bench-operator: tools
 bench-client: engine
 	PYTHONPATH=. $(PY) bench/client_bench.py
 
+# PrefixAffinity vs LeastLoad through `vllm-operator router` on 4 real CPU replicas of the tiny
+# model: prefix-cache hit rate, TTFT, in-flight balance (bench/router_affinity.py; --quick).
+.PHONY: bench-router-affinity
+bench-router-affinity: engine
+	PYTHONPATH=. $(PY) bench/router_affinity.py
+
+# `vllm-operator router` vs vllm-router (PyPI): added latency, relayed SSE chunks/s, 8000 open
+# streams; router pinned to core 0, upstream stand-in and clients on core 1 (bench/router_bench.py).
+.PHONY: bench-router
+bench-router: venv
+	$(PY) -m pip install -q -e '.[bench]'
+	PYTHONPATH=. $(PY) bench/router_bench.py
+
 # ---------------------------------------------------------------------------
 # Helm chart (charts/vllm-operator): its CRD copy and README values table come from `generate`.
 .PHONY: chart-crd chart-docs chart-test bench-scrape bench-server

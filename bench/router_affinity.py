@@ -1,0 +1,835 @@
+"""Benchmark: prefix affinity in `vllm-operator router` on real vLLM CPU replicas, vs LeastLoad.
+
+Four `python -m vllm_server` replicas of the tiny random Llama (tests/server/tinymodel.py, built
+here, nothing downloaded) with prefix caching on, started once; for each strategy a fresh
+`vllm-operator router --strategy S --upstream tiny=...` in front of them. Same servers, same run.
+
+Scenarios (each run once per strategy):
+
+- multiturn: --sessions conversations x --turns turns, --concurrency sessions at a time, the
+  turns of a session in order. Turn k sends the whole history: a short system prompt (about one
+  32-token KV block with the chat template; shared by the run's sessions), the
+  session's own first user message (260 words, ~350 tokens, distinct per session, so it spans
+  several KV blocks), the assistant answers it got back and the later user messages (~20 tokens
+  each). Streaming, max_tokens 8 (ignore_eos, temperature 0).
+- shared: the same, but every request starts with one long system prompt (260 words, ~350 tokens) and the
+  sessions differ only after it (a ~80-token first user message).
+
+Figures per strategy and scenario:
+
+- prefix-cache hit rate on turns >= 2: the run has two phases, turn 1 of every session (phase A),
+  then turns 2.. of every session (phase B, same concurrency). The 4 servers' counters
+  `vllm:prefix_cache_hits_total` and `vllm:prefix_cache_queries_total` (vLLM counts tokens: prompt
+  tokens looked up, and those found cached) are read after phase A and after phase B; the hit rate
+  is the cluster's delta of hits over its delta of queries in phase B.
+- TTFT: request sent to the first SSE chunk with non-empty `delta.content`, measured by this
+  client through the router; p50/p99 over turns >= 2 (and turn 1 for reference).
+- balance: every 0.1 s the router's `/router/demand` `podInFlight` map is read (the router's own
+  in-flight count per replica, one consistent snapshot of all 4, and the quantity the balancer
+  bounds); every 10th of them is a 1 s sample, the bar's. Each sample's max/mean over the
+  replicas. Samples with nothing in flight have no mean and are skipped. With fewer requests in
+  flight than replicas, max/mean is >= replicas/in-flight for any router, so the bar is judged on
+  the "loaded" samples (in flight >= replicas); the worst over every non-empty 1 s sample, and the
+  loaded 0.1 s samples, are printed too. Also the requests each replica got over the run (the
+  router's `vllm_router_pod_requests_total`), max/mean. Both the phases are sampled.
+- shared scenario, "load": the same in-flight max/mean (bar 1.3 at every loaded 1 s sample), and
+  the requests per replica over the run.
+
+The bundled server has no route to reset the prefix cache (vLLM's /reset_prefix_cache is not
+served), so every (scenario, strategy) run uses its own texts: a per-run tag (the run's number in
+hex, then a random salt) starts the system prompt of every request (in the first 32-token KV
+block), so no run can hit blocks cached by another.
+
+An idle probe on one replica (no router, nothing else in flight) times a cold ~450-token prompt
+against the same prompt again with a few new tokens (cached): what prefix caching can save per
+request on this model at all, next to the TTFTs under load.
+
+Engine settings: tests/server/realserver.py's ENGINE_FLAGS plus --enable-prefix-caching and
+--block-size 32 (vLLM's CPU default is 128; only full blocks are cached, so 128-token rounding
+alone would cost a turn ~64 tokens of hits). Each replica's OpenMP threads are bound to one core
+(VLLM_CPU_OMP_THREADS_BIND: replicas alternate over this process's cores) and the replicas run at
+--niceness, so that the router and this client are not starved by 4 engines on 2 cores.
+
+    PYTHONPATH=. .venv/bin/python bench/router_affinity.py [--quick] [--servers 4] [--sessions 32]
+        [--turns 6] [--concurrency 8] [--block-size 32] [--scenario both] [--json out.json]
+
+Every process started here (replicas, their engine processes, routers) is stopped by pid in a
+`finally`, also on SIGINT/SIGTERM. Needs vLLM's CPU build (`make engine`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import aiohttp
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.server.realserver import RealServer, free_port, spawn_server  # noqa: E402
+from tests.server.tinymodel import build_tiny_model  # noqa: E402
+
+MODEL = "tiny"
+STRATEGIES = ("LeastLoad", "PrefixAffinity")
+ROUTER_BIN = Path(sys.executable).parent / "vllm-operator"
+SAMPLES_PER_SECOND = 10
+SAMPLE_SECONDS = 1 / SAMPLES_PER_SECOND
+BARS = {"hit_rate": 0.85, "ttft_ratio": 1 / 3, "inflight": 1.25, "shared_load": 1.3}
+
+_WORDS = (
+    "the quick brown fox jumps over lazy dog kubernetes operators reconcile desired state with "
+    "observed vllm serves large language models paged attention hello how are you today fine "
+    "thank system message sets behaviour of assistant streaming responses send tokens as soon "
+    "they generated user tool function json yaml python"
+)
+WORDS = _WORDS.split()
+
+_COUNTER = re.compile(r"^(vllm:prefix_cache_(?:hits|queries)(?:_total)?)(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.M)
+_POD_REQUESTS = re.compile(r'^vllm_router_pod_requests_total\{pod="([^"]+)"\} ([0-9.eE+-]+)$', re.M)
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: every one is remembered by pid and stopped in stop_all().
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids below `pid` (children, grandchildren, ...), from /proc."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+class Procs:
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.servers: list[RealServer] = []
+        self.router: subprocess.Popen[bytes] | None = None
+        self.kids: set[int] = set()
+        """Descendants seen of the replicas (vLLM's engine-core processes)."""
+
+    def note_kids(self) -> None:
+        for s in self.servers:
+            if s.proc.poll() is None:
+                self.kids.update(descendants(s.proc.pid))
+
+    def start_servers(self, model: Path, n: int, flags: list[str], niceness: int, at_once: int = 2) -> None:
+        cores = sorted(os.sched_getaffinity(0))
+        for first in range(0, n, at_once):
+            batch = []
+            for i in range(first, min(n, first + at_once)):
+                srv = spawn_server(
+                    model,
+                    flags,
+                    log_path=self.logdir / f"server{i}.log",
+                    served_name=MODEL,
+                    env={"VLLM_CPU_OMP_THREADS_BIND": str(cores[i % len(cores)])},
+                    niceness=niceness,
+                )
+                self.servers.append(srv)
+                batch.append(srv)
+            for srv in batch:
+                srv.wait_healthy(900)
+            self.note_kids()
+            print(f"  replicas up: {len(self.servers)}/{n}", flush=True)
+
+    def start_router(self, strategy: str, port: int) -> subprocess.Popen[bytes]:
+        argv = [str(ROUTER_BIN), "router", "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--strategy", strategy, "--grace-seconds", "2"]
+        for s in self.servers:
+            argv += ["--upstream", f"{MODEL}=http://127.0.0.1:{s.port}"]
+        with open(self.logdir / f"router-{strategy}.log", "ab") as log:
+            self.router = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.router.poll() is not None:
+                raise RuntimeError(f"router exited with {self.router.returncode}; see {self.logdir}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    return self.router
+            time.sleep(0.2)
+        raise RuntimeError("router not ready after 30 s")
+
+    def stop_router(self) -> None:
+        p, self.router = self.router, None
+        if p is None:
+            return
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def stop_all(self) -> None:
+        self.stop_router()
+        self.note_kids()
+        for s in self.servers:
+            if s.proc.poll() is None:
+                s.proc.send_signal(signal.SIGTERM)
+        for s in self.servers:
+            s.stop(timeout=30)  # waits; SIGKILL after 30 s
+        for pid in sorted(self.kids):
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.servers.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Load: one streamed turn, sessions, the in-flight sampler.
+
+
+@dataclass
+class Turn:
+    session: int
+    turn: int
+    ttft: float
+    prompt_tokens: int
+    text: str
+    error: str = ""
+    start: float = 0.0
+    """time.monotonic() when it was sent."""
+
+
+async def stream_turn(
+    http: aiohttp.ClientSession, url: str, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[float, int, str]:
+    """One streamed chat completion: (TTFT s, prompt tokens, answer text)."""
+    body = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    ttft = math.nan
+    parts: list[str] = []
+    prompt_tokens = 0
+    async with http.post(url, json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices") or []
+            content = (choices[0].get("delta") or {}).get("content") if choices else None
+            if content:
+                if math.isnan(ttft):
+                    ttft = time.perf_counter() - t0
+                parts.append(content)
+            usage = chunk.get("usage")
+            if usage:
+                prompt_tokens = int(usage.get("prompt_tokens", 0))
+    return ttft, prompt_tokens, "".join(parts)
+
+
+@dataclass
+class Session:
+    index: int
+    messages: list[dict[str, str]]
+    followups: list[str]
+
+
+def make_sessions(scenario: str, tag: str, n: int, turns: int) -> list[Session]:
+    """The conversations of one run; `tag` starts every distinct text, so runs share no blocks."""
+    sessions = []
+    shared = words(random.Random(f"{tag}/system"), 260)
+    for s in range(n):
+        rng = random.Random(f"{tag}/{s}")
+        if scenario == "shared":
+            system = f"Run {tag}. {shared}"
+            first = f"Session {s}, run {tag}: {words(rng, 60)}"
+        else:
+            system = f"Run {tag}. You are a helpful assistant."
+            first = f"Session {s}: {words(rng, 260)}"
+        followups = [f"Turn {k}: {words(rng, 16)}" for k in range(2, turns + 1)]
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": first}]
+        sessions.append(Session(s, messages, followups))
+    return sessions
+
+
+async def run_turns(
+    http: aiohttp.ClientSession,
+    url: str,
+    sessions: Sequence[Session],
+    turns: Iterable[int],
+    concurrency: int,
+    max_tokens: int,
+    out: list[Turn],
+) -> None:
+    """Every session's `turns` in order, `concurrency` sessions at a time."""
+    queue: asyncio.Queue[Session] = asyncio.Queue()
+    for s in sessions:
+        queue.put_nowait(s)
+    wanted = list(turns)
+
+    async def worker() -> None:
+        while True:
+            try:
+                s = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            for k in wanted:
+                if k >= 2:
+                    s.messages.append({"role": "user", "content": s.followups[k - 2]})
+                start = time.monotonic()
+                try:
+                    ttft, prompt, text = await stream_turn(http, url, s.messages, max_tokens)
+                except (TimeoutError, aiohttp.ClientError, RuntimeError) as e:
+                    error = str(e) or type(e).__name__
+                    out.append(Turn(s.index, k, math.nan, 0, "", error=error, start=start))
+                    break  # the rest of this conversation would not be the same trace
+                out.append(Turn(s.index, k, ttft, prompt, text, start=start))
+                s.messages.append({"role": "assistant", "content": text})
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def sample_inflight(
+    http: aiohttp.ClientSession, router: str, out: list[tuple[float, str, list[int]]], phase: list[str]
+) -> None:
+    """Every SAMPLE_SECONDS: the router's podInFlight map, as (time, phase, counts per replica).
+    Every SAMPLES_PER_SECOND-th sample is a 1 s sample."""
+    t0 = time.monotonic()
+    tick = 0
+    while True:
+        tick += 1
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError, KeyError):
+            async with http.get(f"{router}/router/demand") as resp:
+                demand = await resp.json()
+            pods = demand["models"][MODEL]["podInFlight"]
+            out.append((time.monotonic() - t0, phase[0], [int(pods[k]) for k in sorted(pods)]))
+        await asyncio.sleep(max(0.0, t0 + tick * SAMPLE_SECONDS - time.monotonic()))
+
+
+def server_counters(servers: Sequence[RealServer]) -> tuple[list[dict[str, float]], set[str]]:
+    """Each replica's prefix-cache counters (hits, queries) and the metric names seen."""
+    out: list[dict[str, float]] = []
+    names: set[str] = set()
+    for s in servers:
+        text = httpx.get(f"{s.url}/metrics", timeout=10).text
+        got = {"hits": 0.0, "queries": 0.0}
+        for name, value in _COUNTER.findall(text):
+            names.add(name)
+            got["hits" if "hits" in name else "queries"] += float(value)
+        out.append(got)
+    return out, names
+
+
+def pod_requests(router: str) -> dict[str, float]:
+    text = httpx.get(f"{router}/metrics", timeout=10).text
+    return {pod: float(v) for pod, v in _POD_REQUESTS.findall(text)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures.
+
+
+def pct(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile; nan when empty."""
+    v = sorted(x for x in values if not math.isnan(x))
+    if not v:
+        return math.nan
+    return v[max(0, math.ceil(p / 100 * len(v)) - 1)]
+
+
+def ratio(counts: Sequence[float]) -> float:
+    mean = sum(counts) / len(counts)
+    return max(counts) / mean if mean else math.nan
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    strategy: str
+    seconds: float
+    hit_rate: float
+    hit_rate_turn1: float
+    per_server_hit_rate: list[float]
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    ttft1_p50_ms: float
+    ttft1_p99_ms: float
+    prompt_tokens_by_turn: dict[int, float]
+    errors: int
+    first_error: str
+    samples: int
+    loaded_samples: int
+    worst_loaded: float
+    worst_loaded_at: list[int]
+    worst_any: float
+    worst_any_at: list[int]
+    loaded_over_bar: int
+    mean_loaded_ratio: float
+    fine_loaded_samples: int
+    """The same over every 0.1 s sample with in flight >= replicas."""
+    fine_worst: float
+    fine_over_bar: int
+    fine_mean: float
+    requests_per_replica: list[float]
+    requests_ratio: float
+    metric_names: list[str] = field(default_factory=list)
+    raw: list[tuple[int, int, float, float]] = field(default_factory=list)
+    """(session, turn, seconds since the run's start when sent, TTFT ms) of every request."""
+
+
+async def drive(
+    args: argparse.Namespace, router: str, sessions: Sequence[Session], servers: Sequence[RealServer]
+) -> tuple[list[Turn], list[tuple[float, str, list[int]]], list[list[dict[str, float]]], set[str]]:
+    url = f"{router}/v1/chat/completions"
+    turns: list[Turn] = []
+    samples: list[tuple[float, str, list[int]]] = []
+    phase = ["A"]
+    snaps: list[list[dict[str, float]]] = []
+    names: set[str] = set()
+    conn = aiohttp.TCPConnector(limit=args.concurrency + 4)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as http:
+        sampler = asyncio.create_task(sample_inflight(http, router, samples, phase))
+        try:
+            snap, seen = await asyncio.to_thread(server_counters, servers)
+            snaps.append(snap)
+            names |= seen
+            await run_turns(http, url, sessions, [1], args.concurrency, args.max_tokens, turns)
+            snap, seen = await asyncio.to_thread(server_counters, servers)
+            snaps.append(snap)
+            names |= seen
+            phase[0] = "B"
+            later = range(2, args.turns + 1)
+            await run_turns(http, url, sessions, later, args.concurrency, args.max_tokens, turns)
+            snap, seen = await asyncio.to_thread(server_counters, servers)
+            snaps.append(snap)
+            names |= seen
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+    return turns, samples, snaps, names
+
+
+def summarize(
+    scenario: str,
+    strategy: str,
+    seconds: float,
+    turns: list[Turn],
+    samples: list[tuple[float, str, list[int]]],
+    snaps: list[list[dict[str, float]]],
+    names: set[str],
+    requests: dict[str, float],
+    replicas: int,
+) -> RunResult:
+    def delta(i: int, j: int, key: str, server: int | None = None) -> float:
+        idx = range(len(snaps[0])) if server is None else [server]
+        return sum(snaps[j][k][key] - snaps[i][k][key] for k in idx)
+
+    t0 = min((t.start for t in turns), default=0.0)
+
+    def rate(i: int, j: int, server: int | None = None) -> float:
+        q = delta(i, j, "queries", server)
+        return delta(i, j, "hits", server) / q if q else math.nan
+
+    later = [t for t in turns if t.turn >= 2 and not t.error]
+    first = [t for t in turns if t.turn == 1 and not t.error]
+    errors = [t for t in turns if t.error]
+    by_turn: dict[int, list[int]] = {}
+    for t in turns:
+        if not t.error:
+            by_turn.setdefault(t.turn, []).append(t.prompt_tokens)
+    nonempty = [(c, ratio(c)) for _, _, c in samples[::SAMPLES_PER_SECOND] if sum(c) > 0]
+    loaded = [(c, r) for c, r in nonempty if sum(c) >= replicas]
+    worst_loaded = max(loaded, key=lambda x: x[1], default=([], math.nan))
+    worst_any = max(nonempty, key=lambda x: x[1], default=([], math.nan))
+    fine = [ratio(c) for _, _, c in samples if sum(c) >= replicas]
+    counts = [requests.get(p, 0.0) for p in sorted(requests)] or [0.0]
+    counts += [0.0] * (replicas - len(counts))
+    return RunResult(
+        scenario=scenario,
+        strategy=strategy,
+        seconds=seconds,
+        hit_rate=rate(1, 2),
+        hit_rate_turn1=rate(0, 1),
+        per_server_hit_rate=[rate(1, 2, k) for k in range(len(snaps[0]))],
+        ttft_p50_ms=1000 * pct([t.ttft for t in later], 50),
+        ttft_p99_ms=1000 * pct([t.ttft for t in later], 99),
+        ttft1_p50_ms=1000 * pct([t.ttft for t in first], 50),
+        ttft1_p99_ms=1000 * pct([t.ttft for t in first], 99),
+        prompt_tokens_by_turn={k: statistics.fmean(v) for k, v in sorted(by_turn.items())},
+        errors=len(errors),
+        first_error=errors[0].error if errors else "",
+        samples=len(nonempty),
+        loaded_samples=len(loaded),
+        worst_loaded=worst_loaded[1],
+        worst_loaded_at=list(worst_loaded[0]),
+        worst_any=worst_any[1],
+        worst_any_at=list(worst_any[0]),
+        loaded_over_bar=sum(1 for _, r in loaded if r > BARS["inflight"] + 1e-9),
+        mean_loaded_ratio=statistics.fmean(r for _, r in loaded) if loaded else math.nan,
+        fine_loaded_samples=len(fine),
+        fine_worst=max(fine, default=math.nan),
+        fine_over_bar=sum(1 for r in fine if r > BARS["inflight"] + 1e-9),
+        fine_mean=statistics.fmean(fine) if fine else math.nan,
+        requests_per_replica=counts,
+        requests_ratio=ratio(counts),
+        metric_names=sorted(names),
+        raw=[(t.session, t.turn, t.start - t0, 1000 * t.ttft) for t in turns],
+    )
+
+
+async def probe_prefill(server: RealServer, max_tokens: int, rounds: int = 5) -> tuple[float, float]:
+    """Idle TTFT on one replica: a cold ~450-token prompt, then the same plus a few new tokens
+    (cached). Medians in ms."""
+    cold: list[float] = []
+    warm: list[float] = []
+    url = f"{server.url}/v1/chat/completions"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+        for i in range(rounds):
+            rng = random.Random(f"probe/{time.time_ns()}/{i}")
+            messages = [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": f"Probe {time.time_ns()}: {words(rng, 400)}"},
+            ]
+            ttft, _, text = await stream_turn(http, url, messages, max_tokens)
+            cold.append(ttft)
+            messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "Go on."}]
+            ttft, _, _ = await stream_turn(http, url, messages, max_tokens)
+            warm.append(ttft)
+    return 1000 * statistics.median(cold), 1000 * statistics.median(warm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+
+def fmt(x: float, spec: str = ".3f") -> str:
+    return "n/a" if math.isnan(x) else format(x, spec)
+
+
+def report(
+    results: list[RunResult], args: argparse.Namespace, probe: tuple[float, float] | None
+) -> list[str]:
+    lines: list[str] = []
+    by = {(r.scenario, r.strategy): r for r in results}
+    for scenario in ("multiturn", "shared"):
+        runs = [by[(scenario, s)] for s in STRATEGIES if (scenario, s) in by]
+        if not runs:
+            continue
+        title = {
+            "multiturn": "multi-turn, a distinct ~350-token first message per session",
+            "shared": "one shared ~350-token system prompt, sessions differ after it",
+        }[scenario]
+        lines.append("")
+        lines.append(
+            f"== {scenario}: {title}; {args.sessions} sessions x {args.turns} turns, "
+            f"{args.concurrency} at a time, max_tokens {args.max_tokens}"
+        )
+        lines.append(f"{'':44s}" + "".join(f"{r.strategy:>24s}" for r in runs))
+
+        def row(label: str, values: Iterable[str]) -> None:
+            lines.append(f"  {label:42s}" + "".join(f"{v:>24s}" for v in values))
+
+        row("run time s", (fmt(r.seconds, ".0f") for r in runs))
+        row("prefix-cache hit rate, turns >= 2", (fmt(r.hit_rate) for r in runs))
+        row("  (turn 1 phase)", (fmt(r.hit_rate_turn1) for r in runs))
+        row(
+            "  per replica, turns >= 2",
+            ("/".join(fmt(h, ".2f") for h in r.per_server_hit_rate) for r in runs),
+        )
+        row("TTFT p50 ms, turns >= 2", (fmt(r.ttft_p50_ms, ".1f") for r in runs))
+        row("TTFT p99 ms, turns >= 2", (fmt(r.ttft_p99_ms, ".1f") for r in runs))
+        row(
+            "TTFT p50 / p99 ms, turn 1",
+            (f"{fmt(r.ttft1_p50_ms, '.1f')}/{fmt(r.ttft1_p99_ms, '.1f')}" for r in runs),
+        )
+        row(
+            "1 s samples: non-empty / loaded (>= replicas)", (f"{r.samples}/{r.loaded_samples}" for r in runs)
+        )
+        row(
+            "in-flight max/mean, worst loaded sample",
+            (f"{fmt(r.worst_loaded, '.2f')} {r.worst_loaded_at}" for r in runs),
+        )
+        row(
+            f"  loaded samples above {BARS['inflight']}",
+            (f"{r.loaded_over_bar}/{r.loaded_samples}" for r in runs),
+        )
+        row("  mean over loaded samples", (fmt(r.mean_loaded_ratio, ".2f") for r in runs))
+        row("  worst of any non-empty sample", (f"{fmt(r.worst_any, '.2f')} {r.worst_any_at}" for r in runs))
+        row(
+            "  0.1 s samples, loaded: worst / mean / above",
+            (
+                f"{fmt(r.fine_worst, '.2f')}/{fmt(r.fine_mean, '.2f')}/"
+                f"{r.fine_over_bar}of{r.fine_loaded_samples}"
+                for r in runs
+            ),
+        )
+        row(
+            "requests per replica (max/mean)",
+            (
+                f"{'/'.join(str(int(c)) for c in r.requests_per_replica)} ({fmt(r.requests_ratio, '.2f')})"
+                for r in runs
+            ),
+        )
+        row("errors", (str(r.errors) for r in runs))
+        tokens = runs[0].prompt_tokens_by_turn
+        lines.append(
+            "  prompt tokens by turn (mean): " + ", ".join(f"{k}: {v:.0f}" for k, v in tokens.items())
+        )
+        for r in runs:
+            if r.first_error:
+                lines.append(f"  {r.strategy} first error: {r.first_error}")
+    names = sorted({n for r in results for n in r.metric_names})
+    lines.append("")
+    lines.append(
+        f"counters read: {', '.join(names) or 'none found'}; in-flight: router /router/demand podInFlight"
+    )
+    if probe is not None:
+        lines.append(
+            f"idle probe on one replica, ~450-token prompt: TTFT cold {probe[0]:.1f} ms, "
+            f"cached {probe[1]:.1f} ms (what prefix caching can save per request here: "
+            f"{probe[0] - probe[1]:.1f} ms)"
+        )
+
+    lines.append("")
+    lines.append("== bars")
+    pa, ll = by.get(("multiturn", "PrefixAffinity")), by.get(("multiturn", "LeastLoad"))
+    sh = by.get(("shared", "PrefixAffinity"))
+
+    def bar(ok: bool | None, text: str) -> None:
+        lines.append(f"  {'n/a ' if ok is None else 'PASS' if ok else 'FAIL'}  {text}")
+
+    if pa is not None:
+        bar(
+            pa.hit_rate >= BARS["hit_rate"],
+            f"hit rate on turns >= 2 with PrefixAffinity >= {BARS['hit_rate']}: {fmt(pa.hit_rate)}"
+            + (f" (LeastLoad {fmt(ll.hit_rate)})" if ll else ""),
+        )
+    if pa is not None and ll is not None:
+        ttft_ratio = pa.ttft_p50_ms / ll.ttft_p50_ms if ll.ttft_p50_ms else math.nan
+        bar(
+            ttft_ratio <= BARS["ttft_ratio"],
+            f"TTFT p50 PrefixAffinity <= 1/3 of LeastLoad's (turns >= 2): {fmt(pa.ttft_p50_ms, '.1f')} ms vs "
+            f"{fmt(ll.ttft_p50_ms, '.1f')} ms, ratio {fmt(ttft_ratio, '.2f')}",
+        )
+    for run in (pa, sh):
+        if run is None:
+            continue
+        bar(
+            run.loaded_over_bar == 0 if run.loaded_samples else None,
+            f"in-flight max/mean <= {BARS['inflight']} at every loaded 1 s sample, PrefixAffinity, "
+            f"{run.scenario}: "
+            f"worst {fmt(run.worst_loaded, '.2f')} {run.worst_loaded_at}, "
+            f"{run.loaded_over_bar}/{run.loaded_samples} samples above",
+        )
+        if run.loaded_over_bar:
+            n, c = args.servers, args.concurrency
+            allowed = math.ceil(BARS["inflight"] * c / n)
+            lines.append(
+                f"        the balancer checks ceil({BARS['inflight']} x (in flight + 1) / replicas) only "
+                f"when it admits a request: at {c} in flight over {n} that is {allowed}, "
+                f"{allowed * n / c:.2f}x the mean; a sample also sees a replica after requests "
+                "elsewhere have finished, and the busiest replica is the slowest to drain"
+            )
+    if sh is not None:
+        bar(
+            sh.worst_loaded <= BARS["shared_load"] if sh.loaded_samples else None,
+            f"shared system prompt, PrefixAffinity: no replica above {BARS['shared_load']}x the mean "
+            f"in-flight at any loaded sample: worst {fmt(sh.worst_loaded, '.2f')} {sh.worst_loaded_at}",
+        )
+        bar(
+            sh.requests_ratio <= BARS["shared_load"],
+            f"shared system prompt, PrefixAffinity: requests per replica max/mean <= {BARS['shared_load']}: "
+            f"{fmt(sh.requests_ratio, '.2f')} {[int(c) for c in sh.requests_per_replica]}",
+        )
+    if pa is not None and ll is not None and probe is not None:
+        saving = probe[0] - probe[1]
+        lines.append("")
+        lines.append(
+            f"note: TTFT here is mostly queueing and CPU contention, not prefill: idle, a cached prefix "
+            f"saves {saving:.1f} ms of a {probe[0]:.1f} ms TTFT, while under this load LeastLoad's TTFT "
+            f"p50 is {ll.ttft_p50_ms:.1f} ms ({len(os.sched_getaffinity(0))} cores for {args.servers} "
+            "engines, the router and this client). What affinity gains here is mostly engines doing "
+            "less prefill work while they contend for the cores, so the TTFT ratio measures this "
+            "machine's contention as much as prefix caching. It becomes meaningful when prefill "
+            "dominates TTFT: a real model (0.5-8B) with long prompts, a core set or GPU per replica, "
+            "the router and the client on cores of their own."
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="smoke run: 8 sessions x 3 turns, 4 at a time")
+    p.add_argument("--servers", type=int, default=4, help="replicas (default 4)")
+    p.add_argument("--sessions", type=int, help="conversations per run (default 32; --quick 8)")
+    p.add_argument("--turns", type=int, help="turns per conversation (default 6; --quick 3)")
+    p.add_argument("--concurrency", type=int, help="sessions at a time (default 8; --quick 4)")
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=32, help="KV block size (vLLM CPU default 128)")
+    p.add_argument("--niceness", type=int, default=5, help="niceness of the replicas (default 5)")
+    p.add_argument("--scenario", choices=["multiturn", "shared", "both"], default="both")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    a = p.parse_args(argv)
+    a.sessions = a.sessions or (8 if a.quick else 32)
+    a.turns = a.turns or (3 if a.quick else 6)
+    a.concurrency = a.concurrency or (4 if a.quick else 8)
+    if a.turns < 2 or a.servers < 1:
+        p.error("need --turns >= 2 and --servers >= 1")
+    return a
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    if not ROUTER_BIN.exists():
+        print(f"no {ROUTER_BIN}; install the project (make venv)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    work = Path(tempfile.mkdtemp(prefix="router-affinity-"))
+    procs = Procs(work)
+    results: list[RunResult] = []
+    probe: tuple[float, float] | None = None
+    t_start = time.monotonic()
+    flags = ["--enable-prefix-caching", "--block-size", str(args.block_size)]
+    scenarios = ["multiturn", "shared"] if args.scenario == "both" else [args.scenario]
+    salt = f"{random.Random().getrandbits(28):07x}"
+    print(
+        f"{args.servers} replicas of the tiny model ({' '.join(flags)}, niceness {args.niceness}); "
+        f"scenarios {', '.join(scenarios)}; strategies {', '.join(STRATEGIES)}; logs in {work}",
+        flush=True,
+    )
+    try:
+        model = build_tiny_model(work / "model")
+        t = time.monotonic()
+        procs.start_servers(model, args.servers, flags, args.niceness)
+        print(f"  replicas healthy in {time.monotonic() - t:.0f} s", flush=True)
+        # Warm-up: every replica answers a few requests before anything is measured.
+        warm = make_sessions("multiturn", f"f{salt}", 2 * args.servers, 2)
+        for i, s in enumerate(warm):
+            srv = procs.servers[i % args.servers]
+            asyncio.run(
+                _one(f"{srv.url}/v1/chat/completions", s.messages, args.max_tokens),
+            )
+        probe = asyncio.run(probe_prefill(procs.servers[0], args.max_tokens))
+        print(f"  idle probe: TTFT cold {probe[0]:.1f} ms, cached {probe[1]:.1f} ms", flush=True)
+        for scenario in scenarios:
+            for strategy in STRATEGIES:
+                port = free_port()
+                router = f"http://127.0.0.1:{port}"
+                procs.start_router(strategy, port)
+                sessions = make_sessions(scenario, f"{len(results):x}{salt}", args.sessions, args.turns)
+                t = time.monotonic()
+                turns, samples, snaps, names = asyncio.run(drive(args, router, sessions, procs.servers))
+                seconds = time.monotonic() - t
+                requests = pod_requests(router)
+                procs.stop_router()
+                res = summarize(
+                    scenario, strategy, seconds, turns, samples, snaps, names, requests, args.servers
+                )
+                results.append(res)
+                print(
+                    f"  {scenario:9s} {strategy:14s} {seconds:5.0f} s  hit rate {fmt(res.hit_rate)}  "
+                    f"TTFT p50 {fmt(res.ttft_p50_ms, '.1f')} ms  worst loaded max/mean "
+                    f"{fmt(res.worst_loaded, '.2f')}  errors {res.errors}",
+                    flush=True,
+                )
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping what was started", file=sys.stderr)
+        return 130
+    except SystemExit as e:
+        print(f"\nstopped by a signal; stopping what was started (exit {e.code})", file=sys.stderr)
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        procs.stop_all()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    total = time.monotonic() - t_start
+    lines = report(results, args, probe)
+    lines.append("")
+    lines.append(f"total run time {total:.0f} s (replica start-up included); logs in {work}")
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                    "probe_ms": probe,
+                    "results": [r.__dict__ for r in results],
+                    "seconds": total,
+                },
+                indent=2,
+            )
+        )
+    shutil.rmtree(work / "model", ignore_errors=True)
+    return 0
+
+
+async def _one(url: str, messages: list[dict[str, str]], max_tokens: int) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
+        await stream_turn(http, url, messages, max_tokens)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
