@@ -4,7 +4,9 @@ Four `python -m vllm_server` replicas of the tiny random Llama (tests/server/tin
 here, nothing downloaded) with prefix caching on, started once; for each strategy a fresh
 `vllm-operator router --strategy S --upstream tiny=...` in front of them. Same servers, same run.
 
-Scenarios (each run once per strategy):
+Scenarios, each run --rounds times per strategy (default 3; the strategy that goes first
+alternates by round, each run has a fresh router and its own texts); the figures pool the rounds
+(counters summed, TTFTs and samples pooled) and show each round's too:
 
 - multiturn: --sessions conversations x --turns turns, --concurrency sessions at a time, the
   turns of a session in order. Turn k sends the whole history: a short system prompt (about one
@@ -40,6 +42,15 @@ served), so every (scenario, strategy) run uses its own texts: a per-run tag (th
 hex, then a random salt) starts the system prompt of every request (in the first 32-token KV
 block), so no run can hit blocks cached by another.
 
+A third column, Pinned, is a reference without the router (--no-reference skips it): the client
+sends session s straight to replica s mod n, perfect affinity with an even spread of sessions;
+its hit rate is the most this trace and block size allow, its TTFT what the replicas give without
+the router and without affinity's imbalance. It has no in-flight samples.
+
+For each run the machine's /proc/vmstat major page faults and direct-reclaim stalls are counted:
+this VM reclaims cold page-cache pages (DAMON pageout), and an engine that faults its code back in
+stalls; those stalls show as TTFT outliers that have nothing to do with routing.
+
 An idle probe on one replica (no router, nothing else in flight) times a cold ~450-token prompt
 against the same prompt again with a few new tokens (cached): what prefix caching can save per
 request on this model at all, next to the TTFTs under load.
@@ -51,7 +62,7 @@ alone would cost a turn ~64 tokens of hits). Each replica's OpenMP threads are b
 --niceness, so that the router and this client are not starved by 4 engines on 2 cores.
 
     PYTHONPATH=. .venv/bin/python bench/router_affinity.py [--quick] [--servers 4] [--sessions 32]
-        [--turns 6] [--concurrency 8] [--block-size 32] [--scenario both] [--json out.json]
+        [--turns 6] [--concurrency 8] [--rounds 3] [--block-size 32] [--scenario both] [--json out.json]
 
 Every process started here (replicas, their engine processes, routers) is stopped by pid in a
 `finally`, also on SIGINT/SIGTERM. Needs vLLM's CPU build (`make engine`).
@@ -74,7 +85,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -90,6 +101,8 @@ from tests.server.tinymodel import build_tiny_model  # noqa: E402
 
 MODEL = "tiny"
 STRATEGIES = ("LeastLoad", "PrefixAffinity")
+PINNED = "Pinned"
+"""Reference without the router: session s goes straight to replica s mod n (perfect affinity)."""
 ROUTER_BIN = Path(sys.executable).parent / "vllm-operator"
 SAMPLES_PER_SECOND = 10
 SAMPLE_SECONDS = 1 / SAMPLES_PER_SECOND
@@ -136,12 +149,13 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def alive(pid: int) -> bool:
+def started(pid: int) -> str | None:
+    """The start time of a live pid (to tell it from a later process with the same pid)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return False
-    return state not in ("Z", "X")
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 class Procs:
@@ -149,13 +163,17 @@ class Procs:
         self.logdir = logdir
         self.servers: list[RealServer] = []
         self.router: subprocess.Popen[bytes] | None = None
-        self.kids: set[int] = set()
-        """Descendants seen of the replicas (vLLM's engine-core processes)."""
+        self.kids: dict[int, str] = {}
+        """Descendants seen of the replicas (vLLM's engine-core and worker processes): their
+        start times by pid."""
 
     def note_kids(self) -> None:
         for s in self.servers:
             if s.proc.poll() is None:
-                self.kids.update(descendants(s.proc.pid))
+                for pid in descendants(s.proc.pid):
+                    since = started(pid)
+                    if since is not None:
+                        self.kids.setdefault(pid, since)
 
     def start_servers(self, model: Path, n: int, flags: list[str], niceness: int, at_once: int = 2) -> None:
         cores = sorted(os.sched_getaffinity(0))
@@ -216,8 +234,8 @@ class Procs:
                 s.proc.send_signal(signal.SIGTERM)
         for s in self.servers:
             s.stop(timeout=30)  # waits; SIGKILL after 30 s
-        for pid in sorted(self.kids):
-            if alive(pid):
+        for pid, since in sorted(self.kids.items()):
+            if started(pid) == since:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self.servers.clear()
@@ -304,7 +322,7 @@ def make_sessions(scenario: str, tag: str, n: int, turns: int) -> list[Session]:
 
 async def run_turns(
     http: aiohttp.ClientSession,
-    url: str,
+    url: Callable[[Session], str],
     sessions: Sequence[Session],
     turns: Iterable[int],
     concurrency: int,
@@ -328,7 +346,7 @@ async def run_turns(
                     s.messages.append({"role": "user", "content": s.followups[k - 2]})
                 start = time.monotonic()
                 try:
-                    ttft, prompt, text = await stream_turn(http, url, s.messages, max_tokens)
+                    ttft, prompt, text = await stream_turn(http, url(s), s.messages, max_tokens)
                 except (TimeoutError, aiohttp.ClientError, RuntimeError) as e:
                     error = str(e) or type(e).__name__
                     out.append(Turn(s.index, k, math.nan, 0, "", error=error, start=start))
@@ -396,12 +414,15 @@ def ratio(counts: Sequence[float]) -> float:
 class RunResult:
     scenario: str
     strategy: str
+    rounds: int
     seconds: float
     hit_rate: float
+    hit_rate_rounds: list[float]
     hit_rate_turn1: float
     per_server_hit_rate: list[float]
     ttft_p50_ms: float
     ttft_p99_ms: float
+    ttft_p50_rounds_ms: list[float]
     ttft1_p50_ms: float
     ttft1_p99_ms: float
     prompt_tokens_by_turn: dict[int, float]
@@ -420,17 +441,55 @@ class RunResult:
     fine_worst: float
     fine_over_bar: int
     fine_mean: float
-    requests_per_replica: list[float]
+    requests_per_replica: list[list[int]]
+    """Per round."""
     requests_ratio: float
+    """The worst round's max/mean."""
+    majfaults: float
+    allocstalls: float
     metric_names: list[str] = field(default_factory=list)
-    raw: list[tuple[int, int, float, float]] = field(default_factory=list)
-    """(session, turn, seconds since the run's start when sent, TTFT ms) of every request."""
+    raw: list[tuple[int, int, int, float, float]] = field(default_factory=list)
+    """(round, session, turn, seconds since the round's start when sent, TTFT ms) of every request."""
+
+
+@dataclass
+class Round:
+    """One run of one scenario with one strategy (a fresh router, its own texts)."""
+
+    turns: list[Turn]
+    samples: list[tuple[float, str, list[int]]]
+    snaps: list[list[dict[str, float]]]
+    """Each replica's counters before phase A, after phase A, after phase B."""
+    requests: list[float]
+    """Requests the router sent to each replica."""
+    seconds: float
+    vmstat: dict[str, float]
+    """Deltas of the machine's /proc/vmstat major faults and direct-reclaim stalls over the round."""
+
+
+def vmstat() -> dict[str, float]:
+    """Memory-stall counters of the whole machine: major page faults, direct-reclaim stalls."""
+    out = {"pgmajfault": 0.0, "allocstall": 0.0}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "pgmajfault":
+                out["pgmajfault"] += float(value)
+            elif key.startswith("allocstall"):
+                out["allocstall"] += float(value)
+    return out
 
 
 async def drive(
-    args: argparse.Namespace, router: str, sessions: Sequence[Session], servers: Sequence[RealServer]
-) -> tuple[list[Turn], list[tuple[float, str, list[int]]], list[list[dict[str, float]]], set[str]]:
-    url = f"{router}/v1/chat/completions"
+    args: argparse.Namespace, router: str | None, sessions: Sequence[Session], servers: Sequence[RealServer]
+) -> tuple[Round, set[str]]:
+    """One run through `router`; without one (the Pinned reference), session s goes straight to
+    replica s mod n."""
+
+    def url(s: Session) -> str:
+        base = router or servers[s.index % len(servers)].url
+        return f"{base}/v1/chat/completions"
+
     turns: list[Turn] = []
     samples: list[tuple[float, str, list[int]]] = []
     phase = ["A"]
@@ -438,8 +497,12 @@ async def drive(
     names: set[str] = set()
     conn = aiohttp.TCPConnector(limit=args.concurrency + 4)
     timeout = aiohttp.ClientTimeout(total=600)
+    mem0 = vmstat()
+    t0 = time.monotonic()
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as http:
-        sampler = asyncio.create_task(sample_inflight(http, router, samples, phase))
+        sampler = asyncio.create_task(
+            sample_inflight(http, router, samples, phase) if router else asyncio.sleep(0)
+        )
         try:
             snap, seen = await asyncio.to_thread(server_counters, servers)
             snaps.append(snap)
@@ -458,30 +521,40 @@ async def drive(
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
-    return turns, samples, snaps, names
+    seconds = time.monotonic() - t0
+    mem1 = vmstat()
+    if router:
+        sent = await asyncio.to_thread(pod_requests, router)
+        requests = [sent.get(f"127.0.0.1:{s.port}", 0.0) for s in servers]
+    else:
+        requests = [
+            float(sum(1 for t in turns if t.session % len(servers) == i)) for i in range(len(servers))
+        ]
+    memory = {k: mem1[k] - mem0[k] for k in mem0}
+    return Round(turns, samples, snaps, requests, seconds, memory), names
 
 
 def summarize(
-    scenario: str,
-    strategy: str,
-    seconds: float,
-    turns: list[Turn],
-    samples: list[tuple[float, str, list[int]]],
-    snaps: list[list[dict[str, float]]],
-    names: set[str],
-    requests: dict[str, float],
-    replicas: int,
+    scenario: str, strategy: str, rounds: Sequence[Round], names: set[str], replicas: int
 ) -> RunResult:
-    def delta(i: int, j: int, key: str, server: int | None = None) -> float:
-        idx = range(len(snaps[0])) if server is None else [server]
-        return sum(snaps[j][k][key] - snaps[i][k][key] for k in idx)
+    """Figures of one strategy in one scenario, over its rounds: counters summed, the requests'
+    TTFTs and the in-flight samples pooled; the requests per replica per round."""
 
-    t0 = min((t.start for t in turns), default=0.0)
+    def delta(i: int, j: int, key: str, server: int | None = None) -> float:
+        idx = range(replicas) if server is None else [server]
+        return sum(r.snaps[j][k][key] - r.snaps[i][k][key] for r in rounds for k in idx)
 
     def rate(i: int, j: int, server: int | None = None) -> float:
         q = delta(i, j, "queries", server)
         return delta(i, j, "hits", server) / q if q else math.nan
 
+    def round_rate(r: Round) -> float:
+        q = sum(r.snaps[2][k]["queries"] - r.snaps[1][k]["queries"] for k in range(replicas))
+        h = sum(r.snaps[2][k]["hits"] - r.snaps[1][k]["hits"] for k in range(replicas))
+        return h / q if q else math.nan
+
+    turns = [t for r in rounds for t in r.turns]
+    samples = [s for r in rounds for s in r.samples]
     later = [t for t in turns if t.turn >= 2 and not t.error]
     first = [t for t in turns if t.turn == 1 and not t.error]
     errors = [t for t in turns if t.error]
@@ -489,22 +562,27 @@ def summarize(
     for t in turns:
         if not t.error:
             by_turn.setdefault(t.turn, []).append(t.prompt_tokens)
-    nonempty = [(c, ratio(c)) for _, _, c in samples[::SAMPLES_PER_SECOND] if sum(c) > 0]
-    loaded = [(c, r) for c, r in nonempty if sum(c) >= replicas]
+    one_s = [s for r in rounds for s in r.samples[::SAMPLES_PER_SECOND]]
+    nonempty = [(c, ratio(c)) for _, _, c in one_s if sum(c) > 0]
+    loaded = [(c, x) for c, x in nonempty if sum(c) >= replicas]
     worst_loaded = max(loaded, key=lambda x: x[1], default=([], math.nan))
     worst_any = max(nonempty, key=lambda x: x[1], default=([], math.nan))
     fine = [ratio(c) for _, _, c in samples if sum(c) >= replicas]
-    counts = [requests.get(p, 0.0) for p in sorted(requests)] or [0.0]
-    counts += [0.0] * (replicas - len(counts))
+    requests = [[int(c) for c in r.requests] for r in rounds]
     return RunResult(
         scenario=scenario,
         strategy=strategy,
-        seconds=seconds,
+        rounds=len(rounds),
+        seconds=sum(r.seconds for r in rounds),
         hit_rate=rate(1, 2),
+        hit_rate_rounds=[round_rate(r) for r in rounds],
         hit_rate_turn1=rate(0, 1),
-        per_server_hit_rate=[rate(1, 2, k) for k in range(len(snaps[0]))],
+        per_server_hit_rate=[rate(1, 2, k) for k in range(replicas)],
         ttft_p50_ms=1000 * pct([t.ttft for t in later], 50),
         ttft_p99_ms=1000 * pct([t.ttft for t in later], 99),
+        ttft_p50_rounds_ms=[
+            1000 * pct([t.ttft for t in r.turns if t.turn >= 2 and not t.error], 50) for r in rounds
+        ],
         ttft1_p50_ms=1000 * pct([t.ttft for t in first], 50),
         ttft1_p99_ms=1000 * pct([t.ttft for t in first], 99),
         prompt_tokens_by_turn={k: statistics.fmean(v) for k, v in sorted(by_turn.items())},
@@ -516,16 +594,22 @@ def summarize(
         worst_loaded_at=list(worst_loaded[0]),
         worst_any=worst_any[1],
         worst_any_at=list(worst_any[0]),
-        loaded_over_bar=sum(1 for _, r in loaded if r > BARS["inflight"] + 1e-9),
-        mean_loaded_ratio=statistics.fmean(r for _, r in loaded) if loaded else math.nan,
+        loaded_over_bar=sum(1 for _, x in loaded if x > BARS["inflight"] + 1e-9),
+        mean_loaded_ratio=statistics.fmean(x for _, x in loaded) if loaded else math.nan,
         fine_loaded_samples=len(fine),
         fine_worst=max(fine, default=math.nan),
-        fine_over_bar=sum(1 for r in fine if r > BARS["inflight"] + 1e-9),
+        fine_over_bar=sum(1 for x in fine if x > BARS["inflight"] + 1e-9),
         fine_mean=statistics.fmean(fine) if fine else math.nan,
-        requests_per_replica=counts,
-        requests_ratio=ratio(counts),
+        requests_per_replica=requests,
+        requests_ratio=max((ratio(c) for c in requests), default=math.nan),
+        majfaults=sum(r.vmstat["pgmajfault"] for r in rounds),
+        allocstalls=sum(r.vmstat["allocstall"] for r in rounds),
         metric_names=sorted(names),
-        raw=[(t.session, t.turn, t.start - t0, 1000 * t.ttft) for t in turns],
+        raw=[
+            (i, t.session, t.turn, t.start - min(x.start for x in r.turns), 1000 * t.ttft)
+            for i, r in enumerate(rounds)
+            for t in r.turns
+        ],
     )
 
 
@@ -564,7 +648,7 @@ def report(
     lines: list[str] = []
     by = {(r.scenario, r.strategy): r for r in results}
     for scenario in ("multiturn", "shared"):
-        runs = [by[(scenario, s)] for s in STRATEGIES if (scenario, s) in by]
+        runs = [by[(scenario, s)] for s in (*STRATEGIES, PINNED) if (scenario, s) in by]
         if not runs:
             continue
         title = {
@@ -581,14 +665,16 @@ def report(
         def row(label: str, values: Iterable[str]) -> None:
             lines.append(f"  {label:42s}" + "".join(f"{v:>24s}" for v in values))
 
-        row("run time s", (fmt(r.seconds, ".0f") for r in runs))
+        row("rounds, run time s (sum)", (f"{r.rounds}, {fmt(r.seconds, '.0f')}" for r in runs))
         row("prefix-cache hit rate, turns >= 2", (fmt(r.hit_rate) for r in runs))
+        row("  per round", ("/".join(fmt(h, ".3f") for h in r.hit_rate_rounds) for r in runs))
         row("  (turn 1 phase)", (fmt(r.hit_rate_turn1) for r in runs))
         row(
             "  per replica, turns >= 2",
             ("/".join(fmt(h, ".2f") for h in r.per_server_hit_rate) for r in runs),
         )
         row("TTFT p50 ms, turns >= 2", (fmt(r.ttft_p50_ms, ".1f") for r in runs))
+        row("  p50 per round", ("/".join(fmt(x, ".0f") for x in r.ttft_p50_rounds_ms) for r in runs))
         row("TTFT p99 ms, turns >= 2", (fmt(r.ttft_p99_ms, ".1f") for r in runs))
         row(
             "TTFT p50 / p99 ms, turn 1",
@@ -615,14 +701,19 @@ def report(
                 for r in runs
             ),
         )
-        row(
-            "requests per replica (max/mean)",
-            (
-                f"{'/'.join(str(int(c)) for c in r.requests_per_replica)} ({fmt(r.requests_ratio, '.2f')})"
-                for r in runs
-            ),
-        )
+        row("requests per replica, worst round max/mean", (fmt(r.requests_ratio, ".2f") for r in runs))
+        for i in range(max(r.rounds for r in runs)):
+            row(
+                f"  round {i + 1}",
+                ("/".join(str(c) for c in r.requests_per_replica[i]) if i < r.rounds else "" for r in runs),
+            )
         row("errors", (str(r.errors) for r in runs))
+        row(
+            "machine: major page faults / reclaim stalls",
+            (f"{r.majfaults:.0f}/{r.allocstalls:.0f}" for r in runs),
+        )
+        if any(r.strategy == PINNED for r in runs):
+            lines.append(f"  {PINNED}: no router, session s sent straight to replica s mod {args.servers}")
         tokens = runs[0].prompt_tokens_by_turn
         lines.append(
             "  prompt tokens by turn (mean): " + ", ".join(f"{k}: {v:.0f}" for k, v in tokens.items())
@@ -691,7 +782,7 @@ def report(
         bar(
             sh.requests_ratio <= BARS["shared_load"],
             f"shared system prompt, PrefixAffinity: requests per replica max/mean <= {BARS['shared_load']}: "
-            f"{fmt(sh.requests_ratio, '.2f')} {[int(c) for c in sh.requests_per_replica]}",
+            f"{fmt(sh.requests_ratio, '.2f')} (worst round; rounds {sh.requests_per_replica})",
         )
     if pa is not None and ll is not None and probe is not None:
         saving = probe[0] - probe[1]
@@ -722,12 +813,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--block-size", type=int, default=32, help="KV block size (vLLM CPU default 128)")
     p.add_argument("--niceness", type=int, default=5, help="niceness of the replicas (default 5)")
+    p.add_argument("--rounds", type=int, help="runs per strategy and scenario (default 3; --quick 1)")
+    p.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip the Pinned reference (sessions sent straight to replica s mod n, no router)",
+    )
     p.add_argument("--scenario", choices=["multiturn", "shared", "both"], default="both")
     p.add_argument("--json", type=Path, help="also write the results here")
     a = p.parse_args(argv)
     a.sessions = a.sessions or (8 if a.quick else 32)
     a.turns = a.turns or (3 if a.quick else 6)
     a.concurrency = a.concurrency or (4 if a.quick else 8)
+    a.rounds = a.rounds or (1 if a.quick else 3)
     if a.turns < 2 or a.servers < 1:
         p.error("need --turns >= 2 and --servers >= 1")
     return a
@@ -755,7 +854,8 @@ def main(argv: Sequence[str]) -> int:
     salt = f"{random.Random().getrandbits(28):07x}"
     print(
         f"{args.servers} replicas of the tiny model ({' '.join(flags)}, niceness {args.niceness}); "
-        f"scenarios {', '.join(scenarios)}; strategies {', '.join(STRATEGIES)}; logs in {work}",
+        f"scenarios {', '.join(scenarios)}; strategies {', '.join(STRATEGIES)}"
+        f"{f' and {PINNED} (no router)' if args.reference else ''}; {args.rounds} round(s); logs in {work}",
         flush=True,
     )
     try:
@@ -764,7 +864,7 @@ def main(argv: Sequence[str]) -> int:
         procs.start_servers(model, args.servers, flags, args.niceness)
         print(f"  replicas healthy in {time.monotonic() - t:.0f} s", flush=True)
         # Warm-up: every replica answers a few requests before anything is measured.
-        warm = make_sessions("multiturn", f"f{salt}", 2 * args.servers, 2)
+        warm = make_sessions("multiturn", f"w{salt}", 2 * args.servers, 2)
         for i, s in enumerate(warm):
             srv = procs.servers[i % args.servers]
             asyncio.run(
@@ -772,27 +872,35 @@ def main(argv: Sequence[str]) -> int:
             )
         probe = asyncio.run(probe_prefill(procs.servers[0], args.max_tokens))
         print(f"  idle probe: TTFT cold {probe[0]:.1f} ms, cached {probe[1]:.1f} ms", flush=True)
+        runs = 0
+        kinds = (*STRATEGIES, PINNED) if args.reference else STRATEGIES
         for scenario in scenarios:
-            for strategy in STRATEGIES:
-                port = free_port()
-                router = f"http://127.0.0.1:{port}"
-                procs.start_router(strategy, port)
-                sessions = make_sessions(scenario, f"{len(results):x}{salt}", args.sessions, args.turns)
-                t = time.monotonic()
-                turns, samples, snaps, names = asyncio.run(drive(args, router, sessions, procs.servers))
-                seconds = time.monotonic() - t
-                requests = pod_requests(router)
-                procs.stop_router()
-                res = summarize(
-                    scenario, strategy, seconds, turns, samples, snaps, names, requests, args.servers
-                )
-                results.append(res)
-                print(
-                    f"  {scenario:9s} {strategy:14s} {seconds:5.0f} s  hit rate {fmt(res.hit_rate)}  "
-                    f"TTFT p50 {fmt(res.ttft_p50_ms, '.1f')} ms  worst loaded max/mean "
-                    f"{fmt(res.worst_loaded, '.2f')}  errors {res.errors}",
-                    flush=True,
-                )
+            rounds: dict[str, list[Round]] = {s: [] for s in kinds}
+            names: set[str] = set()
+            for i in range(args.rounds):
+                # Alternate the order, so that a drift of the machine hits every strategy alike.
+                for strategy in kinds if i % 2 == 0 else kinds[::-1]:
+                    router = None
+                    if strategy != PINNED:
+                        port = free_port()
+                        router = f"http://127.0.0.1:{port}"
+                        procs.start_router(strategy, port)
+                    sessions = make_sessions(scenario, f"{runs:x}{salt}", args.sessions, args.turns)
+                    runs += 1
+                    one, seen = asyncio.run(drive(args, router, sessions, procs.servers))
+                    procs.stop_router()
+                    rounds[strategy].append(one)
+                    names |= seen
+                    res = summarize(scenario, strategy, [one], seen, args.servers)
+                    print(
+                        f"  {scenario:9s} round {i + 1} {strategy:14s} {one.seconds:4.0f} s  hit rate "
+                        f"{fmt(res.hit_rate)}  TTFT p50 {fmt(res.ttft_p50_ms, '.1f')} ms  worst loaded "
+                        f"max/mean {fmt(res.worst_loaded, '.2f')}  requests {res.requests_per_replica[0]}  "
+                        f"errors {res.errors}  major faults {one.vmstat['pgmajfault']:.0f}",
+                        flush=True,
+                    )
+            for strategy in kinds:
+                results.append(summarize(scenario, strategy, rounds[strategy], names, args.servers))
     except KeyboardInterrupt:
         print("\ninterrupted; stopping what was started", file=sys.stderr)
         return 130
