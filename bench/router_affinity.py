@@ -42,7 +42,7 @@ served), so every (scenario, strategy) run uses its own texts: a per-run tag (th
 hex, then a random salt) starts the system prompt of every request (in the first 32-token KV
 block), so no run can hit blocks cached by another.
 
-A third column, Pinned, is a reference without the router (--no-reference skips it): the client
+A third column, Direct, is a reference without the router (--no-reference skips it): the client
 sends session s straight to replica s mod n, perfect affinity with an even spread of sessions;
 its hit rate is the most this trace and block size allow, its TTFT what the replicas give without
 the router and without affinity's imbalance. It has no in-flight samples.
@@ -101,7 +101,7 @@ from tests.server.tinymodel import build_tiny_model  # noqa: E402
 
 MODEL = "tiny"
 STRATEGIES = ("LeastLoad", "PrefixAffinity")
-PINNED = "Pinned"
+DIRECT = "Direct"
 """Reference without the router: session s goes straight to replica s mod n (perfect affinity)."""
 ROUTER_BIN = Path(sys.executable).parent / "vllm-operator"
 SAMPLES_PER_SECOND = 10
@@ -149,6 +149,14 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def pin(pid: int, cores: Sequence[int]) -> None:
+    """Every thread of `pid` on `cores` (threads it starts later inherit it)."""
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), cores)
+
+
 def started(pid: int) -> str | None:
     """The start time of a live pid (to tell it from a later process with the same pid)."""
     try:
@@ -175,8 +183,11 @@ class Procs:
                     if since is not None:
                         self.kids.setdefault(pid, since)
 
-    def start_servers(self, model: Path, n: int, flags: list[str], niceness: int, at_once: int = 2) -> None:
-        cores = sorted(os.sched_getaffinity(0))
+    def start_servers(
+        self, model: Path, n: int, flags: list[str], niceness: int, cores: Sequence[int], at_once: int = 2
+    ) -> None:
+        """`n` replicas, `at_once` at a time; replica i's OpenMP threads on cores[i % len(cores)],
+        all its processes on `cores`."""
         for first in range(0, n, at_once):
             batch = []
             for i in range(first, min(n, first + at_once)):
@@ -188,14 +199,18 @@ class Procs:
                     env={"VLLM_CPU_OMP_THREADS_BIND": str(cores[i % len(cores)])},
                     niceness=niceness,
                 )
+                pin(srv.proc.pid, cores)  # before it starts its engine processes, which inherit it
                 self.servers.append(srv)
                 batch.append(srv)
             for srv in batch:
                 srv.wait_healthy(900)
             self.note_kids()
+            for srv in batch:
+                for pid in [srv.proc.pid, *descendants(srv.proc.pid)]:
+                    pin(pid, cores)
             print(f"  replicas up: {len(self.servers)}/{n}", flush=True)
 
-    def start_router(self, strategy: str, port: int) -> subprocess.Popen[bytes]:
+    def start_router(self, strategy: str, port: int, cores: Sequence[int]) -> subprocess.Popen[bytes]:
         argv = [str(ROUTER_BIN), "router", "--host", "127.0.0.1", "--port", str(port)]
         argv += ["--strategy", strategy, "--grace-seconds", "2"]
         for s in self.servers:
@@ -204,6 +219,7 @@ class Procs:
             self.router = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
             )
+        pin(self.router.pid, cores)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.router.poll() is not None:
@@ -483,7 +499,7 @@ def vmstat() -> dict[str, float]:
 async def drive(
     args: argparse.Namespace, router: str | None, sessions: Sequence[Session], servers: Sequence[RealServer]
 ) -> tuple[Round, set[str]]:
-    """One run through `router`; without one (the Pinned reference), session s goes straight to
+    """One run through `router`; without one (the Direct reference), session s goes straight to
     replica s mod n."""
 
     def url(s: Session) -> str:
@@ -648,7 +664,7 @@ def report(
     lines: list[str] = []
     by = {(r.scenario, r.strategy): r for r in results}
     for scenario in ("multiturn", "shared"):
-        runs = [by[(scenario, s)] for s in (*STRATEGIES, PINNED) if (scenario, s) in by]
+        runs = [by[(scenario, s)] for s in (*STRATEGIES, DIRECT) if (scenario, s) in by]
         if not runs:
             continue
         title = {
@@ -712,8 +728,8 @@ def report(
             "machine: major page faults / reclaim stalls",
             (f"{r.majfaults:.0f}/{r.allocstalls:.0f}" for r in runs),
         )
-        if any(r.strategy == PINNED for r in runs):
-            lines.append(f"  {PINNED}: no router, session s sent straight to replica s mod {args.servers}")
+        if any(r.strategy == DIRECT for r in runs):
+            lines.append(f"  {DIRECT}: no router, session s sent straight to replica s mod {args.servers}")
         tokens = runs[0].prompt_tokens_by_turn
         lines.append(
             "  prompt tokens by turn (mean): " + ", ".join(f"{k}: {v:.0f}" for k, v in tokens.items())
@@ -790,12 +806,12 @@ def report(
         lines.append(
             f"note: TTFT here is mostly queueing and CPU contention, not prefill: idle, a cached prefix "
             f"saves {saving:.1f} ms of a {probe[0]:.1f} ms TTFT, while under this load LeastLoad's TTFT "
-            f"p50 is {ll.ttft_p50_ms:.1f} ms ({len(os.sched_getaffinity(0))} cores for {args.servers} "
-            "engines, the router and this client). What affinity gains here is mostly engines doing "
-            "less prefill work while they contend for the cores, so the TTFT ratio measures this "
-            "machine's contention as much as prefix caching. It becomes meaningful when prefill "
-            "dominates TTFT: a real model (0.5-8B) with long prompts, a core set or GPU per replica, "
-            "the router and the client on cores of their own."
+            f"p50 is {ll.ttft_p50_ms:.1f} ms ({args.servers} engines on cores {args.engine_cores}, the "
+            f"router and this client on cores {args.front_cores}). What affinity gains here is mostly "
+            "engines doing less prefill work while they contend for the cores, so the TTFT ratio "
+            "measures this machine's contention as much as prefix caching. It becomes meaningful when "
+            "prefill dominates TTFT: a real model (0.5-8B) with long prompts, a core set or GPU per "
+            "replica, the router and the client on cores of their own."
         )
     return lines
 
@@ -812,13 +828,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, help="sessions at a time (default 8; --quick 4)")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--block-size", type=int, default=32, help="KV block size (vLLM CPU default 128)")
+    p.add_argument(
+        "--layout",
+        choices=["split", "shared"],
+        default="split",
+        help="split: replicas on all cores but the last, router and client on the last (default); "
+        "shared: everything on every core",
+    )
     p.add_argument("--niceness", type=int, default=5, help="niceness of the replicas (default 5)")
     p.add_argument("--rounds", type=int, help="runs per strategy and scenario (default 3; --quick 1)")
     p.add_argument(
         "--no-reference",
         dest="reference",
         action="store_false",
-        help="skip the Pinned reference (sessions sent straight to replica s mod n, no router)",
+        help="skip the Direct reference (sessions sent straight to replica s mod n, no router)",
     )
     p.add_argument("--scenario", choices=["multiturn", "shared", "both"], default="both")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -852,16 +875,25 @@ def main(argv: Sequence[str]) -> int:
     flags = ["--enable-prefix-caching", "--block-size", str(args.block_size)]
     scenarios = ["multiturn", "shared"] if args.scenario == "both" else [args.scenario]
     salt = f"{random.Random().getrandbits(28):07x}"
+    cores = sorted(os.sched_getaffinity(0))
+    if args.layout == "split" and len(cores) > 1:
+        # The replicas on all cores but the last; the router and this client on the last.
+        engine_cores, front_cores = cores[:-1], cores[-1:]
+        os.sched_setaffinity(0, front_cores)
+    else:
+        engine_cores = front_cores = cores
+    args.engine_cores, args.front_cores = engine_cores, front_cores
     print(
-        f"{args.servers} replicas of the tiny model ({' '.join(flags)}, niceness {args.niceness}); "
+        f"{args.servers} replicas of the tiny model ({' '.join(flags)}, niceness {args.niceness}) on "
+        f"cores {engine_cores}, router and client on cores {front_cores}; "
         f"scenarios {', '.join(scenarios)}; strategies {', '.join(STRATEGIES)}"
-        f"{f' and {PINNED} (no router)' if args.reference else ''}; {args.rounds} round(s); logs in {work}",
+        f"{f' and {DIRECT} (no router)' if args.reference else ''}; {args.rounds} round(s); logs in {work}",
         flush=True,
     )
     try:
         model = build_tiny_model(work / "model")
         t = time.monotonic()
-        procs.start_servers(model, args.servers, flags, args.niceness)
+        procs.start_servers(model, args.servers, flags, args.niceness, engine_cores)
         print(f"  replicas healthy in {time.monotonic() - t:.0f} s", flush=True)
         # Warm-up: every replica answers a few requests before anything is measured.
         warm = make_sessions("multiturn", f"w{salt}", 2 * args.servers, 2)
@@ -873,7 +905,7 @@ def main(argv: Sequence[str]) -> int:
         probe = asyncio.run(probe_prefill(procs.servers[0], args.max_tokens))
         print(f"  idle probe: TTFT cold {probe[0]:.1f} ms, cached {probe[1]:.1f} ms", flush=True)
         runs = 0
-        kinds = (*STRATEGIES, PINNED) if args.reference else STRATEGIES
+        kinds = (*STRATEGIES, DIRECT) if args.reference else STRATEGIES
         for scenario in scenarios:
             rounds: dict[str, list[Round]] = {s: [] for s in kinds}
             names: set[str] = set()
@@ -881,10 +913,10 @@ def main(argv: Sequence[str]) -> int:
                 # Alternate the order, so that a drift of the machine hits every strategy alike.
                 for strategy in kinds if i % 2 == 0 else kinds[::-1]:
                     router = None
-                    if strategy != PINNED:
+                    if strategy != DIRECT:
                         port = free_port()
                         router = f"http://127.0.0.1:{port}"
-                        procs.start_router(strategy, port)
+                        procs.start_router(strategy, port, front_cores)
                     sessions = make_sessions(scenario, f"{runs:x}{salt}", args.sessions, args.turns)
                     runs += 1
                     one, seen = asyncio.run(drive(args, router, sessions, procs.servers))
