@@ -13,9 +13,11 @@ alternates by round, each run has a fresh router and its own texts); the figures
   32-token KV block with the chat template; shared by the run's sessions), the
   session's own first user message (260 words, ~350 tokens, distinct per session, so it spans
   several KV blocks), the assistant answers it got back and the later user messages (~20 tokens
-  each). Streaming, max_tokens 8 (ignore_eos, temperature 0).
-- shared: the same, but every request starts with one long system prompt (260 words, ~350 tokens) and the
-  sessions differ only after it (a ~80-token first user message).
+  each). Streaming, max_tokens 8 (ignore_eos, temperature 0). No pause between turns unless
+  --think-ms: in that closed loop LeastLoad's tie rotation tends to send a session back to the
+  replica it used last time (8 sessions cycle over 4 replicas), which flatters its hit rate.
+- shared: the same, but every request starts with one long system prompt (260 words, ~350
+  tokens) and the sessions differ only after it (a ~80-token first user message).
 
 Figures per strategy and scenario:
 
@@ -47,9 +49,9 @@ sends session s straight to replica s mod n, perfect affinity with an even sprea
 its hit rate is the most this trace and block size allow, its TTFT what the replicas give without
 the router and without affinity's imbalance. It has no in-flight samples.
 
-For each run the machine's /proc/vmstat major page faults and direct-reclaim stalls are counted:
-this VM reclaims cold page-cache pages (DAMON pageout), and an engine that faults its code back in
-stalls; those stalls show as TTFT outliers that have nothing to do with routing.
+For each run the machine's /proc/vmstat major page faults and direct-reclaim stalls are counted,
+to tell memory stalls from routing effects: this VM pages out cold page-cache pages (DAMON), and
+an engine that faults its code back in stalls.
 
 An idle probe on one replica (no router, nothing else in flight) times a cold ~450-token prompt
 against the same prompt again with a few new tokens (cached): what prefix caching can save per
@@ -57,12 +59,18 @@ request on this model at all, next to the TTFTs under load.
 
 Engine settings: tests/server/realserver.py's ENGINE_FLAGS plus --enable-prefix-caching and
 --block-size 32 (vLLM's CPU default is 128; only full blocks are cached, so 128-token rounding
-alone would cost a turn ~64 tokens of hits). Each replica's OpenMP threads are bound to one core
-(VLLM_CPU_OMP_THREADS_BIND: replicas alternate over this process's cores) and the replicas run at
---niceness, so that the router and this client are not starved by 4 engines on 2 cores.
+alone would cost a turn ~64 tokens of hits). Placement (--layout): `split` (default) puts every
+process of the replicas on all cores but the last and the router and this client on the last
+core; `shared` lets everything share every core. Each replica's OpenMP threads are bound to one
+core (VLLM_CPU_OMP_THREADS_BIND; replicas alternate over their cores) and the replicas run at
+--niceness. Each vLLM replica is 3 processes (API server, engine core, worker) and the engine
+core and worker busy-poll for 1 s after every message, so with `shared` the router competes
+with 8 spinning processes for 2 cores and its hop picks up tail latency from that contention;
+`split` keeps most of that out of the TTFTs (compare with the Direct column).
 
     PYTHONPATH=. .venv/bin/python bench/router_affinity.py [--quick] [--servers 4] [--sessions 32]
-        [--turns 6] [--concurrency 8] [--rounds 3] [--block-size 32] [--scenario both] [--json out.json]
+        [--turns 6] [--concurrency 8] [--rounds 3] [--think-ms 0] [--layout split]
+        [--block-size 32] [--scenario both] [--json out.json]
 
 Every process started here (replicas, their engine processes, routers) is stopped by pid in a
 `finally`, also on SIGINT/SIGTERM. Needs vLLM's CPU build (`make engine`).
@@ -344,8 +352,10 @@ async def run_turns(
     concurrency: int,
     max_tokens: int,
     out: list[Turn],
+    think: float = 0.0,
 ) -> None:
-    """Every session's `turns` in order, `concurrency` sessions at a time."""
+    """Every session's `turns` in order, `concurrency` sessions at a time; before each turn >= 2 a
+    pause drawn uniformly from [0, think] s (the session's own seeded draw)."""
     queue: asyncio.Queue[Session] = asyncio.Queue()
     for s in sessions:
         queue.put_nowait(s)
@@ -360,6 +370,8 @@ async def run_turns(
             for k in wanted:
                 if k >= 2:
                     s.messages.append({"role": "user", "content": s.followups[k - 2]})
+                    if think > 0:
+                        await asyncio.sleep(random.Random(f"{s.index}/{k}").uniform(0, think))
                 start = time.monotonic()
                 try:
                     ttft, prompt, text = await stream_turn(http, url(s), s.messages, max_tokens)
@@ -529,7 +541,9 @@ async def drive(
             names |= seen
             phase[0] = "B"
             later = range(2, args.turns + 1)
-            await run_turns(http, url, sessions, later, args.concurrency, args.max_tokens, turns)
+            await run_turns(
+                http, url, sessions, later, args.concurrency, args.max_tokens, turns, args.think_ms / 1000
+            )
             snap, seen = await asyncio.to_thread(server_counters, servers)
             snaps.append(snap)
             names |= seen
@@ -675,6 +689,7 @@ def report(
         lines.append(
             f"== {scenario}: {title}; {args.sessions} sessions x {args.turns} turns, "
             f"{args.concurrency} at a time, max_tokens {args.max_tokens}"
+            + (f", think time 0-{args.think_ms:g} ms" if args.think_ms else "")
         )
         lines.append(f"{'':44s}" + "".join(f"{r.strategy:>24s}" for r in runs))
 
@@ -806,7 +821,7 @@ def report(
         lines.append(
             f"note: TTFT here is mostly queueing and CPU contention, not prefill: idle, a cached prefix "
             f"saves {saving:.1f} ms of a {probe[0]:.1f} ms TTFT, while under this load LeastLoad's TTFT "
-            f"p50 is {ll.ttft_p50_ms:.1f} ms ({args.servers} engines on cores {args.engine_cores}, the "
+            f"p50 is {ll.ttft_p50_ms:.1f} ms ({args.servers} engine(s) on cores {args.engine_cores}, the "
             f"router and this client on cores {args.front_cores}). What affinity gains here is mostly "
             "engines doing less prefill work while they contend for the cores, so the TTFT ratio "
             "measures this machine's contention as much as prefix caching. It becomes meaningful when "
@@ -827,6 +842,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--turns", type=int, help="turns per conversation (default 6; --quick 3)")
     p.add_argument("--concurrency", type=int, help="sessions at a time (default 8; --quick 4)")
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument(
+        "--think-ms",
+        type=float,
+        default=0.0,
+        help="a pause before each turn >= 2, uniform in [0, THINK_MS] (default 0: none); breaks the "
+        "lockstep in which LeastLoad's rotation keeps sending a session to the same replica",
+    )
     p.add_argument("--block-size", type=int, default=32, help="KV block size (vLLM CPU default 128)")
     p.add_argument(
         "--layout",
