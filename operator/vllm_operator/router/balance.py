@@ -158,8 +158,3 @@ class Balancer:
             if load < best_load:
                 best, best_load = candidate, load
         return best
-
-
-def demand(in_flight: Mapping[str, int], endpoints: Sequence[Endpoint]) -> int:
-    """Requests in flight to these pods."""
-    return sum(in_flight.get(e.address, 0) for e in endpoints)

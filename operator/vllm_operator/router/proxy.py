@@ -105,11 +105,9 @@ class Downstream(asyncio.Protocol):
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
-        self.router.connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.router.connections -= 1
         if self.exchange is not None:
             self.exchange.client_gone()
 
@@ -119,8 +117,7 @@ class Downstream(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as error:
-            if not self._refused:
-                self._fail(400, f"malformed HTTP request: {error}")
+            self._fail(400, f"malformed HTTP request: {error}")
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
@@ -140,6 +137,8 @@ class Downstream(asyncio.Protocol):
         self._header_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._refused:
+            return
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_HEADER_BYTES:
             self._fail(431, f"request headers over {MAX_HEADER_BYTES} bytes")
@@ -156,6 +155,8 @@ class Downstream(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        if self._refused:
+            return
         self._body_bytes += len(body)
         if self._body_bytes > self.router.max_body:
             self._fail(413, f"request body over {self.router.max_body} bytes (router --max-body-bytes)")
@@ -205,7 +206,10 @@ class Downstream(asyncio.Protocol):
         self._next()
 
     def _fail(self, status: int, message: str) -> None:
-        """A request the router refuses before reading it whole: answer and close."""
+        """A request the router refuses before reading it whole: answer once and close (the
+        rest of a chunk already read still reaches the parser's callbacks)."""
+        if self._refused:
+            return
         self._refused = True
         if self.transport is None or self.closed:
             return
@@ -441,10 +445,10 @@ class Pool:
         self.idle: dict[str, list[Upstream]] = {}
         self.connect_timeout = connect_timeout
 
-    async def get(self, address: str, fresh: bool = False) -> Upstream:
+    async def get(self, address: str) -> Upstream:
         now = time.monotonic()
         conns = self.idle.get(address)
-        while conns and not fresh:
+        while conns:
             conn = conns.pop()
             if not conn.closed and now - conn.idle_since < IDLE_SECONDS:
                 return conn
@@ -484,7 +488,6 @@ class Router:
         self.balancer = Balancer()
         self.pool = Pool(connect_timeout)
         self.stats = Stats()
-        self.connections = 0
         self.draining = False
 
     def protocol(self) -> Downstream:
@@ -588,7 +591,7 @@ class Router:
             if outcome == "retry":
                 stats.retries += 1
                 if reused and stale_retry:
-                    stale_retry = False  # a pooled connection the pod had just closed: same pod, anew
+                    stale_retry = False  # a pooled connection the pod had just closed: once, uncounted
                     attempt -= 1
                     continue
                 tried.add(endpoint.address)
@@ -652,11 +655,6 @@ class Router:
             self.balancer.release(endpoint.address)
 
 
-async def serve(
-    router: Router, host: str, port: int, *, ready: Callable[[], None] | None = None
-) -> asyncio.Server:
+async def serve(router: Router, host: str, port: int) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(router.protocol, host, port, backlog=4096, reuse_address=True)
-    if ready is not None:
-        ready()
-    return server
+    return await loop.create_server(router.protocol, host, port, backlog=4096, reuse_address=True)

@@ -106,11 +106,9 @@ class Watcher:
                     items, version = self.cluster.list(kind, namespace, selector)
                     self._replace(kind, namespace, items)
                 for event, obj in self.cluster.watch(kind, namespace, selector, version):
-                    if event == "BOOKMARK":
-                        version = str((obj.get("metadata") or {}).get("resourceVersion", version))
-                        continue
                     version = str((obj.get("metadata") or {}).get("resourceVersion", version))
-                    self._apply(kind, event, obj)
+                    if event != "BOOKMARK":  # a bookmark only moves the version on
+                        self._apply(kind, event, obj)
                     failures = 0
             except ApiException as error:
                 if error.status == 410:
