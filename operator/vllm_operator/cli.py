@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def at_least(minimum: float, kind: type[int] | type[float] = int) -> Callable[[str], float]:
+    """An argparse type: a number of `kind`, refused with a clear message below `minimum`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a{'n integer' if kind is int else ' number'}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {kind(minimum)}")
+        return value
+
+    return parse
+
+
 def _upstream(text: str) -> tuple[str, str]:
     name, sep, url = text.partition("=")
     if not sep or not name or not url:
@@ -218,10 +235,13 @@ def parser() -> argparse.ArgumentParser:
         "--port", type=port, default=8000, help="port of the OpenAI endpoint, /metrics and /healthz"
     )
     p.add_argument(
-        "--max-body-bytes", type=int, default=32 * 1024 * 1024, help="largest request body accepted"
+        "--max-body-bytes", type=at_least(1), default=32 * 1024 * 1024, help="largest request body accepted"
     )
     p.add_argument(
-        "--grace-seconds", type=float, default=30.0, help="on SIGTERM, how long open requests may finish"
+        "--grace-seconds",
+        type=at_least(0, float),
+        default=30.0,
+        help="on SIGTERM, how long open requests may finish",
     )
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=cmd_router)
