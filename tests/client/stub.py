@@ -88,6 +88,15 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str], bytes]:
+    """One HTTP/1.1 request with a Content-Length body: method, path, lowercase headers, body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    return method, path, headers, await reader.readexactly(int(headers.get("content-length", "0")))
+
+
 class Stub:
     """The server: runs its own event loop in a thread; `script` is consumed request by request."""
 
@@ -137,13 +146,7 @@ class Stub:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One request per connection (Connection: close keeps the stub simple)."""
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            method, path, _ = lines[0].split(" ", 2)
-            headers = {
-                k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
-            }
-            raw = await reader.readexactly(int(headers.get("content-length", "0")))
+            method, path, headers, raw = await read_request(reader)
             body = json.loads(raw) if raw else None
             self.seen.append(Seen(time.monotonic(), method, path, headers, body))
             reply = self.script.popleft() if self.script else Reply()

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.client.stub import read_request
 from tests.e2e.hostile import PodServers, metrics_page, models_body
 
 
@@ -100,13 +101,7 @@ class FakePods(PodServers):
         pod.connections += 1
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = lines[0].split(" ", 2)
-                headers = {
-                    k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
-                }
-                raw = await reader.readexactly(int(headers.get("content-length", "0")))
+                method, path, headers, raw = await read_request(reader)
                 body = json.loads(raw) if raw else {}
                 if not await self._answer(pod, method, path, headers, body, writer):
                     return
