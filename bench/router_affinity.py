@@ -104,6 +104,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.harness.processes import terminate  # noqa: E402
 from tests.server.realserver import RealServer, free_port, spawn_server  # noqa: E402
 from tests.server.tinymodel import build_tiny_model  # noqa: E402
 
@@ -242,13 +243,7 @@ class Procs:
         p, self.router = self.router, None
         if p is None:
             return
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        terminate(p, grace=10)
 
     def stop_all(self) -> None:
         self.stop_router()

@@ -15,6 +15,18 @@ class ComponentFailed(RuntimeError):
     """A control-plane process exited or never became healthy."""
 
 
+def terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM, `grace` seconds to exit, then SIGKILL; nothing if it has exited already."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     return free_ports(1)[0]

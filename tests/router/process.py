@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -11,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from tests.harness.cluster import wait_until
-from tests.harness.processes import free_ports
+from tests.harness.processes import free_ports, terminate
 from tests.paths import REPO_ROOT
 
 
@@ -42,13 +41,8 @@ class RouterProcess:
             return False
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            terminate(self.proc, grace=40)  # above the router's own 30 s drain
 
     def tail(self, lines: int = 40) -> str:
         if not self.log.exists():
