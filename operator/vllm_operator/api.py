@@ -181,6 +181,53 @@ class Routing(WireModel):
         return value.lower()  # HTTP header names are case-insensitive; the router compares lowercase
 
 
+class Autoscaling(WireModel):
+    """Replicas that follow load: the operator writes `spec.replicas` (the scale subresource).
+
+    Each target gives a replica count (load / target, rounded up); the largest wins. Load is
+    averaged over the stable window; a burst that needs panicThreshold x the ready replicas over
+    the short panic window scales up at once. A scale-down waits until scaleDownDelaySeconds have
+    passed since the last scale-up and takes the highest count seen in that time.
+    """
+
+    min_replicas: int = Field(default=1, ge=0, le=1000)
+    """Fewest replicas; 0 lets an idle model go to zero (the router holds its next request while it wakes)."""
+    max_replicas: int = Field(ge=1, le=1000)
+    """Most replicas."""
+    target_in_flight: float = Field(default=8.0, gt=0, le=100_000)
+    """Requests in flight per replica, counted at the router (engines' running + waiting without one)."""
+    target_waiting: float | None = Field(default=None, gt=0, le=100_000)
+    """Requests waiting in the engine queue per replica; empty: not a target."""
+    target_kv_cache: float | None = Field(default=None, gt=0, le=1)
+    """KV-cache use per replica, in (0, 1]; empty: not a target."""
+    stable_window_seconds: int = Field(default=60, ge=5, le=3600)
+    """Load is averaged over this long for ordinary decisions."""
+    panic_window_seconds: int = Field(default=6, ge=1, le=600)
+    """Load is averaged over this long to catch bursts."""
+    panic_threshold: float = Field(default=2.0, ge=1.1, le=100)
+    """A burst: the panic window needs this many times the ready replicas; it scales up at once."""
+    scale_down_delay_seconds: int = Field(default=120, ge=0, le=86_400)
+    """No scale-down sooner than this after a scale-up; a scale-down takes the highest need seen in it."""
+    idle_seconds: int = Field(default=300, ge=10, le=604_800)
+    """With minReplicas 0: no request for this long sends the model to zero."""
+    hold_timeout_seconds: int = Field(default=300, ge=1, le=3600)
+    """How long the router holds a request while the model wakes; then 503 with Retry-After."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"minReplicas ({self.min_replicas}) is above maxReplicas ({self.max_replicas}); "
+                "lower minReplicas or raise maxReplicas"
+            )
+        if self.panic_window_seconds > self.stable_window_seconds:
+            raise ValueError(
+                f"panicWindowSeconds ({self.panic_window_seconds}) is longer than stableWindowSeconds "
+                f"({self.stable_window_seconds}); the panic window must be the shorter one"
+            )
+        return self
+
+
 class VLLMModelSpec(WireModel):
     """Desired state of a served model."""
 
@@ -191,7 +238,7 @@ class VLLMModelSpec(WireModel):
     served_model_name: str = Field(default="", max_length=253)
     """Name clients use in requests; defaults to metadata.name."""
     replicas: int = Field(default=1, ge=0, le=1000)
-    """Number of server pods."""
+    """Number of server pods; with `autoscaling` set, the autoscaler writes it."""
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
     """GPUs each model layer is split over; GPUs per pod = tensorParallelSize x pipelineParallelSize."""
     pipeline_parallel_size: int = Field(default=1, ge=1, le=64)
@@ -234,6 +281,8 @@ class VLLMModelSpec(WireModel):
     """Model weights cache volume."""
     routing: Routing = Field(default_factory=Routing)
     """How the router spreads requests over the pods, and the model's other names."""
+    autoscaling: Autoscaling | None = None
+    """Replicas that follow load, down to zero when minReplicas is 0; empty: `replicas` is fixed."""
     shm_size: Quantity | None = None
     """Size of the pod's in-memory /dev/shm (vLLM needs more than a container's 64Mi); default 8Gi."""
     startup_timeout_seconds: int = Field(default=3600, ge=60, le=86_400)
@@ -344,6 +393,28 @@ class RoutingStatus(WireModel):
     """Requests for the model (and its aliases and adapters) in flight at the router."""
 
 
+class ScaleDecision(WireModel):
+    """One replica change the autoscaler made."""
+
+    time: str
+    from_replicas: int
+    to_replicas: int
+    reason: str = Field(max_length=256)
+
+
+class AutoscalingStatus(WireModel):
+    """What the autoscaler wants and why, written when it decides."""
+
+    desired_replicas: int = 0
+    """The replicas the load asks for now (within min and max)."""
+    reason: str = Field(default="", max_length=256)
+    """Why: the signal and figures behind the last decision."""
+    last_scale_time: str | None = None
+    """When the autoscaler last changed `spec.replicas`."""
+    decisions: list[ScaleDecision] = Field(default_factory=list, max_length=10)
+    """The last few changes, newest last."""
+
+
 class VLLMModelStatus(WireModel):
     """Observed state, written by the operator."""
 
@@ -361,6 +432,7 @@ class VLLMModelStatus(WireModel):
     pods: list[PodStatus] = Field(default_factory=list, max_length=64)
     lora_adapters: list[AdapterStatus] = Field(default_factory=list)
     routing: RoutingStatus | None = None
+    autoscaling: AutoscalingStatus | None = None
 
 
 class SpecError(ValueError):

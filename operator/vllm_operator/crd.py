@@ -96,6 +96,13 @@ def spec_schema() -> dict[str, Any]:
             "fieldPath": ".lora.adapters",
         },
     ]
+    autoscaling = props["autoscaling"]
+    autoscaling["x-kubernetes-validations"] = [
+        {
+            "rule": "(has(self.minReplicas) ? self.minReplicas : 1) <= self.maxReplicas",
+            "message": "minReplicas is above maxReplicas; lower minReplicas or raise maxReplicas",
+        },
+    ]
     for name in ("resources", "affinity"):
         props[name]["x-kubernetes-preserve-unknown-fields"] = True
     for name in ("tolerations", "env"):
@@ -153,6 +160,12 @@ def crd() -> dict[str, Any]:
                     },
                     "additionalPrinterColumns": [
                         {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
+                        {
+                            "name": "Desired",
+                            "type": "integer",
+                            "description": "Replicas the autoscaler wants now",
+                            "jsonPath": ".status.autoscaling.desiredReplicas",
+                        },
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {
                             "name": "Tokens/s",

@@ -11,6 +11,7 @@ import kopf
 
 from vllm_operator import k8s
 from vllm_operator.api import GROUP, PLURAL, VERSION
+from vllm_operator.autoscaler import Autoscaler
 from vllm_operator.controller import Controller
 from vllm_operator.render import MANAGED_BY_LABEL
 from vllm_operator.scrape import Scraper
@@ -50,19 +51,22 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 @kopf.on.startup()
 async def start_scraping(memo: kopf.Memo, **_: Any) -> None:
     settings: OperatorSettings = memo.controller.settings
-    if not settings.scrape_interval_seconds:
-        return
     scraper = Scraper(timeout=settings.scrape_timeout_seconds, concurrency=settings.scrape_concurrency)
-    memo.scrape_task = asyncio.create_task(
-        memo.controller.scrape_forever(settings.scrape_interval_seconds, scraper)
-    )
+    if settings.scrape_interval_seconds:
+        memo.scrape_task = asyncio.create_task(
+            memo.controller.scrape_forever(settings.scrape_interval_seconds, scraper)
+        )
+    if settings.autoscale_interval_seconds:
+        autoscaler = Autoscaler(memo.controller, scraper)
+        memo.autoscale_task = asyncio.create_task(autoscaler.run_forever(settings.autoscale_interval_seconds))
 
 
 @kopf.on.cleanup()
 async def stop_scraping(memo: kopf.Memo, **_: Any) -> None:
-    task = memo.get("scrape_task")
-    if task is not None:
-        task.cancel()
+    for name in ("scrape_task", "autoscale_task"):
+        task = memo.get(name)
+        if task is not None:
+            task.cancel()
 
 
 def _run(memo: kopf.Memo, namespace: str, name: str) -> None:

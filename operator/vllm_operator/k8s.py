@@ -27,6 +27,7 @@ RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
 API_TIMEOUT = (5.0, 30.0)
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 
 
 class TransientError(Exception):
@@ -258,6 +259,37 @@ class KubeCluster:
             body={"status": body},
             content_type=MERGE,
         )
+
+    def patch_status(self, namespace: str, name: str, fields: Mapping[str, Any]) -> None:
+        """Merge `fields` into a model's status, leaving every other key as it is."""
+        self.request(
+            "PATCH",
+            f"{PATHS['VLLMModel'].format(namespace=namespace)}/{name}/status",
+            body={"status": dict(fields)},
+            content_type=MERGE,
+        )
+
+    def scale(self, namespace: str, name: str, replicas: int, expect: int) -> bool:
+        """Set a model's `spec.replicas` through its scale subresource, only if it is `expect`
+        now (a JSON patch test): False when it is not, so two writers never both act on one
+        reading (the autoscaler and the router waking a model at zero)."""
+        try:
+            self.request(
+                "PATCH",
+                f"{PATHS['VLLMModel'].format(namespace=namespace)}/{name}/scale",
+                body=[
+                    {"op": "test", "path": "/spec/replicas", "value": expect},
+                    {"op": "replace", "path": "/spec/replicas", "value": replicas},
+                ],
+                content_type=JSON_PATCH,
+                retryable=RETRYABLE_STATUS - {409},
+            )
+        except ApiException as exc:
+            if exc.status in (409, 422):  # the test failed: someone else moved it first
+                return False
+            raise
+        log.info("scaled %s/%s from %d to %d replicas", namespace, name, expect, replicas)
+        return True
 
     def event(self, owner: Obj, kind: str, reason: str, message: str) -> None:
         meta = owner["metadata"]

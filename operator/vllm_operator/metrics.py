@@ -12,6 +12,9 @@ RECONCILE_SECONDS = Histogram(
 )
 APPLIES = Counter("vllm_operator_applies_total", "Children server-side applied, by kind.", ["kind"])
 STATUS_WRITES = Counter("vllm_operator_status_writes_total", "Status patches written.")
+SCALES = Counter(
+    "vllm_operator_scales_total", "Replica changes the autoscaler wrote, by direction.", ["direction"]
+)
 EVENTS = Counter("vllm_operator_events_total", "Kubernetes Events posted, by type.", ["type"])
 
 

@@ -35,6 +35,18 @@ class Cluster(Protocol):
 
     def event(self, owner: Obj, kind: str, reason: str, message: str) -> None: ...
 
+    def patch_status(self, namespace: str, name: str, fields: Mapping[str, Any]) -> None:
+        """Merge `fields` into the status and leave its other keys alone (the autoscaler's part)."""
+        ...
+
+    def scale(self, namespace: str, name: str, replicas: int, expect: int) -> bool:
+        """Set spec.replicas through the scale subresource if it is `expect` now; else False."""
+        ...
+
+
+OWN_WRITER = ("autoscaling",)
+"""Status keys another writer (the autoscaler) owns: a reconcile's status write leaves them be."""
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -287,6 +299,8 @@ def execute(cluster: Cluster, obj: Obj, plan: Plan) -> None:
     """Write a plan's status and events; its children were applied first, by `reconcile`."""
     meta = obj["metadata"]
     if plan.status is not None:
-        cluster.write_status(meta["namespace"], meta["name"], dump(plan.status), obj.get("status") or {})
+        new = {k: v for k, v in dump(plan.status).items() if k not in OWN_WRITER}
+        previous = {k: v for k, v in (obj.get("status") or {}).items() if k not in OWN_WRITER}
+        cluster.write_status(meta["namespace"], meta["name"], new, previous)
     for kind, reason, message in plan.events:
         cluster.event(obj, kind, reason, message)

@@ -246,6 +246,31 @@ class Scraper:
             log.warning("router %s: %s", url, describe(exc))
         return None
 
+    async def park(
+        self, url: str, namespace: str, name: str, idle_seconds: int, token: str
+    ) -> tuple[bool, str]:
+        """Ask the router to hold a model's requests before it goes to zero: (granted, why not).
+        The router grants it only if no request for the model is in flight, held or answered
+        within `idle_seconds`; what arrives after is held and wakes the model again."""
+        try:
+            async with (
+                asyncio.timeout(self.timeout),
+                httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client,
+            ):
+                response = await client.post(
+                    f"{url.rstrip('/')}/router/park",
+                    json={"namespace": namespace, "resource": name, "idleSeconds": idle_seconds},
+                    headers=bearer(token),
+                )
+                body = await read_capped(response, 64 * 1024, "/router/park")
+        except TimeoutError:
+            return False, f"the router did not answer within {self.timeout:g}s"
+        except (httpx.HTTPError, ScrapeError) as exc:
+            return False, redact(describe(exc), token)
+        if response.status_code == 200:
+            return True, ""
+        return False, redact(f"the router answered {response.status_code}: {message_of(body)}", token)
+
     async def call_adapters(
         self, calls: Sequence[AdapterCall], ips: Mapping[str, str], token: str = ""
     ) -> list[str]:

@@ -45,6 +45,11 @@ class OperatorSettings(BaseModel):
     router_url: str = Field(default="", pattern=r"^(https?://[^\s/]+)?$")
     """Base URL of the router (`vllm-operator router`) whose view of each model goes to
     `status.routing`, read every scrape round; empty: none (the chart sets it)."""
+    router_token: str = Field(default="", repr=False)
+    """Bearer token of the router's /router/park, which lets the autoscaler take a model to zero
+    (the chart generates one for both); empty: models never go to zero."""
+    autoscale_interval_seconds: float = Field(default=1.0, ge=0)
+    """How often the autoscaler reads the router's demand and decides; 0 turns autoscaling off."""
     admin_key: str = Field(default="", repr=False)
     """Secret from which each LoRA model's adapter admin token is derived (the chart generates
     one); empty: a random one per operator start, so LoRA pods roll when the operator restarts."""

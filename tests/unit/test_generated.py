@@ -42,7 +42,7 @@ def test_crd_is_structural() -> None:
 def test_crd_has_printer_columns_and_subresources() -> None:
     version = yaml.safe_load(CRD_FILE.read_text())["spec"]["versions"][0]
     names = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
-    assert names == ["Ready", "Phase", "Tokens/s", "Adapters", "Endpoint", "Age"]
+    assert names == ["Ready", "Desired", "Phase", "Tokens/s", "Adapters", "Endpoint", "Age"]
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     assert "status" in version["subresources"]
 

@@ -6,7 +6,10 @@ import json
 
 _TYPES = {
     400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
     404: "invalid_request_error",
+    409: "conflict_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
     502: "server_error",
@@ -25,6 +28,18 @@ def sse_event(status: int, message: str) -> bytes:
     return b"data: " + body(status, message) + b"\n\ndata: [DONE]\n\n"
 
 
+def message_of(error: bytes) -> str:
+    """The message of an OpenAI-shaped error body (a pod's or ours), else the text itself."""
+    try:
+        parsed = json.loads(error)
+    except (ValueError, UnicodeDecodeError):
+        return error.decode("utf-8", "replace")[:512]
+    inner = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+        return str(inner["message"])
+    return str(parsed)[:512]
+
+
 def model_not_found(name: str) -> tuple[int, bytes]:
     return 404, body(404, f"The model `{name}` does not exist.", "model")
 
@@ -39,3 +54,13 @@ def no_ready_pod(name: str) -> tuple[int, bytes]:
 
 def upstream_failed(name: str, attempts: int) -> tuple[int, bytes]:
     return 502, body(502, f"model `{name}`: {attempts} pod(s) failed before answering; retry shortly")
+
+
+def woke_too_late(name: str, seconds: float) -> tuple[int, bytes]:
+    return 503, body(
+        503, f"model `{name}` is waking from zero and had no ready pod within {seconds:g}s; retry shortly"
+    )
+
+
+def loading() -> tuple[int, bytes]:
+    return 503, body(503, "the router is still loading its list of models; retry shortly")

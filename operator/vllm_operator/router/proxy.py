@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import hmac
 import http
 import json
 import logging
@@ -27,6 +28,7 @@ from vllm_operator.router import errors
 from vllm_operator.router.balance import Balancer, prefix_key
 from vllm_operator.router.stats import ModelStats, Stats, prometheus_text
 from vllm_operator.router.table import Endpoint, Table, Target
+from vllm_operator.router.wake import Holds, Scaler
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,9 @@ IDLE_SECONDS = 4.0
 does not send on a connection the pod is closing."""
 MAX_IDLE_PER_POD = 512
 JSON = b"application/json"
+KEEPALIVE_SECONDS = 5.0
+"""A streaming request held this long gets its response head and an SSE comment, repeated as
+often: proxies and clients with read timeouts see a live stream while the model wakes."""
 
 
 def _phrase(status: int) -> bytes:
@@ -276,8 +281,13 @@ class Exchange:
         may_retry: bool,
         stream: bool,
         on_head: Callable[[float], None],
+        preamble: bool = False,
     ) -> None:
+        """`preamble`: the client already has a 200 event-stream head (sent while the request
+        was held), so the pod's head is not forwarded and an error answer becomes an error event."""
         self.downstream = downstream
+        self.preamble = preamble
+        self.error_body: list[bytes] | None = None
         self.stats = stats
         self.on_head = on_head
         self.started = started
@@ -304,6 +314,12 @@ class Exchange:
         if status in RETRY_STATUSES and self.may_retry:
             self.swallow = True
             return
+        if self.preamble:
+            self.head_sent = True
+            self.event_stream = True
+            if status != 200:
+                self.error_body = []
+            return
         length: int | None = None
         forwarded: list[tuple[bytes, bytes]] = []
         for name, value in headers:
@@ -320,6 +336,9 @@ class Exchange:
     def body(self, data: bytes) -> None:
         if self.swallow or self.downstream.closed:
             return
+        if self.error_body is not None:
+            self.error_body.append(data)
+            return
         if not self.seen_body:
             self.seen_body = True
             if self.stream:
@@ -331,6 +350,11 @@ class Exchange:
         if self.swallow:
             self._settle("retry")
             return
+        if self.error_body is not None:
+            message = (
+                errors.message_of(b"".join(self.error_body)) or f"the model server answered {self.status}"
+            )
+            self.downstream.write_piece(errors.sse_event(self.status, message))
         self.downstream.end()
         self._settle("done")
 
@@ -480,10 +504,19 @@ class Router:
     """The request logic: local routes, routing by `model`, retries before the first byte."""
 
     def __init__(
-        self, table: Table, *, max_body: int = 32 * 1024 * 1024, connect_timeout: float = 3.0
+        self,
+        table: Table,
+        *,
+        max_body: int = 32 * 1024 * 1024,
+        connect_timeout: float = 3.0,
+        scaler: Scaler | None = None,
+        token: str = "",
     ) -> None:
+        """`scaler` writes a model's replicas (waking it from zero); `token` guards /router/park."""
         self.table = table
         self.ready = False
+        self.holds = Holds(scaler)
+        self.token = token
         self.max_body = max_body
         self.balancer = Balancer()
         self.pool = Pool(connect_timeout)
@@ -496,6 +529,7 @@ class Router:
     def set_table(self, table: Table, ready: bool = True) -> None:
         self.table = table
         self.ready = ready
+        self.holds.update(table)
 
     def in_flight(self) -> int:
         return sum(s.in_flight for s in self.stats.models.values())
@@ -510,7 +544,39 @@ class Router:
         if request.method != b"POST":
             conn.respond(405, errors.body(405, f"{request.method.decode()} is not routed; use GET or POST"))
             return
+        if path == b"/router/park":
+            self._park(conn, request)
+            return
         await self._route(conn, request)
+
+    def _park(self, conn: Downstream, request: Request) -> None:
+        """The autoscaler asks to hold a model's requests before it writes replicas 0."""
+        given = (request.header(b"authorization") or b"").removeprefix(b"Bearer ")
+        if not self.token:
+            conn.respond(403, errors.body(403, "parking needs a router token (VLLM_OPERATOR_ROUTER_TOKEN)"))
+            return
+        if not hmac.compare_digest(given, self.token.encode()):
+            conn.respond(401, errors.body(401, "a valid bearer token is required"))
+            return
+        try:
+            payload = json.loads(request.body)
+            key = f"{payload['namespace']}/{payload['resource']}"
+            idle = float(payload["idleSeconds"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            conn.respond(400, errors.body(400, "send {namespace, resource, idleSeconds}"))
+            return
+        route = self.table.route(key)
+        if route is None:
+            conn.respond(404, errors.body(404, f"no model {key}"))
+            return
+        names = [route.served_name, *route.routing.aliases, *sorted(route.adapters)]
+        in_flight = sum(self.stats.models[n].in_flight for n in names if n in self.stats.models)
+        refused = self.holds.park(route, idle, in_flight)
+        if refused is not None:
+            conn.respond(409, errors.body(409, refused))
+            return
+        log.info("parked %s: requests wait until it is at zero (and then wake it)", key)
+        conn.respond(200, json.dumps({"parked": key}).encode())
 
     def _local(self, conn: Downstream, path: bytes) -> None:
         if path == b"/v1/models":
@@ -527,7 +593,8 @@ class Router:
                 b"text/plain; version=0.0.4; charset=utf-8",
             )
         elif path == b"/router/demand":
-            conn.respond(200, json.dumps(self.stats.demand(self.table, self.balancer.in_flight)).encode())
+            demand = self.stats.demand(self.table, self.balancer.in_flight, self.holds.held)
+            conn.respond(200, json.dumps(demand).encode())
         else:
             conn.respond(
                 404, errors.body(404, f"no route {path.decode(errors='replace')}; the router serves /v1/*")
@@ -545,15 +612,73 @@ class Router:
             return
         target = self.table.resolve(name)
         if target is None:
-            conn.respond(*errors.model_not_found(name))
+            if not self.ready:  # a model at zero is never a 404: not until the list is in
+                code, error = errors.loading()
+                conn.respond(code, error, headers=[(b"retry-after", b"1")])
+            else:
+                conn.respond(*errors.model_not_found(name))
             return
         stats = self.stats.model(name)
         stats.in_flight += 1
+        key = target.route.key
+        self.holds.touch(key)
         try:
             status = await self._forward(conn, request, payload, target, stats)
         finally:
             stats.in_flight -= 1
+            self.holds.touch(key)
         stats.answered(status)
+
+    async def _hold(
+        self, conn: Downstream, name: str, target: Target, stream: bool
+    ) -> tuple[Target | None, bool]:
+        """Wait until an autoscaled model has a pod for this request: the current target, or None
+        once answered (timed out, model gone, client gone); and whether an SSE head was sent."""
+        policy = target.route.autoscaling
+        assert policy is not None
+        started = time.monotonic()
+        deadline = started + policy.hold_timeout_seconds
+        preamble = False
+        next_beat = started + KEEPALIVE_SECONDS
+        current: Target | None = target
+        while current is not None and (self.holds.gated(current.route) or not current.eligible()):
+            now = time.monotonic()
+            if conn.closed:
+                return None, preamble
+            if now >= deadline:
+                code, error = errors.woke_too_late(name, policy.hold_timeout_seconds)
+                self._answer(conn, preamble, code, error)
+                return None, preamble
+            if stream and now >= next_beat:
+                if not preamble:
+                    preamble = True
+                    conn.write_head(
+                        200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")], None
+                    )
+                conn.write_piece(b": waiting for a replica of %s\n\n" % name.encode())
+                next_beat = now + KEEPALIVE_SECONDS
+            future = self.holds.waiter(current.route)
+            try:
+                # A short bound, so that a client that left is noticed and keep-alives go out.
+                await asyncio.wait_for(
+                    asyncio.shield(future), min(1.0, deadline - now, max(0.01, next_beat - now))
+                )
+            except TimeoutError:
+                pass
+            finally:
+                self.holds.drop(current.route.key, future)
+            current = self.table.resolve(name)
+        if current is None:
+            code, error = errors.model_not_found(name)
+            self._answer(conn, preamble, code, error)
+        return current, preamble
+
+    def _answer(self, conn: Downstream, preamble: bool, code: int, error: bytes) -> None:
+        if preamble:
+            conn.write_piece(errors.sse_event(code, errors.message_of(error)))
+            conn.end()
+        else:
+            conn.respond(code, error, headers=[(b"retry-after", b"1")] if code == 503 else [])
 
     async def _forward(
         self, conn: Downstream, request: Request, payload: dict[str, Any], target: Target, stats: ModelStats
@@ -570,6 +695,13 @@ class Router:
         if key is None and routing.strategy == "PrefixAffinity":
             key = prefix_key(payload, routing.prefix_length)
         stream = payload.get("stream") is True
+        preamble = False
+        if target.route.autoscaling is not None:
+            name = str(payload.get("model"))
+            held, preamble = await self._hold(conn, name, target, stream)
+            if held is None:
+                return 499 if conn.closed else 503
+            target = held
         headers = [(k, v) for k, v in request.headers if k.lower() not in HOP_BY_HOP]
         tried: set[str] = set()
         stale_retry = True
@@ -580,13 +712,13 @@ class Router:
             if endpoint is None:
                 if attempt == 0:
                     code, error = errors.no_ready_pod(target.adapter or target.route.served_name)
-                    conn.respond(code, error, headers=[(b"retry-after", b"1")])
+                    self._answer(conn, preamble, code, error)
                     return code
                 break
             attempt += 1
             may_retry = attempt < MAX_ATTEMPTS and len(eligible) > len(tried) + 1
             outcome, reused, status = await self._exchange(
-                conn, endpoint, request, headers, body, stats, stream, may_retry
+                conn, endpoint, request, headers, body, stats, stream, may_retry, preamble
             )
             if outcome == "retry":
                 stats.retries += 1
@@ -604,7 +736,7 @@ class Router:
             # 499: the client left first (nginx's code); a stream cut after its head counts as 502.
             return {"gone": 499, "broken": 502}.get(outcome, status)
         code, error = errors.upstream_failed(target.route.served_name, attempt)
-        conn.respond(code, error)
+        self._answer(conn, preamble, code, error)
         return code
 
     async def _exchange(
@@ -617,6 +749,7 @@ class Router:
         stats: ModelStats,
         stream: bool,
         may_retry: bool,
+        preamble: bool = False,
     ) -> tuple[str, bool, int]:
         """One try on one pod: its outcome ("done", "broken", "gone", "retry" or "connect"), whether
         it went over a reused connection, and the pod's status code (0 if none)."""
@@ -634,7 +767,7 @@ class Router:
                 return "gone", False, 0
             reused = upstream.used
             on_head = functools.partial(self.stats.pod_head, endpoint.address)
-            exchange = Exchange(conn, stats, request.started, may_retry, stream, on_head)
+            exchange = Exchange(conn, stats, request.started, may_retry, stream, on_head, preamble)
             conn.exchange = exchange
             self.stats.pod_requests[endpoint.address] = self.stats.pod_requests.get(endpoint.address, 0) + 1
             head = b"".join(

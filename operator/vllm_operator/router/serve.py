@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import Sequence
@@ -28,18 +29,30 @@ class Options:
     max_body_bytes: int = 32 * 1024 * 1024
     grace_seconds: float = 30.0
     """On SIGTERM: readiness fails at once, then requests in flight get this long to finish."""
+    token: str = ""
+    """Bearer token of /router/park (the autoscaler's); empty: no model is ever parked."""
+
+
+TOKEN_ENV = "VLLM_OPERATOR_ROUTER_TOKEN"
+"""Where the router reads its token: the environment, never the command line (`ps` shows that)."""
 
 
 async def _main(options: Options) -> None:
     loop = asyncio.get_running_loop()
-    router = proxy.Router(table.Table(), max_body=options.max_body_bytes)
+    token = options.token or os.environ.get(TOKEN_ENV, "")
     if options.upstreams:
+        router = proxy.Router(table.Table(), max_body=options.max_body_bytes, token=token)
         router.set_table(table.static(options.upstreams, options.strategy))
     else:
         from vllm_operator import k8s
         from vllm_operator.router.watch import Watcher
 
         cluster = k8s.KubeCluster(k8s.load_config())
+
+        async def scale(namespace: str, name: str, replicas: int, expect: int) -> bool:
+            return await asyncio.to_thread(cluster.scale, namespace, name, replicas, expect)
+
+        router = proxy.Router(table.Table(), max_body=options.max_body_bytes, scaler=scale, token=token)
 
         def publish(new: table.Table, ready: bool) -> None:
             loop.call_soon_threadsafe(router.set_table, new, ready)

@@ -7,7 +7,7 @@ scraped (a custom collector), so the hot path pays no metrics library per reques
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +71,11 @@ class Stats:
             stats = self.models[name] = ModelStats()
         return stats
 
-    def demand(self, table: Table, in_flight: Mapping[str, int]) -> dict[str, Any]:
-        """Current demand per served model: what the autoscaler reads."""
+    def demand(
+        self, table: Table, in_flight: Mapping[str, int], held: Callable[[str], int] = lambda _: 0
+    ) -> dict[str, Any]:
+        """Current demand per served model: what the autoscaler reads. `inFlight` counts the
+        requests held while the model wakes (`held`) too."""
         models: dict[str, Any] = {}
         for route in table.routes:
             names = [route.served_name, *route.routing.aliases, *sorted(route.adapters)]
@@ -81,6 +84,8 @@ class Stats:
                 "resource": route.resource,
                 "inFlight": sum(self.models[n].in_flight for n in names if n in self.models),
                 "requests": sum(sum(self.models[n].requests.values()) for n in names if n in self.models),
+                "held": held(route.key),
+                "replicas": route.replicas,
                 "pods": route.pods,
                 "readyPods": len(route.endpoints),
                 "podInFlight": {e.pod: in_flight.get(e.address, 0) for e in route.endpoints},

@@ -51,6 +51,10 @@ class Route:
     adapters: frozenset[str]
     routing: api.Routing
     created: str = ""
+    replicas: int = 1
+    """The model's spec.replicas: 0 means asleep, and the next request wakes it."""
+    autoscaling: api.Autoscaling | None = None
+    """When set, a request with no ready pod is held (up to its holdTimeoutSeconds), not refused."""
 
     @property
     def key(self) -> str:
@@ -81,6 +85,10 @@ class Table:
 
     def resolve(self, name: str) -> Target | None:
         return self.names.get(name)
+
+    def route(self, key: str) -> Route | None:
+        """The route of the model `namespace/name`."""
+        return next((r for r in self.routes if r.key == key), None)
 
     def listing(self) -> list[dict[str, Any]]:
         """OpenAI `/v1/models` entries for every known name, ready or not."""
@@ -145,6 +153,8 @@ def _route(model: Mapping[str, Any], pods: Sequence[PodInfo]) -> Route | None:
         adapters=frozenset(a.name for a in spec.lora.adapters) if spec.lora else frozenset(),
         routing=spec.routing,
         created=str(meta.get("creationTimestamp", "")),
+        replicas=spec.replicas,
+        autoscaling=spec.autoscaling,
     )
 
 
