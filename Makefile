@@ -80,6 +80,12 @@ bench-operator: tools
 bench-client: engine
 	PYTHONPATH=. $(PY) bench/client_bench.py
 
+# Autoscaling against issue 16's bars at the defaults: wake from zero under 50 requests, a load
+# step, a 60 s square wave, requests at the idle deadline, restarts (bench/autoscale_bench.py).
+.PHONY: bench-autoscale
+bench-autoscale: tools
+	PYTHONPATH=. $(PY) bench/autoscale_bench.py
+
 # PrefixAffinity vs LeastLoad through `vllm-operator router` on 4 real CPU replicas of the tiny
 # model: prefix-cache hit rate, TTFT, in-flight balance (bench/router_affinity.py; --quick).
 .PHONY: bench-router-affinity

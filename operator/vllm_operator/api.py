@@ -56,6 +56,7 @@ Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 ConditionType = Literal["Ready", "Progressing", "Degraded", "SpecValid", "AdaptersReady"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 RoutingStrategy = Literal["LeastLoad", "PrefixAffinity"]
+AutoscalingDriver = Literal["Operator", "External"]
 
 ModelSource = Annotated[str, Field(pattern=MODEL_SOURCE_PATTERN, min_length=1, max_length=512)]
 Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=32)]
@@ -190,6 +191,9 @@ class Autoscaling(WireModel):
     passed since the last scale-up and takes the highest count seen in that time.
     """
 
+    driver: AutoscalingDriver = "Operator"
+    """Operator: the operator decides and writes spec.replicas; External: another autoscaler
+    (e.g. a KEDA ScaledObject on this resource) does, and the router still holds and wakes."""
     min_replicas: int = Field(default=1, ge=0, le=1000)
     """Fewest replicas; 0 lets an idle model go to zero (the router holds its next request while it wakes)."""
     max_replicas: int = Field(ge=1, le=1000)

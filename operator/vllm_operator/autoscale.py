@@ -115,12 +115,21 @@ def decide(history: History, spec: Autoscaling, current: int, now: float) -> Dec
     stable, stable_why = need(samples, spec)
     recent = [s for s in samples if s.at > now - spec.panic_window_seconds]
     burst, burst_why = need(recent, spec)
-    panic = burst >= spec.panic_threshold * max(latest.ready, 1) and burst > current
+    # A step of load shows in the window's mean only once it fills a share of the window (a
+    # quarter for 4x at the default threshold: 1.5 s of 6); load held over the last two
+    # samples is a burst already, so a step is acted on at the second tick after it.
+    if len(samples) >= 2:
+        sustained, sustained_why = min((need([s], spec) for s in samples[-2:]), key=lambda n: n[0])
+        if sustained > burst:
+            burst, burst_why = sustained, sustained_why
+    panic = burst >= spec.panic_threshold * max(latest.ready, 1) and burst > current and burst > stable
     wanted, why = (burst, f"burst: {burst_why}") if panic else (stable, stable_why)
 
     routed = latest.in_flight is not None
     idle_for = now - history.last_activity
-    if spec.min_replicas == 0 and routed and wanted == 0 and idle_for >= spec.idle_seconds:
+    # Idle is "no activity for idleSeconds", not "the stable mean is 0": a burst would keep
+    # a model up for a whole stable window past idleSeconds otherwise.
+    if spec.min_replicas == 0 and routed and idle_for >= spec.idle_seconds:
         if current == 0:
             return Decision(0, f"idle for {idle_for:.0f}s")
         if now - history.last_scale_up >= spec.scale_down_delay_seconds:
@@ -128,12 +137,14 @@ def decide(history: History, spec: Autoscaling, current: int, now: float) -> Dec
     floor = max(spec.min_replicas, 1)
     wanted = min(max(wanted, floor), spec.max_replicas)
 
-    history.needs.append((now, wanted))
+    # A scale-down keeps the highest need of the delay, short bursts included: the stable mean
+    # of a square wave is half its peak, and remembering only that flapped every cycle.
     while history.needs and history.needs[0][0] <= now - spec.scale_down_delay_seconds:
         history.needs.popleft()
+    history.needs.append((now, min(max(wanted, burst), spec.max_replicas)))
 
     if current == 0:
-        if routed:
+        if routed and spec.min_replicas == 0:
             # The router holds the requests and writes the one wake-up itself.
             return Decision(0, "at zero: the router wakes it on the next request")
         return Decision(floor, "at zero without a router view: back to minimum")

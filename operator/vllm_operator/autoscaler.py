@@ -117,7 +117,11 @@ class Autoscaler:
             spec = parse_spec(body.get("spec"))
         except SpecError:
             return
-        if spec.autoscaling is None or body["metadata"].get("deletionTimestamp"):
+        if (
+            spec.autoscaling is None
+            or spec.autoscaling.driver == "External"
+            or body["metadata"].get("deletionTimestamp")
+        ):
             self.forget(key)
             return
         policy = spec.autoscaling

@@ -277,15 +277,20 @@ class KubeCluster:
             self.request(
                 "PATCH",
                 f"{PATHS['VLLMModel'].format(namespace=namespace)}/{name}/scale",
+                # A Scale's spec omits replicas when it is 0 (omitempty): then the test is on
+                # the empty spec, and "add" (not "replace") sets the missing key.
                 body=[
-                    {"op": "test", "path": "/spec/replicas", "value": expect},
-                    {"op": "replace", "path": "/spec/replicas", "value": replicas},
+                    {"op": "test", "path": "/spec/replicas", "value": expect}
+                    if expect
+                    else {"op": "test", "path": "/spec", "value": {}},
+                    {"op": "add", "path": "/spec/replicas", "value": replicas},
                 ],
                 content_type=JSON_PATCH,
                 retryable=RETRYABLE_STATUS - {409},
             )
         except ApiException as exc:
             if exc.status in (409, 422):  # the test failed: someone else moved it first
+                log.info("not scaling %s/%s: replicas are no longer %d", namespace, name, expect)
                 return False
             raise
         log.info("scaled %s/%s from %d to %d replicas", namespace, name, expect, replicas)

@@ -48,7 +48,7 @@ class OperatorSettings(BaseModel):
     router_token: str = Field(default="", repr=False)
     """Bearer token of the router's /router/park, which lets the autoscaler take a model to zero
     (the chart generates one for both); empty: models never go to zero."""
-    autoscale_interval_seconds: float = Field(default=1.0, ge=0)
+    autoscale_interval_seconds: float = Field(default=0.5, ge=0)
     """How often the autoscaler reads the router's demand and decides; 0 turns autoscaling off."""
     admin_key: str = Field(default="", repr=False)
     """Secret from which each LoRA model's adapter admin token is derived (the chart generates

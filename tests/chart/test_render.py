@@ -207,6 +207,7 @@ EXPECTED_RULES = [
     {"apiGroups": ["serving.vllm-operator.io"], "resources": ["vllmmodels"],
      "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": ["serving.vllm-operator.io"], "resources": ["vllmmodels/status"], "verbs": ["patch"]},
+    {"apiGroups": ["serving.vllm-operator.io"], "resources": ["vllmmodels/scale"], "verbs": ["patch"]},
     {"apiGroups": ["apps"], "resources": ["deployments"],
      "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch"]},
@@ -283,8 +284,9 @@ def test_values_settings_match_the_operator_defaults() -> None:
     expected = {
         camel(name): field.get_default(call_default_factory=True)
         for name, field in OperatorSettings.model_fields.items()
-        # admin_key: a generated Secret (templates/admin-key.yaml); router_url: the router's Service.
-        if name not in ("admin_key", "router_url")
+        # admin_key and router_token: a generated Secret (templates/admin-key.yaml);
+        # router_url: the router's Service.
+        if name not in ("admin_key", "router_token", "router_url")
     }
     assert values == expected
 
@@ -296,7 +298,11 @@ def test_default_env_covers_every_setting(tmp_path: Path) -> None:
     again = env_of(operator_objects(render(tmp_path, {})))
     assert len(key) == 48 and key != again[ENV_PREFIX + "ADMIN_KEY"]  # random
     router = "http://vllm-vllm-operator-router.vllm-system.svc:8000"
-    assert OperatorSettings.from_env(env) == OperatorSettings(admin_key=key, router_url=router)
+    token = env[ENV_PREFIX + "ROUTER_TOKEN"]
+    assert len(token) == 48 and token != key
+    assert OperatorSettings.from_env(env) == OperatorSettings(
+        admin_key=key, router_url=router, router_token=token
+    )
 
 
 def test_the_operator_reads_the_routers_view_only_when_there_is_a_router(tmp_path: Path) -> None:
@@ -368,10 +374,12 @@ def test_router_objects_follow_enabled_and_the_watch_scope(tmp_path: Path, case:
     assert kinds(operator_objects(manifests)) == kinds(operator_objects(without_router))
 
 
-# Only reads: the router watches models and their pods, writes nothing and reads no Secret.
+# The router watches models and their pods; its one write is a model's scale (waking it from
+# zero for the requests it holds), and it reads no Secret.
 EXPECTED_ROUTER_RULES = [
     {"apiGroups": ["serving.vllm-operator.io"], "resources": ["vllmmodels"],
      "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["serving.vllm-operator.io"], "resources": ["vllmmodels/scale"], "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
 ]  # fmt: skip
 
@@ -380,7 +388,7 @@ EXPECTED_ROUTER_RULES = [
     ("name", "role_kind", "namespaces"),
     [("defaults", "ClusterRole", [None]), ("namespaced", "Role", ["team-a", "team-b"])],
 )
-def test_router_rbac_is_read_only_and_scoped_like_the_operators(
+def test_router_rbac_reads_and_only_scales_and_is_scoped_like_the_operators(
     tmp_path: Path, name: str, role_kind: str, namespaces: list[str | None]
 ) -> None:
     manifests = render(tmp_path, VALUE_SETS[name])
@@ -394,7 +402,8 @@ def test_router_rbac_is_read_only_and_scoped_like_the_operators(
     for role in roles:
         assert role["rules"] == EXPECTED_ROUTER_RULES
         for rule in role["rules"]:
-            assert set(rule["verbs"]) <= {"get", "list", "watch"}
+            writes = set(rule["verbs"]) - {"get", "list", "watch"}
+            assert not writes or (rule["resources"] == ["vllmmodels/scale"] and writes == {"patch"})
             assert "secrets" not in rule["resources"]
     for role, binding in zip(roles, bindings, strict=True):
         assert binding["metadata"].get("namespace") == role["metadata"].get("namespace")

@@ -131,6 +131,7 @@ def up(timeout: int) -> int:
     )
     print(cluster.kubectl("get", "vllm", "-n", "default", check=True).stdout)
     print(cluster.kubectl("get", "pods,svc", "-n", "default", "-o", "wide", check=True).stdout)
+    scale_to_zero_and_back(cluster)
     say(
         f"demo up in {time.monotonic() - started:.0f}s "
         f"(image builds: {', '.join(f'{k} {v:.0f}s' for k, v in built.items())})"
@@ -146,6 +147,47 @@ Look around:
   curl http://127.0.0.1:8001/v1/models     # every model behind it
 `make demo-down` deletes the cluster and puts the machine back as it was.""")
     return 0
+
+
+IDLE_SECONDS = 20
+
+
+def scale_to_zero_and_back(cluster: kind_cluster.KindCluster) -> None:
+    """Autoscaling with minReplicas 0: idle -> 0, a request through the router -> 1, idle -> 0."""
+    autoscaling = {
+        "minReplicas": 0,
+        "maxReplicas": 1,
+        "idleSeconds": IDLE_SECONDS,
+        "scaleDownDelaySeconds": 0,
+    }
+    say(f"autoscaling with minReplicas 0: idle for {IDLE_SECONDS}s, tiny goes to zero")
+    patch = json.dumps({"spec": {"autoscaling": autoscaling}})
+    cluster.kubectl("patch", "vllmmodel", "tiny", "-n", "default", "--type=merge", "-p", patch, check=True)
+    step = time.monotonic()
+
+    def replicas() -> int:
+        obj = cluster.get_json("vllmmodel", "tiny", namespace="default")
+        return int(obj["spec"].get("replicas", 1))
+
+    wait_until(lambda: replicas() == 0, "tiny at zero", 120, interval=1)
+    print(f"   spec.replicas 0 after {time.monotonic() - step:.0f}s")
+    print(cluster.kubectl("get", "vllm", "-n", "default", check=True).stdout)
+    say("a request through the router wakes it: held while the pod starts, then streamed")
+    text, timing = stack.stream_in_cluster(cluster, stack.ROUTER_URL, "tiny", "default", name="wake-check")
+    print(f"   {text!r}\n   {json.dumps(timing)}  (time to first token includes the pod's cold start)")
+    print(cluster.kubectl("get", "vllm", "-n", "default", check=True).stdout)
+    say(f"idle again: back to zero after {IDLE_SECONDS}s")
+    step = time.monotonic()
+    wait_until(lambda: replicas() == 0, "tiny at zero again", 120, interval=1)
+    print(f"   spec.replicas 0 after {time.monotonic() - step:.0f}s")
+    decisions = stack.model_status(cluster, "tiny", "default").get("autoscaling", {}).get("decisions", [])
+    for decision in decisions:
+        change = f"{decision['fromReplicas']} -> {decision['toReplicas']}"
+        print(f"   {decision['time']}  {change}  {decision['reason']}")
+    events = cluster.kubectl(
+        "get", "events", "-n", "default", "--field-selector", "involvedObject.name=tiny,reason=Scaled"
+    )
+    print(events.stdout)
 
 
 def down() -> int:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +95,20 @@ class FakePods(PodServers):
         self.servers.append(server)
         address = _address(server)
         return address
+
+    def catch_all(self, port: int, pod_for: Callable[[str], FakePod]) -> None:
+        """Answer at `port` on every local address, each connection by the fake pod `pod_for`
+        gives for the address it came to. kwok gives a pod its IP as it marks it Ready, so a
+        server started only then could lose the router's first connection (a real pod listens
+        before it is Ready); one listener on all addresses is there first."""
+
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._connection(reader, writer, pod_for(str(writer.get_extra_info("sockname")[0])))
+
+        async def start() -> asyncio.Server:
+            return await asyncio.start_server(connection, "0.0.0.0", port, reuse_address=True)
+
+        self.servers.append(asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=10))
 
     async def _connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pod: FakePod

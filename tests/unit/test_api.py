@@ -144,6 +144,36 @@ BAD: list[tuple[str, dict[str, Any], str, str]] = [
         "lora.adapters",
         "rename the adapter",
     ),
+    (
+        "autoscaling min above max",
+        {"autoscaling": {"minReplicas": 3, "maxReplicas": 2}},
+        "spec.autoscaling",
+        "lower minReplicas or raise maxReplicas",
+    ),
+    (
+        "autoscaling without max",
+        {"autoscaling": {"minReplicas": 0}},
+        "spec.autoscaling.maxReplicas",
+        "required",
+    ),
+    (
+        "autoscaling panic window longer than stable",
+        {"autoscaling": {"maxReplicas": 2, "stableWindowSeconds": 10, "panicWindowSeconds": 20}},
+        "spec.autoscaling",
+        "the panic window must be the shorter one",
+    ),
+    (
+        "autoscaling kv target above one",
+        {"autoscaling": {"maxReplicas": 2, "targetKvCache": 1.5}},
+        "spec.autoscaling.targetKvCache",
+        "less than or equal to 1",
+    ),
+    (
+        "autoscaling bad driver",
+        {"autoscaling": {"maxReplicas": 2, "driver": "keda"}},
+        "spec.autoscaling.driver",
+        "'External'",
+    ),
 ]
 
 

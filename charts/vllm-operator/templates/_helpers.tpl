@@ -142,8 +142,8 @@ The rules the operator needs, shared by the ClusterRole and the namespaced Roles
 calls it makes. The chart tests run the operator as this ServiceAccount; each verb was checked
 by taking it away and watching the operator fail. kopf watches VLLMModels and keeps its state
 in their annotations (patch); the reconciler reads a model (get), reads and server-side applies
-Deployments and Services (get, create, patch), lists Pods, patches the status subresource and
-posts Events. No update (server-side apply is a patch), no delete (owner references let the
+Deployments and Services (get, create, patch), lists Pods, patches the status subresource,
+patches the scale subresource (the autoscaler's only write of spec.replicas) and posts Events. No update (server-side apply is a patch), no delete (owner references let the
 garbage collector do it). Secrets: `create` only, for each LoRA model's adapter admin token;
 the operator never reads, lists or changes a Secret (pods read them through the kubelet).
 */}}
@@ -153,6 +153,9 @@ the operator never reads, lists or changes a Secret (pods read them through the 
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["serving.vllm-operator.io"]
   resources: ["vllmmodels/status"]
+  verbs: ["patch"]
+- apiGroups: ["serving.vllm-operator.io"]
+  resources: ["vllmmodels/scale"]
   verbs: ["patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
@@ -246,12 +249,16 @@ The ServiceAccount the router runs as (never the operator's: the router only rea
 {{/*
 The rules the router needs, shared by its ClusterRole and namespaced Roles: it watches
 VLLMModels (get, list, watch) and their pods (list, watch) to know where each model is served.
-It writes nothing to the API server and reads no Secret.
+Its one write is a model's scale subresource (patch), to wake a model at zero for the requests
+it holds; it changes nothing else and reads no Secret.
 */}}
 {{- define "vllm-operator.router.rules" -}}
 - apiGroups: ["serving.vllm-operator.io"]
   resources: ["vllmmodels"]
   verbs: ["get", "list", "watch"]
+- apiGroups: ["serving.vllm-operator.io"]
+  resources: ["vllmmodels/scale"]
+  verbs: ["patch"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]

@@ -17,6 +17,7 @@ import hmac
 import http
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -551,17 +552,19 @@ class Router:
 
     def _park(self, conn: Downstream, request: Request) -> None:
         """The autoscaler asks to hold a model's requests before it writes replicas 0."""
-        given = (request.header(b"authorization") or b"").removeprefix(b"Bearer ")
+        scheme, _, given = (request.header(b"authorization") or b"").partition(b" ")
         if not self.token:
             conn.respond(403, errors.body(403, "parking needs a router token (VLLM_OPERATOR_ROUTER_TOKEN)"))
             return
-        if not hmac.compare_digest(given, self.token.encode()):
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token.encode()):
             conn.respond(401, errors.body(401, "a valid bearer token is required"))
             return
         try:
             payload = json.loads(request.body)
             key = f"{payload['namespace']}/{payload['resource']}"
             idle = float(payload["idleSeconds"])
+            if not math.isfinite(idle) or idle < 0:
+                raise ValueError(idle)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             conn.respond(400, errors.body(400, "send {namespace, resource, idleSeconds}"))
             return
@@ -631,9 +634,10 @@ class Router:
 
     async def _hold(
         self, conn: Downstream, name: str, target: Target, stream: bool
-    ) -> tuple[Target | None, bool]:
+    ) -> tuple[Target | None, bool, int]:
         """Wait until an autoscaled model has a pod for this request: the current target, or None
-        once answered (timed out, model gone, client gone); and whether an SSE head was sent."""
+        once answered (timed out, model gone, client gone); whether an SSE head was sent; and
+        the status answered (0 when none)."""
         policy = target.route.autoscaling
         assert policy is not None
         started = time.monotonic()
@@ -644,11 +648,11 @@ class Router:
         while current is not None and (self.holds.gated(current.route) or not current.eligible()):
             now = time.monotonic()
             if conn.closed:
-                return None, preamble
+                return None, preamble, 499
             if now >= deadline:
                 code, error = errors.woke_too_late(name, policy.hold_timeout_seconds)
                 self._answer(conn, preamble, code, error)
-                return None, preamble
+                return None, preamble, code
             if stream and now >= next_beat:
                 if not preamble:
                     preamble = True
@@ -671,7 +675,8 @@ class Router:
         if current is None:
             code, error = errors.model_not_found(name)
             self._answer(conn, preamble, code, error)
-        return current, preamble
+            return None, preamble, code
+        return current, preamble, 0
 
     def _answer(self, conn: Downstream, preamble: bool, code: int, error: bytes) -> None:
         if preamble:
@@ -698,9 +703,9 @@ class Router:
         preamble = False
         if target.route.autoscaling is not None:
             name = str(payload.get("model"))
-            held, preamble = await self._hold(conn, name, target, stream)
+            held, preamble, code = await self._hold(conn, name, target, stream)
             if held is None:
-                return 499 if conn.closed else 503
+                return code
             target = held
         headers = [(k, v) for k, v in request.headers if k.lower() not in HOP_BY_HOP]
         tried: set[str] = set()
