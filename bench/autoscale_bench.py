@@ -104,22 +104,24 @@ def run(quick: bool) -> list[dict[str, Any]]:
             )
         )
 
-        rounds = 1 if quick else 3
+        # None: the moment the router reports the park, tens of ms before the zero write.
+        offsets: list[float | None] = [None, 0.0] if quick else [None, None, None, -0.5, 0.0, 0.5, 1.0]
         lost = 0
         inflight: list[int] = []
-        replicas: list[list[int]] = []
-        for i in range(rounds):
-            idle = idle_deadline(stack, f"idle-{i}", idle=15, count=100, window=4.0)
+        rounds: list[str] = []
+        for i, offset in enumerate(offsets):
+            idle = idle_deadline(stack, f"idle-{i}", idle=10, count=100, offset=offset)
             print(json.dumps(idle), flush=True)
             lost += idle["failed"]
             inflight += idle["in_flight_at_zero"]
-            replicas.append(idle["replicas"])
+            at = "at the park" if offset is None else f"{offset:+.2f}s"
+            rounds.append(f"{at}: replicas {idle['replicas']}, slowest {idle['slowest_s']}s")
         results.append(
             bar(
                 "100 requests at the idle deadline",
                 lost == 0 and all(c == 0 for c in inflight),
-                f"{rounds} rounds: {lost} dropped, in flight at the pods when replicas turned 0: "
-                f"{inflight}, replica changes per round {replicas}",
+                f"{len(offsets)} rounds, {lost} dropped, in flight at the pods when replicas turned 0: "
+                f"{inflight}; by offset from the deadline: {'; '.join(rounds)}",
             )
         )
 

@@ -6,6 +6,7 @@ bench/autoscale_bench.py (figures): one place that drives the scenarios of issue
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import time
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,6 @@ class Timeline:
     ready: dict[str, float] = field(default_factory=dict)
     """Per pod: when it was first seen Ready."""
     model_of_ip: dict[str, str] = field(default_factory=dict)
-    in_flight_at_zero: list[int] = field(default_factory=list)
-    """Requests in flight at the fake pods each time a model's replicas turned 0."""
 
     def writes(self, model: str) -> list[tuple[float, int]]:
         """The replica changes after the first sighting."""
@@ -128,8 +128,6 @@ class Stack:
             history = self.timeline.replicas.setdefault(name, [])
             if not history or history[-1][1] != replicas:
                 history.append((now, replicas))
-                if replicas == 0 and len(history) > 1:
-                    self.timeline.in_flight_at_zero.append(sum(p.in_flight for p in self.pods.values()))
             return
         ip = obj.get("status", {}).get("podIP")
         model = obj.get("metadata", {}).get("labels", {}).get(render.INSTANCE_LABEL)
@@ -170,6 +168,26 @@ class Stack:
             if condition(p, "Ready").get("status") == "True"
         ]
 
+    def zero_writes(self, model: str) -> list[float]:
+        """When the operator wrote replicas 0 for `model` (wall clock, from its log, in ms)."""
+        pattern = re.compile(
+            rf"^\[(\S+ \S+)\].* scaled {re.escape(self.namespace)}/{re.escape(model)} from \d+ to 0 replicas"
+        )
+        found = (pattern.match(line) for line in self.operator.log.read_text(errors="replace").splitlines())
+        return [
+            datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() for m in found if m is not None
+        ]
+
+    def in_flight_at(self, model: str, when: float) -> int:
+        """Completions a fake pod of `model` was serving at wall-clock time `when`."""
+        return sum(
+            1
+            for pod in self.pods.values()
+            if pod.served == model
+            for start, end in pod.spans
+            if start < when < end
+        )
+
     def delay(self, seconds: float) -> None:
         """Every fake pod, present and future, takes this long per completion."""
         self.default_delay = seconds
@@ -186,14 +204,17 @@ class Answer:
     body: str
 
 
-def chat(url: str, model: str, stream: bool = False, timeout: float = 120) -> Answer:
+def chat(
+    url: str, model: str, stream: bool = False, timeout: float = 120, client: httpx.Client | None = None
+) -> Answer:
+    """One chat completion on `client` (made here when None), read to its end."""
     payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    own = client is None
+    # A client costs ~10 ms (an SSL context, even for http://): made before the clock starts.
+    client = client or httpx.Client(base_url=url, timeout=timeout)
     sent = time.monotonic()
     try:
-        with (
-            httpx.Client(base_url=url, timeout=timeout) as client,
-            client.stream("POST", CHAT, json=payload) as response,
-        ):
+        with client.stream("POST", CHAT, json=payload) as response:
             first = 0.0
             chunks: list[str] = []
             for chunk in response.iter_text():
@@ -205,18 +226,41 @@ def chat(url: str, model: str, stream: bool = False, timeout: float = 120) -> An
     except httpx.HTTPError as error:
         now = time.monotonic()
         return Answer(0, sent, now, now, repr(error))
+    finally:
+        if own:
+            client.close()
 
 
-def burst(url: str, model: str, count: int, stream: bool = False, spread: float = 0.0) -> list[Answer]:
-    """`count` requests at once (or spread evenly over `spread` seconds), each on its own connection."""
+def burst(
+    url: str,
+    model: str,
+    count: int,
+    stream: bool = False,
+    spread: float = 0.0,
+    when: Callable[[], None] = lambda: None,
+) -> list[Answer]:
+    """`count` requests at once (or spread evenly over `spread` seconds), each on its own
+    connection, as soon as `when()` returns. Clients and threads are made first and released
+    together, so that "at once" means within milliseconds, not the second it takes to make a
+    hundred clients."""
+    clients = [httpx.Client(base_url=url, timeout=120) for _ in range(count)]
+    go = threading.Barrier(count + 1)
 
     def one(index: int) -> Answer:
+        go.wait()
         if spread:
             time.sleep(spread * index / count)
-        return chat(url, model, stream)
+        return chat(url, model, stream, client=clients[index])
 
-    with ThreadPoolExecutor(max_workers=count) as pool:
-        return list(pool.map(one, range(count)))
+    try:
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            futures = [pool.submit(one, i) for i in range(count)]
+            when()
+            go.wait()
+            return [f.result() for f in futures]
+    finally:
+        for client in clients:
+            client.close()
 
 
 @contextmanager
@@ -330,28 +374,44 @@ def square_wave(
 
 
 def idle_deadline(
-    stack: Stack, model: str, idle: int, count: int = 100, window: float = 3.0
+    stack: Stack, model: str, idle: int, count: int = 100, offset: float | None = None, spread: float = 0.2
 ) -> dict[str, Any]:
-    """A model with one replica and minReplicas 0 gets `count` requests spread over `window`
-    seconds around its idle deadline: none may be lost, and it may not go to zero with one in
-    flight."""
+    """A model with one replica and minReplicas 0 gets `count` requests within `spread` seconds,
+    `offset` seconds after its idle deadline (the last request's end + idleSeconds; the
+    operator acts on its next tick), or with `offset` None the moment the router reports the
+    model parked (the operator's zero write is then tens of ms away): none may be lost, and it
+    may not go to zero with one in flight at a pod. Depending on when it comes, the burst aborts
+    the scale to zero, or is held by the park or at zero and wakes the model."""
     stack.apply(autoscaled(model, 1, minReplicas=0, maxReplicas=1, idleSeconds=idle, scaleDownDelaySeconds=0))
     wait_until(lambda: len(_pods_of(stack, model)) >= 1, f"{model}'s pod ready", timeout=60, interval=0.2)
     stack.delay(0.2)
-    assert chat(stack.router.url, model).status == 200
-    last = time.monotonic()
-    zeros_before = len(stack.timeline.in_flight_at_zero)
-    # The operator decides on 1 s ticks after `idle` seconds of quiet: its deadline is in
-    # [last + idle, last + idle + 2]; the window covers it.
-    time.sleep(max(0.0, last + idle - window / 3 - time.monotonic()))
-    answers = burst(stack.router.url, model, count, spread=window)
-    time.sleep(idle + 3)  # quiet again: the model goes to zero for good
+    first = chat(stack.router.url, model)
+    assert first.status == 200, first
+
+    def when() -> None:
+        if offset is not None:
+            time.sleep(max(0.0, first.done + idle + offset - time.monotonic()))
+            return
+        with httpx.Client(timeout=5) as client:
+            demand = f"{stack.router.url}/router/demand"
+            wait_until(
+                lambda: bool(client.get(demand).json()["models"][model].get("parked")),
+                f"{model} parked",
+                timeout=idle + 30,
+                interval=0.002,
+            )
+
+    answers = burst(stack.router.url, model, count, spread=spread, when=when)
     stack.delay(0.0)
+    wait_until(lambda: stack.replicas(model) == 0, f"{model} at zero", timeout=idle + 30, interval=0.2)
     return {
+        "offset_s": offset,
         "requests": count,
         "failed": sum(a.status != 200 for a in answers),
         "replicas": [r for _, r in stack.timeline.writes(model)],
-        "in_flight_at_zero": stack.timeline.in_flight_at_zero[zeros_before:],
+        # The operator's log stamps a write as it returns: the pods were sent 0 just before.
+        "in_flight_at_zero": [stack.in_flight_at(model, when) for when in stack.zero_writes(model)],
+        "slowest_s": round(max(a.done - a.sent for a in answers), 2),
         "decisions": [
             d.get("reason") for d in stack.status(model).get("autoscaling", {}).get("decisions", [])
         ],

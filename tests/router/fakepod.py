@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ class FakePod:
     connections: int = 0
     misrouted: list[str] = field(default_factory=list)
     """Completions for a name this pod does not serve (answered 404, as vLLM does)."""
+    spans: list[tuple[float, float]] = field(default_factory=list)
+    """(start, end) of each completion, wall-clock (time.time()), to line up with other logs."""
 
     def completion(self, model: str, index: int = 0) -> dict[str, Any]:
         return {
@@ -194,6 +197,7 @@ class FakePods(PodServers):
             return True
         pod.in_flight += 1
         pod.most_in_flight = max(pod.most_in_flight, pod.in_flight)
+        started = time.time()
         try:
             if pod.delay:
                 await asyncio.sleep(pod.delay)
@@ -220,6 +224,7 @@ class FakePods(PodServers):
             return True
         finally:
             pod.in_flight -= 1
+            pod.spans.append((started, time.time()))
 
     def kill(self, address: str) -> None:
         """The pod at `address` dies: its port closes and its open connections are reset."""

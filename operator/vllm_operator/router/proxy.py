@@ -596,7 +596,9 @@ class Router:
                 b"text/plain; version=0.0.4; charset=utf-8",
             )
         elif path == b"/router/demand":
-            demand = self.stats.demand(self.table, self.balancer.in_flight, self.holds.held)
+            demand = self.stats.demand(
+                self.table, self.balancer.in_flight, self.holds.held, self.holds.parked
+            )
             conn.respond(200, json.dumps(demand).encode())
         else:
             conn.respond(

@@ -72,7 +72,11 @@ class Stats:
         return stats
 
     def demand(
-        self, table: Table, in_flight: Mapping[str, int], held: Callable[[str], int] = lambda _: 0
+        self,
+        table: Table,
+        in_flight: Mapping[str, int],
+        held: Callable[[str], int] = lambda _: 0,
+        parked: Callable[[str], bool] = lambda _: False,
     ) -> dict[str, Any]:
         """Current demand per served model: what the autoscaler reads. `inFlight` counts the
         requests held while the model wakes (`held`) too."""
@@ -85,6 +89,7 @@ class Stats:
                 "inFlight": sum(self.models[n].in_flight for n in names if n in self.models),
                 "requests": sum(sum(self.models[n].requests.values()) for n in names if n in self.models),
                 "held": held(route.key),
+                "parked": parked(route.key),
                 "replicas": route.replicas,
                 "pods": route.pods,
                 "readyPods": len(route.endpoints),

@@ -64,8 +64,11 @@ class Holds:
         """Whether requests for this route must wait: asleep, or parked on its way to sleep."""
         if route.autoscaling is None:
             return False
-        hold = self.models.get(route.key)
-        return route.replicas == 0 or (hold is not None and hold.parked_until > self.clock())
+        return route.replicas == 0 or self.parked(route.key)
+
+    def parked(self, key: str) -> bool:
+        hold = self.models.get(key)
+        return hold is not None and hold.parked_until > self.clock()
 
     def held(self, key: str) -> int:
         hold = self.models.get(key)
