@@ -41,7 +41,7 @@ OPTIONAL_CALLS = {
     ("watch", "namespaces"),
 }
 READY_SECONDS = 60
-# The router's reads, all it may do: watch the models and list their pods.
+# The router's reads: it watches the models and lists their pods (and may only patch a model's scale).
 ROUTER_READS = (
     ("get", "vllmmodels.serving.vllm-operator.io"),
     ("list", "vllmmodels.serving.vllm-operator.io"),
@@ -141,11 +141,16 @@ def assert_router_installed(release: Release) -> None:
 
 
 def assert_router_reads_only(release: Release, *scope: str) -> None:
-    """Within `scope`, the router may read models and list pods, and do nothing else."""
+    """Within `scope`, the router may read models and list pods, and write nothing but a
+    model's scale (to wake it from zero)."""
     for verb, resource in ROUTER_READS:
         assert router_can(release, verb, resource, *scope), (verb, resource, scope)
     for verb, resource in ROUTER_REFUSED:
         assert not router_can(release, verb, resource, *scope), (verb, resource, scope)
+    models = "vllmmodels.serving.vllm-operator.io"
+    assert router_can(release, "patch", models, "--subresource=scale", *scope)
+    assert not router_can(release, "update", models, "--subresource=scale", *scope)
+    assert not router_can(release, "patch", models, "--subresource=status", *scope)
 
 
 def denied_calls(log: str) -> set[tuple[str, str]]:

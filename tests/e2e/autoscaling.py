@@ -323,8 +323,8 @@ def step_up(stack: Stack, model: str, target: int = 2, factor: int = 4) -> dict[
     wait_until(lambda: len(_pods_of(stack, model)) == 1, f"{model}'s pod ready", timeout=60, interval=0.2)
     stack.delay(6.0)  # each request stays in flight 6 s
     time.sleep(4)  # idle samples first: the step starts from a quiet window
-    step = time.monotonic()
     answers = burst(stack.router.url, model, target * factor)
+    step = min(a.sent for a in answers)
     writes = stack.timeline.writes(model)
     ups = [t for t, r in writes if r > 1]
     status = stack.status(model).get("autoscaling", {})
