@@ -375,8 +375,14 @@ def test_the_callers_key_goes_to_the_pod_and_hop_headers_do_not(
         client.post(
             CHAT,
             json={"model": "tiny"},
-            headers={"Authorization": "Bearer sk-1", "Connection": "keep-alive, x-hop", "x-trace": "7"},
+            headers={
+                "Authorization": "Bearer sk-1",
+                "Connection": "keep-alive, X-Hop",
+                "x-hop": "1",
+                "x-trace": "7",
+            },
         )
     seen = pod.seen[0]["headers"]
     assert seen["authorization"] == "Bearer sk-1" and seen["x-trace"] == "7"
     assert "keep-alive" not in seen.get("connection", "") and seen["host"] == address
+    assert "x-hop" not in seen  # named in Connection: this hop's only (RFC 9110 7.6.1)

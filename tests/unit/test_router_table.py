@@ -10,7 +10,7 @@ import pytest
 
 from vllm_operator import throughput
 from vllm_operator.api import RoutingStatus
-from vllm_operator.router import balance, stats, table
+from vllm_operator.router import balance, proxy, stats, table
 
 
 def model(
@@ -237,3 +237,20 @@ def test_router_view_of_a_built_table_round_trips() -> None:
     assert throughput.router_view(json.loads(json.dumps(demand))) == {
         ("ns", "m"): RoutingStatus(endpoints=2, ready_endpoints=2, in_flight=0)
     }
+
+
+@pytest.mark.parametrize(
+    ("headers", "kept"),
+    [
+        pytest.param([(b"x-a", b"1")], [b"x-a"], id="end-to-end-kept"),
+        pytest.param([(b"Connection", b"close"), (b"TE", b"trailers")], [], id="standard-hop-dropped"),
+        pytest.param(
+            [(b"connection", b"X-Hop, x-other"), (b"x-hop", b"1"), (b"X-OTHER", b"2"), (b"x-end", b"3")],
+            [b"x-end"],
+            id="named-by-connection-dropped-any-case",
+        ),
+        pytest.param([(b"content-length", b"5"), (b"host", b"h")], [], id="framing-and-host-dropped"),
+    ],
+)
+def test_end_to_end_headers(headers: list[tuple[bytes, bytes]], kept: list[bytes]) -> None:
+    assert [k for k, _ in proxy.end_to_end(headers)] == kept

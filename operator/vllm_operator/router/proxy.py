@@ -48,6 +48,20 @@ HOP_BY_HOP = frozenset(
         b"expect",
     }
 )
+
+
+def end_to_end(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers to forward: without hop-by-hop ones, neither the standard ones nor those a
+    `Connection` header names (RFC 9110 7.6.1, e.g. `Connection: x-hop` makes `x-hop` one)."""
+    named = {
+        token.strip().lower()
+        for key, value in headers
+        if key.lower() == b"connection"
+        for token in value.split(b",")
+    }
+    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() not in named]
+
+
 RETRY_STATUSES = frozenset({502, 503, 504})
 """A pod's answer that another pod may do better with (draining, overloaded, not yet serving)."""
 MAX_ATTEMPTS = 3
@@ -322,15 +336,13 @@ class Exchange:
                 self.error_body = []
             return
         length: int | None = None
-        forwarded: list[tuple[bytes, bytes]] = []
         for name, value in headers:
-            lower = name.lower()
-            if lower == b"content-length" and value.isdigit():
+            if name.lower() == b"content-length" and value.isdigit():
                 length = int(value)
-            elif lower not in HOP_BY_HOP:
-                forwarded.append((name, value))
-                if lower == b"content-type" and value.startswith(b"text/event-stream"):
-                    self.event_stream = True
+        forwarded = end_to_end(headers)
+        self.event_stream = any(
+            k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in forwarded
+        )
         self.head_sent = True
         self.downstream.write_head(status, forwarded, length)
 
@@ -709,7 +721,7 @@ class Router:
             if held is None:
                 return code
             target = held
-        headers = [(k, v) for k, v in request.headers if k.lower() not in HOP_BY_HOP]
+        headers = end_to_end(request.headers)
         tried: set[str] = set()
         stale_retry = True
         attempt = 0
