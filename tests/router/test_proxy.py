@@ -386,3 +386,17 @@ def test_the_callers_key_goes_to_the_pod_and_hop_headers_do_not(
     assert seen["authorization"] == "Bearer sk-1" and seen["x-trace"] == "7"
     assert "keep-alive" not in seen.get("connection", "") and seen["host"] == address
     assert "x-hop" not in seen  # named in Connection: this hop's only (RFC 9110 7.6.1)
+
+
+def test_a_refused_large_upload_still_reads_its_413(running_router: RunningRouter) -> None:
+    """The router refuses a body over --max-body-bytes at its headers, while the client is still
+    sending 64 MiB: the client reads the 413. The router half-closes and discards the rest for
+    a while (a lingering close) rather than closing with the upload arriving, whose RST can
+    destroy the answer on a real network; on loopback this test also passed before that."""
+    running_router.use(route("tiny", []))
+    big = b'{"model": "tiny", "pad": "' + b"x" * (64 * 1024 * 1024) + b'"}'
+    for _ in range(3):
+        with httpx.Client(base_url=running_router.url, timeout=10) as client:
+            response = client.post(CHAT, content=big)
+        assert response.status_code == 413
+        assert "--max-body-bytes" in response.json()["error"]["message"]

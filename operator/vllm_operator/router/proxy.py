@@ -71,6 +71,8 @@ IDLE_SECONDS = 4.0
 does not send on a connection the pod is closing."""
 MAX_IDLE_PER_POD = 512
 JSON = b"application/json"
+LINGER_SECONDS = 2.0
+"""How long a refused upload may keep sending (into the void) before its connection closes."""
 KEEPALIVE_SECONDS = 5.0
 """A streaming request held this long gets its response head and an SSE comment, repeated as
 often: proxies and clients with read timeouts see a live stream while the model wakes."""
@@ -236,7 +238,20 @@ class Downstream(asyncio.Protocol):
         self.keep_alive = False
         if not self.busy:
             self.respond(status, errors.body(status, message))
+            self._linger()
+
+    def _linger(self) -> None:
+        """Close after a refusal without losing the answer: a close with the client's upload
+        still arriving makes the kernel send a RST, which can destroy the answer in the
+        client's buffer before it is read. So: send FIN, discard what still comes (the parser
+        ignores a refused request), and close after LINGER_SECONDS (nginx's lingering close)."""
+        assert self.transport is not None
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
             self.transport.close()
+            return
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, self.transport.close)
 
     # -- writing a response
     def write_head(
