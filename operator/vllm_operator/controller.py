@@ -163,6 +163,11 @@ class Controller:
             except Exception:  # one model's failure (e.g. a refused write) must not skip the others
                 metrics.RECONCILES.labels("error").inc()
                 log.exception("status of %s/%s after a scrape round", *key)
+        # A model deleted while the round awaited its pods was forgotten before this round
+        # wrote its samples, health and routing back: forget it again, after the last write.
+        for key in samples:
+            if key not in self.models:
+                self.forget(key)
         metrics.SCRAPE_ROUND_SECONDS.observe(time.monotonic() - started)
         return writes
 

@@ -292,3 +292,30 @@ async def test_one_models_failed_status_write_does_not_stop_the_others() -> None
     writes = await controller.scrape_round(NoPodsScraper())  # type: ignore[arg-type]
     assert writes == 1
     assert [w["name"] for w in cluster.status_writes] == ["good"]
+
+
+class DeletingScraper(NoPodsScraper):
+    """A round during which the model is deleted (the watch's forget runs mid-round)."""
+
+    def __init__(self, controller: Controller, key: tuple[str, str]) -> None:
+        self.controller, self.key = controller, key
+
+    async def scrape_all(self, targets: Mapping[Any, Sequence[Any]]) -> dict[Any, list[Any]]:
+        self.controller.forget(self.key)
+        return await super().scrape_all(targets)
+
+
+async def test_a_model_deleted_mid_round_leaves_nothing_behind() -> None:
+    cluster = FakeCluster(model())
+    controller = Controller(cluster, SETTINGS)
+    key = ("team-a", model()["metadata"]["name"])
+    controller.remember(model())
+    controller.observed[key] = reconcile.Observed(None, [])
+    writes = await controller.scrape_round(DeletingScraper(controller, key))  # type: ignore[arg-type]
+    assert writes == 0
+    kept = {
+        name: key in cache
+        for name, cache in vars(controller).items()
+        if isinstance(cache, dict) and name not in ("_locks",)
+    }
+    assert not any(kept.values()), kept
