@@ -76,8 +76,8 @@ class Autoscaler:
         self.histories: dict[Key, History] = {}
         self.pending: dict[Key, tuple[int, float]] = {}
         """A write of ours the model cache may not show yet: (replicas, when)."""
-        self.shown: dict[Key, tuple[int, str]] = {}
-        """The (desired, reason) last written to each status."""
+        self.written: dict[Key, AutoscalingStatus] = {}
+        """status.autoscaling as last written, per model."""
 
     async def tick(self) -> None:
         now = self.clock()
@@ -99,7 +99,7 @@ class Autoscaler:
     def forget(self, key: Key) -> None:
         self.histories.pop(key, None)
         self.pending.pop(key, None)
-        self.shown.pop(key, None)
+        self.written.pop(key, None)
 
     def _current(self, key: Key, replicas: int, now: float) -> int:
         pending = self.pending.get(key)
@@ -130,7 +130,9 @@ class Autoscaler:
         if history is None:
             history = self.histories[key] = History(started=now, replicas=current)
         elif current > history.replicas:
-            autoscale.scaled(history, history.replicas, current, now)  # e.g. the router woke it
+            autoscale.scaled(history, history.replicas, current, now)
+            if history.replicas == 0:  # the router's write: recorded like ours
+                await self._record(key, body, 0, current, "woken by the router for a held request")
         history.replicas = current
         running, waiting, kv, ready = engine_signals(self.controller.samples.get(key, {}))
         seen = demand.get(key) if demand is not None else None
@@ -173,46 +175,46 @@ class Autoscaler:
         autoscale.scaled(self.histories[key], current, decision.replicas, now)
         self.histories[key].replicas = decision.replicas
         metrics.SCALES.labels("up" if decision.replicas > current else "down").inc()
-        when = reconcile.utcnow()
-        previous = parse_status(body.get("status")).autoscaling or AutoscalingStatus()
-        decisions = [
-            *previous.decisions,
-            ScaleDecision(
-                time=when, from_replicas=current, to_replicas=decision.replicas, reason=decision.reason[:256]
-            ),
-        ][-KEEP_DECISIONS:]
-        record = AutoscalingStatus(
-            desired_replicas=decision.replicas,
-            reason=decision.reason[:256],
-            last_scale_time=when,
-            decisions=decisions,
-        )
-        await asyncio.to_thread(self._write, key, body, record, current, decision)
+        await self._record(key, body, current, decision.replicas, decision.reason)
         return decision
 
-    def _write(
-        self, key: Key, body: Mapping[str, Any], record: AutoscalingStatus, old: int, decision: Decision
-    ) -> None:
-        cluster = self.controller.cluster
-        cluster.patch_status(*key, {"autoscaling": dump(record)})
-        self.shown[key] = (record.desired_replicas, record.reason)
-        cluster.event(body, "Normal", "Scaled", f"replicas {old} -> {decision.replicas}: {decision.reason}")
+    def _last(self, key: Key, body: Mapping[str, Any]) -> AutoscalingStatus:
+        """status.autoscaling as we last wrote it (the watched body may not show it yet)."""
+        last = self.written.get(key)
+        if last is None:
+            last = parse_status(body.get("status")).autoscaling or AutoscalingStatus(desired_replicas=-1)
+            self.written[key] = last
+        return last
+
+    async def _record(self, key: Key, body: Mapping[str, Any], old: int, new: int, reason: str) -> None:
+        """A replica change into status.autoscaling (desired, reason, the last decisions) and an Event."""
+        when = reconcile.utcnow()
+        last = self._last(key, body)
+        change = ScaleDecision(time=when, from_replicas=old, to_replicas=new, reason=reason[:256])
+        record = AutoscalingStatus(
+            desired_replicas=new,
+            reason=reason[:256],
+            last_scale_time=when,
+            decisions=[*last.decisions, change][-KEEP_DECISIONS:],
+        )
+        await self._patch(key, record)
+        await asyncio.to_thread(
+            self.controller.cluster.event, body, "Normal", "Scaled", f"replicas {old} -> {new}: {reason}"
+        )
+
+    async def _patch(self, key: Key, record: AutoscalingStatus) -> None:
+        await asyncio.to_thread(self.controller.cluster.patch_status, *key, {"autoscaling": dump(record)})
+        self.written[key] = record
 
     async def _show(self, key: Key, body: Mapping[str, Any], decision: Decision) -> None:
         """Keep status.autoscaling's desired replicas true; the reason is written with it."""
-        shown = self.shown.get(key)
-        if shown is None:
-            previous = parse_status(body.get("status")).autoscaling
-            shown = (previous.desired_replicas, previous.reason) if previous else (-1, "")
-            self.shown[key] = shown
-        if shown[0] == decision.replicas:
+        last = self._last(key, body)
+        if last.desired_replicas == decision.replicas:
             return
-        previous = parse_status(body.get("status")).autoscaling or AutoscalingStatus()
-        record = previous.model_copy(
-            update={"desired_replicas": decision.replicas, "reason": decision.reason[:256]}
+        await self._patch(
+            key,
+            last.model_copy(update={"desired_replicas": decision.replicas, "reason": decision.reason[:256]}),
         )
-        await asyncio.to_thread(self.controller.cluster.patch_status, *key, {"autoscaling": dump(record)})
-        self.shown[key] = (decision.replicas, decision.reason)
 
     async def run_forever(self, interval: float) -> None:
         while True:

@@ -27,7 +27,7 @@ from tests.e2e.autoscaling import (
     step_up,
 )
 from tests.e2e.operator_process import OperatorProcess
-from tests.harness.cluster import LocalCluster
+from tests.harness.cluster import LocalCluster, wait_until
 
 pytestmark = [pytest.mark.cluster]
 
@@ -57,6 +57,13 @@ def test_fifty_requests_wake_a_model_at_zero_with_one_write(stack: Stack) -> Non
     assert figures["first_byte_after_ready_s"] < 2.0, figures
     status = stack.status("sleepy")
     assert status["readyReplicas"] == 1
+
+    # The router's write is recorded by the operator like its own: status and an Event.
+    def woken() -> bool:
+        decisions = stack.status("sleepy").get("autoscaling", {}).get("decisions", [])
+        return any(d["reason"].startswith("woken by the router") for d in decisions)
+
+    wait_until(woken, "the wake-up in status.autoscaling", timeout=10, interval=0.2)
 
 
 def test_a_held_stream_gets_keepalives_then_its_tokens(stack: Stack) -> None:
