@@ -162,7 +162,7 @@ def populate(controller: Controller, models: int, pods_per_model: int) -> None:
                 }
             )
         controller.remember(body)
-        controller.observed[key] = reconcile.Observed(deployment, pods)
+        controller.store.state(key).observed = reconcile.Observed(deployment, pods)
 
 
 async def rounds(controller: Controller, count: int) -> list[tuple[float, float, int]]:
@@ -179,7 +179,8 @@ async def rounds(controller: Controller, count: int) -> list[tuple[float, float,
         )
         # A written status is what the watch hands back before the next round.
         for key, status in cluster.written.items():
-            controller.models[key] = {**controller.models[key], "status": status}
+            state = controller.store.state(key)
+            state.body = {**(state.body or {}), "status": status}
         await asyncio.sleep(2)
     return out
 

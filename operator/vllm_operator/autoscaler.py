@@ -19,8 +19,9 @@ from typing import Any
 from vllm_operator import autoscale, metrics, reconcile
 from vllm_operator.api import AutoscalingStatus, ScaleDecision, SpecError, dump, parse_spec, parse_status
 from vllm_operator.autoscale import Decision, History, Signals
-from vllm_operator.controller import Controller, Key
+from vllm_operator.controller import Controller
 from vllm_operator.scrape import Scraper
+from vllm_operator.store import Key
 from vllm_operator.throughput import PodSample
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,10 @@ class Autoscaler:
             if raw is None:
                 return  # no decisions on a stale view: a model at zero would look unrouted
             demand = demand_of(raw)
-        for key in [k for k in self.histories if k not in self.controller.models]:
+        bodies = self.controller.store.bodies()
+        for key in [k for k in self.histories if k not in bodies]:
             self.forget(key)
-        for key, body in list(self.controller.models.items()):
+        for key, body in bodies.items():
             try:
                 await self._model(key, body, demand, now)
             except Exception:  # one model's failure must not stop the others' scaling
@@ -134,7 +136,8 @@ class Autoscaler:
             if history.replicas == 0:  # the router's write: recorded like ours
                 await self._record(key, body, 0, current, "woken by the router for a held request")
         history.replicas = current
-        running, waiting, kv, ready = engine_signals(self.controller.samples.get(key, {}))
+        state = self.controller.store.get(key)
+        running, waiting, kv, ready = engine_signals(state.samples if state is not None else {})
         seen = demand.get(key) if demand is not None else None
         signals = Signals(
             at=now,

@@ -6,9 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
-import threading
 import time
-from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,10 +17,10 @@ from vllm_operator import lora, metrics, reconcile, render, throughput
 from vllm_operator.api import ConditionStatus, RoutingStatus, SpecError, VLLMModelSpec, parse_spec
 from vllm_operator.scrape import Scraper, Target, targets_of
 from vllm_operator.settings import OperatorSettings
+from vllm_operator.store import Key, ModelState, Store
 
 log = logging.getLogger(__name__)
 Obj = Mapping[str, Any]
-Key = tuple[str, str]
 Verdict = tuple[ConditionStatus, str, str]
 
 
@@ -41,20 +39,7 @@ class Controller:
     def __init__(self, cluster: reconcile.Cluster, settings: OperatorSettings) -> None:
         self.cluster = cluster
         self.settings = settings
-        self._locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
-        self._guard = threading.Lock()
-        self.models: dict[Key, Obj] = {}
-        self.observed: dict[Key, reconcile.Observed] = {}
-        self.health: dict[Key, throughput.Aggregate] = {}
-        self.samples: dict[Key, dict[str, throughput.PodSample]] = {}
-        # Adapter calls that failed: (pod, adapter) -> (retry not before, failures in a row).
-        self.adapter_waits: dict[Key, dict[tuple[str, str], tuple[float, int]]] = {}
-        self.adapter_errors: dict[Key, dict[str, str]] = {}
-        self.routing: dict[Key, RoutingStatus] = {}
-
-    def _lock(self, key: Key) -> threading.Lock:
-        with self._guard:
-            return self._locks[key]
+        self.store = Store()
 
     # ---- watch-driven reconciles ---------------------------------------------------------
 
@@ -72,13 +57,15 @@ class Controller:
         return plan
 
     def _reconcile(self, key: Key) -> reconcile.Plan | None:
-        with self._lock(key):
+        with self.store.lock(key):
             obj = self.cluster.get("VLLMModel", *key)
             if obj is None:
                 self.forget(key)
                 return None
+            known = self.store.get(key)
+            health = known.health if known is not None else None
             try:
-                plan, observed = reconcile.reconcile(self.cluster, obj, self.settings, self.health.get(key))
+                plan, observed = reconcile.reconcile(self.cluster, obj, self.settings, health)
             except ApiException as exc:
                 if exc.status == 403 and "being terminated" in (exc.body or ""):
                     return None  # the namespace is going away, and the model with it
@@ -91,7 +78,7 @@ class Controller:
                 reconcile.execute(self.cluster, obj, plan)
                 return plan
             if observed is not None:
-                self.observed[key] = observed
+                self.store.state(key).observed = observed
             return plan
 
     def on_child(self, child: Obj) -> reconcile.Plan | None:
@@ -105,19 +92,10 @@ class Controller:
     def remember(self, body: Obj) -> None:
         """Keep the latest body of a model from the watch, so scrape rounds need no reads."""
         meta = body["metadata"]
-        self.models[(meta["namespace"], meta["name"])] = body
+        self.store.state((meta["namespace"], meta["name"])).body = body
 
     def forget(self, key: Key) -> None:
-        for cache in (
-            self.models,
-            self.observed,
-            self.health,
-            self.samples,
-            self.adapter_waits,
-            self.adapter_errors,
-            self.routing,
-        ):
-            cache.pop(key, None)
+        self.store.forget(key)
 
     # ---- scrape rounds -------------------------------------------------------------------
 
@@ -128,9 +106,9 @@ class Controller:
         /v1 route (also when it wants an API key): the operator never needs a user's key.
         """
         out = {}
-        for key, observed in list(self.observed.items()):
-            body = self.models.get(key)
-            if body is None:
+        for key, state in self.store.items():
+            body, observed = state.body, state.observed
+            if body is None or observed is None:
                 continue
             try:
                 spec = parse_spec(body.get("spec"))
@@ -156,23 +134,22 @@ class Controller:
         scraped_at = reconcile.utcnow()
         writes = 0
         for key, current in samples.items():
+            state = self.store.get(key)
+            if state is None:
+                continue  # deleted while the round awaited its pods
             if views is not None:
-                self.routing[key] = views.get(key, RoutingStatus())
+                state.routing = views.get(key, RoutingStatus())
             try:
-                writes += await self._after_scrape(key, current, models[key], scraper, scraped_at)
+                writes += await self._after_scrape(state, key, current, models[key], scraper, scraped_at)
             except Exception:  # one model's failure (e.g. a refused write) must not skip the others
                 metrics.RECONCILES.labels("error").inc()
                 log.exception("status of %s/%s after a scrape round", *key)
-        # A model deleted while the round awaited its pods was forgotten before this round
-        # wrote its samples, health and routing back: forget it again, after the last write.
-        for key in samples:
-            if key not in self.models:
-                self.forget(key)
         metrics.SCRAPE_ROUND_SECONDS.observe(time.monotonic() - started)
         return writes
 
     async def _after_scrape(
         self,
+        state: ModelState,
         key: Key,
         current: list[throughput.PodSample],
         model: ModelScrape,
@@ -180,23 +157,22 @@ class Controller:
         scraped_at: str,
     ) -> int:
         """Adapters, health and the status write of one model after a round; 1 if it wrote."""
-        current, adapters_ready, events = await self.manage_adapters(key, current, model, scraper)
-        health = throughput.aggregate(self.samples.get(key, {}), current, scraped_at)
-        health = dataclasses.replace(health, adapters_ready=adapters_ready, routing=self.routing.get(key))
-        self.samples[key] = {s.name: s for s in current}
-        self.health[key] = health
+        current, adapters_ready, events = await self.manage_adapters(state, current, model, scraper)
+        health = throughput.aggregate(state.samples, current, scraped_at)
+        health = dataclasses.replace(health, adapters_ready=adapters_ready, routing=state.routing)
+        state.samples = {s.name: s for s in current}
+        state.health = health
         return int(await asyncio.to_thread(self._write_scrape, key, health, scraped_at, events))
 
     async def manage_adapters(
-        self, key: Key, current: list[throughput.PodSample], model: ModelScrape, scraper: Scraper
+        self, state: ModelState, current: list[throughput.PodSample], model: ModelScrape, scraper: Scraper
     ) -> tuple[list[throughput.PodSample], Verdict | None, list[tuple[str, str, str]]]:
         """Load and unload adapters so every healthy pod serves the spec's; verify from /v1/models."""
         spec, targets = model.spec, model.pods
         if spec.lora is None:
             return current, None, []
         wanted = lora.desired(spec)
-        waits = self.adapter_waits.setdefault(key, {})
-        errors = self.adapter_errors.setdefault(key, {})
+        waits, errors = state.adapter_waits, state.adapter_errors
         now = time.monotonic()
         fetched = {t.name: t.fetched for t in targets}
         waiting = {k: v[0] for k, v in waits.items()}
@@ -220,8 +196,8 @@ class Controller:
                 errors[call.name] = error
             # Status must come from what the pods say, not from our calls: ask them again.
             touched = {c.pod for c in calls}
-            again = await scraper.scrape_all({key: [by_name[p] for p in sorted(touched) if p in by_name]})
-            fresh = {s.name: s for s in again.get(key, [])}
+            again = await scraper.scrape_all({0: [by_name[p] for p in sorted(touched) if p in by_name]})
+            fresh = {s.name: s for s in again.get(0, [])}
             current = [fresh.get(s.name, s) for s in current]
         for name in list(errors):
             if name not in wanted:
@@ -231,8 +207,9 @@ class Controller:
     def _write_scrape(
         self, key: Key, health: throughput.Aggregate, now: str, events: list[tuple[str, str, str]]
     ) -> bool:
-        with self._lock(key):
-            body, observed = self.models.get(key), self.observed.get(key)
+        with self.store.lock(key):
+            state = self.store.get(key)
+            body, observed = (state.body, state.observed) if state is not None else (None, None)
             if body is None or observed is None or body["metadata"].get("deletionTimestamp"):
                 return False
             try:

@@ -288,7 +288,7 @@ async def test_one_models_failed_status_write_does_not_stop_the_others() -> None
         body = model()
         body["metadata"] = {**body["metadata"], "name": name, "uid": f"uid-{name}"}
         controller.remember(body)
-        controller.observed[("team-a", name)] = reconcile.Observed(None, [])
+        controller.store.state(("team-a", name)).observed = reconcile.Observed(None, [])
     writes = await controller.scrape_round(NoPodsScraper())  # type: ignore[arg-type]
     assert writes == 1
     assert [w["name"] for w in cluster.status_writes] == ["good"]
@@ -310,12 +310,7 @@ async def test_a_model_deleted_mid_round_leaves_nothing_behind() -> None:
     controller = Controller(cluster, SETTINGS)
     key = ("team-a", model()["metadata"]["name"])
     controller.remember(model())
-    controller.observed[key] = reconcile.Observed(None, [])
+    controller.store.state(key).observed = reconcile.Observed(None, [])
     writes = await controller.scrape_round(DeletingScraper(controller, key))  # type: ignore[arg-type]
     assert writes == 0
-    kept = {
-        name: key in cache
-        for name, cache in vars(controller).items()
-        if isinstance(cache, dict) and name not in ("_locks",)
-    }
-    assert not any(kept.values()), kept
+    assert key not in controller.store and controller.store.bodies() == {}
