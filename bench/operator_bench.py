@@ -1,7 +1,11 @@
 """Operator benchmark on the local control plane: 200 VLLMModels applied at once.
 
-Prints: apply -> Deployment created (p50, p99), time until all are Ready, API writes per idle
-minute after they settle (target 0), and the operator's peak RSS. Run with `make bench-operator`.
+Prints: apply -> Deployment created (p50, p99), time until the last Deployment exists and
+until all are Ready, API writes per idle minute after they settle (target 0), the reconciles
+the operator ran, and its peak RSS. Then, in the same run, the floor: the same 200 models'
+Deployments and Services rendered by the operator's own code and created by one
+`kubectl apply --server-side` with no operator, timed to its last Deployment. Run with
+`make bench-operator`.
 """
 
 from __future__ import annotations
@@ -15,11 +19,16 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from tests.e2e.operator_process import OperatorProcess, install_crd
 from tests.harness.cluster import ClusterSpec, LocalCluster, kubectl_binary
+
+from vllm_operator import render
+from vllm_operator.api import parse_spec
+from vllm_operator.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 WRITE_VERBS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -33,6 +42,46 @@ def model(name: str) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {"model": "org/tiny", "maxModelLen": 2048},
     }
+
+
+def reconciles(operator: OperatorProcess) -> float:
+    """Reconciles the operator has run (its vllm_operator_reconciles_total, every result)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm_operator_reconciles_total{")
+    )
+
+
+def floor(cluster: LocalCluster, names: list[str]) -> dict[str, float]:
+    """The same models' children created straight, with no operator: one server-side apply of
+    all of them (owner references dropped: there is no VLLMModel to own them here)."""
+    namespace = "floor"
+    cluster.kubectl("create", "namespace", namespace, check=True)
+    settings = OperatorSettings()
+    manifests = []
+    for name in names:
+        ref = render.ModelRef(name, namespace, f"uid-{name}")
+        for child in render.children(ref, parse_spec(model(name)["spec"]), settings):
+            child["metadata"].pop("ownerReferences", None)
+            manifests.append(child)
+    body = "\n---\n".join(json.dumps(m) for m in manifests)
+    watch = DeploymentWatch(cluster, namespace)
+    time.sleep(1)
+    started = time.monotonic()
+    cluster.kubectl(
+        "apply", "--server-side", "--field-manager=floor", "-n", namespace, "-f", "-",
+        input=body, check=True, timeout=600,
+    )  # fmt: skip
+    applied = time.monotonic() - started
+    deadline = time.monotonic() + 120
+    while len(watch.seen) < len(names) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    watch.stop()
+    last = max(watch.seen.values()) - started if watch.seen else float("nan")
+    return {"objects": len(manifests), "kubectl_s": round(applied, 2), "last_deployment_s": round(last, 2)}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -128,6 +177,8 @@ def run(count: int, idle_seconds: int) -> dict[str, Any]:
         print()
         watch.stop()
         latencies = [watch.seen[n] - applied[n] for n in names if n in watch.seen]
+        last_deployment = max(watch.seen.values()) - started if watch.seen else float("nan")
+        reconciled = reconciles(operator)
 
         time.sleep(5)  # let the last status writes land before the idle window
         before = api_writes(cluster)
@@ -135,16 +186,25 @@ def run(count: int, idle_seconds: int) -> dict[str, Any]:
         time.sleep(idle_seconds)
         after = api_writes(cluster)
         idle = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+        rss, cpu = round(peak_rss_mib(operator.pid), 1), cpu_seconds(operator.pid)
+        operator.stop()  # the floor runs with no operator
+        straight = floor(cluster, names)
         return {
             "models": count,
             "ready": ready,
             "deployment_created_p50_s": round(percentile(latencies, 50), 3) if latencies else None,
             "deployment_created_p99_s": round(percentile(latencies, 99), 3) if latencies else None,
+            "last_deployment_s": round(last_deployment, 2),
+            "floor_last_deployment_s": straight["last_deployment_s"],
+            "floor_kubectl_apply_s": straight["kubectl_s"],
+            "floor_objects": straight["objects"],
+            "last_deployment_vs_floor": round(last_deployment / straight["last_deployment_s"], 2),
+            "reconciles_until_ready": reconciled,
             "all_ready_s": round(all_ready, 1),
             "idle_writes_per_minute": round(sum(idle.values()) * 60 / idle_seconds, 1),
             "idle_writes_by_kind": idle,
-            "operator_peak_rss_mib": round(peak_rss_mib(operator.pid), 1),
-            "operator_cpu_seconds": cpu_seconds(operator.pid),
+            "operator_peak_rss_mib": rss,
+            "operator_cpu_seconds": cpu,
             "mean_latency_s": round(statistics.fmean(latencies), 3) if latencies else None,
         }
     finally:
