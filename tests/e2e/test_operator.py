@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.e2e.operator_process import OperatorProcess
-from tests.harness.cluster import LocalCluster, condition, wait_until
+from tests.harness.cluster import LocalCluster, condition, table_row, wait_until
 from tests.paths import REPO_ROOT
 from tests.unit.test_flags import CASES as FLAG_CASES
 from vllm_operator import render
@@ -129,10 +129,11 @@ def test_apply_creates_children_and_becomes_ready(
     assert condition(obj, "SpecValid")["status"] == "True"
 
     table = cluster.kubectl("get", "-n", namespace, "vllm", "llama", check=True).stdout
-    header, row = table.splitlines()[:2]
-    assert header.split()[:6] == ["NAME", "READY", "PHASE", "TOKENS/S", "ADAPTERS", "ENDPOINT"]
-    assert row.split()[1:3] == ["2/2", "Ready"]
-    assert f"http://llama.{namespace}.svc:8000/v1" in row
+    header = table.splitlines()[0]
+    assert header.split()[:7] == ["NAME", "READY", "DESIRED", "PHASE", "TOKENS/S", "ADAPTERS", "ENDPOINT"]
+    row = table_row(table)
+    assert (row["READY"], row["DESIRED"], row["PHASE"]) == ("2/2", "", "Ready")  # no autoscaling: no desired
+    assert row["ENDPOINT"] == f"http://llama.{namespace}.svc:8000/v1"
 
     events = cluster.get_json("events", namespace=namespace)["items"]
     reasons = {e["reason"] for e in events if e["involvedObject"]["name"] == "llama"}

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from tests.e2e.operator_process import OperatorProcess, admin_token
-from tests.harness.cluster import LocalCluster, condition, wait_until
+from tests.harness.cluster import LocalCluster, condition, table_row, wait_until
 from tests.router.process import RouterProcess
 from tests.server.realserver import RealServer, spawn_server
 from vllm_operator.throughput import GENERATION_TOKENS, parse_metrics
@@ -289,8 +289,7 @@ def test_adapters_hot_loaded_verified_and_removed_without_restarts(
     table = must(
         lambda: try_kubectl(cluster, "get", "-n", live.namespace, "vllm", "tiny"), "kubectl get vllm"
     )
-    header, row = table.splitlines()[:2]
-    assert dict(zip(header.split(), row.split(), strict=False))["ADAPTERS"] == "AdaptersServed", row
+    assert table_row(table)["ADAPTERS"] == "AdaptersServed", table
     print(
         f"adapter served on every pod {served_after:.1f}s after the spec change; "
         f"status said so at {status_after:.1f}s"
@@ -450,11 +449,8 @@ def test_status_reports_live_throughput_and_unhealthy_pods(live: LiveModel, clus
         assert truth > 10
         assert abs(reported - truth) / truth < 0.10, (reported, truth, readings)
 
-        table = must(
-            lambda: try_kubectl(cluster, "get", "-n", namespace, "vllm", "tiny", "--no-headers"), "vllm"
-        )
-        row = table.split()
-        assert float(row[3]) > 0, row  # TOKENS/S column
+        table = must(lambda: try_kubectl(cluster, "get", "-n", namespace, "vllm", "tiny"), "vllm")
+        assert float(table_row(table)["TOKENS/S"]) > 0, table
 
         status = model_of(cluster, namespace)["status"]
         assert sorted(p["name"] for p in status["pods"]) == sorted(pods)

@@ -11,6 +11,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -107,6 +108,18 @@ def condition(obj: dict[str, Any], condition_type: str) -> dict[str, Any]:
     """A Kubernetes object's status condition of that type, {} when it has none."""
     conditions = (obj.get("status") or {}).get("conditions") or []
     return next((c for c in conditions if c["type"] == condition_type), {})
+
+
+def table_row(table: str, index: int = 0) -> dict[str, str]:
+    """Row `index` of `kubectl get` table output by column name, cut at the header's column
+    starts: an empty cell (e.g. DESIRED of a model without autoscaling) stays in its column,
+    where splitting on whitespace would shift every later one."""
+    header, *rows = table.splitlines()
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    names = header.split()
+    row = rows[index]
+    bounds = [*starts[1:], None]
+    return {name: row[start:end].strip() for name, start, end in zip(names, starts, bounds, strict=True)}
 
 
 def wait_until(

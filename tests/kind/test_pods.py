@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from tests.harness.cluster import condition, wait_until
+from tests.harness.cluster import condition, table_row, wait_until
 from tests.harness.kind import images, stack
 from tests.harness.kind.cluster import KindCluster
 from tests.kind.conftest import NAMESPACE
@@ -267,8 +267,8 @@ def test_status_throughput_matches_the_servers_counters(model: KindCluster) -> N
     )
     assert truth > 10
     assert abs(reported - truth) / truth < 0.15, (reported, truth, readings)
-    row = cluster.kubectl("get", "vllm", NAME, "-n", NAMESPACE, "--no-headers", check=True).stdout.split()
-    assert float(row[3]) > 0, row  # the TOKENS/S column
+    table = cluster.kubectl("get", "vllm", NAME, "-n", NAMESPACE, check=True).stdout
+    assert float(table_row(table)["TOKENS/S"]) > 0, table
 
 
 def test_a_lora_adapter_from_a_pvc_is_served_without_a_restart(model: KindCluster) -> None:
