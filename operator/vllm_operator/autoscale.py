@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 from vllm_operator.api import Autoscaling
 
+WAKE_FALLBACK_SECONDS = 5.0
+"""Requests held at zero this long mean the router's wake-up write failed: the operator writes it."""
+
 
 @dataclass(frozen=True)
 class Signals:
@@ -145,7 +148,13 @@ def decide(history: History, spec: Autoscaling, current: int, now: float) -> Dec
 
     if current == 0:
         if routed and spec.min_replicas == 0:
-            # The router holds the requests and writes the one wake-up itself.
+            # The router holds the requests and writes the one wake-up itself, within ms. If
+            # requests are still held at zero WAKE_FALLBACK_SECONDS later, its write failed
+            # (e.g. no RBAC for it): the operator wakes the model. Its write tests for 0, so it
+            # never adds a second one to the router's.
+            waiting_since = next((s.at for s in reversed(samples) if not s.in_flight), samples[0].at - 1e-9)
+            if latest.in_flight and now - waiting_since >= WAKE_FALLBACK_SECONDS:
+                return Decision(floor, f"requests held at zero for {now - waiting_since:.0f}s: waking it")
             return Decision(0, "at zero: the router wakes it on the next request")
         return Decision(floor, "at zero without a router view: back to minimum")
     if wanted > current:

@@ -26,6 +26,7 @@ from vllm_operator.throughput import PodSample
 
 log = logging.getLogger(__name__)
 KEEP_DECISIONS = 5
+ABORTED = "scale to zero aborted"
 PENDING_SECONDS = 10.0
 """How long a write of ours is taken as the replicas before the watch shows it."""
 
@@ -169,7 +170,8 @@ class Autoscaler:
             )
             if not granted:
                 self.histories[key].last_activity = now  # start the idle time over
-                return Decision(current, f"scale to zero aborted: {why}")
+                log.info("%s/%s: %s: %s", namespace, name, ABORTED, why)
+                return Decision(current, f"{ABORTED}: {why}")
         cluster = self.controller.cluster
         wrote = await asyncio.to_thread(cluster.scale, namespace, name, decision.replicas, current)
         if not wrote:
@@ -212,7 +214,10 @@ class Autoscaler:
     async def _show(self, key: Key, body: Mapping[str, Any], decision: Decision) -> None:
         """Keep status.autoscaling's desired replicas true; the reason is written with it."""
         last = self._last(key, body)
-        if last.desired_replicas == decision.replicas:
+        # An aborted scale to zero is shown too (e.g. a router without a token refuses every
+        # park): the desired count alone would not change.
+        aborted = decision.reason.startswith(ABORTED) and decision.reason[:256] != last.reason
+        if last.desired_replicas == decision.replicas and not aborted:
             return
         await self._patch(
             key,

@@ -16,7 +16,16 @@ from typing import Any
 import pytest
 
 from vllm_operator.api import Autoscaling
-from vllm_operator.autoscale import Decision, History, Signals, decide, need, observe, scaled
+from vllm_operator.autoscale import (
+    WAKE_FALLBACK_SECONDS,
+    Decision,
+    History,
+    Signals,
+    decide,
+    need,
+    observe,
+    scaled,
+)
 from vllm_operator.autoscaler import RouterDemand, demand_of, engine_signals
 from vllm_operator.throughput import PodSample
 
@@ -365,12 +374,19 @@ def test_never_goes_to_zero(min_replicas: int, router: bool) -> None:
 
 @pytest.mark.parametrize("in_flight", [0, 1, 50], ids=["idle", "one-held", "many-held"])
 def test_at_zero_with_the_router_leaves_waking_to_it(in_flight: int) -> None:
+    """The router writes the wake-up within ms; the operator writes it only if requests are
+    still held at zero WAKE_FALLBACK_SECONDS later (the router's write failed)."""
     loop = Loop(policy(min_replicas=0), current=0)
-    loop.run(120.0, constant(in_flight))
+    loop.run(WAKE_FALLBACK_SECONDS - 1.0, constant(in_flight))
     assert loop.changes == []
-    assert all(d.replicas == 0 for _, d in loop.decisions)
-    if in_flight:
-        assert all("router wakes it" in d.reason for _, d in loop.decisions)
+    assert all(d.replicas == 0 and "router wakes it" in d.reason for _, d in loop.decisions)
+    loop.run(120.0, constant(in_flight))
+    if not in_flight:
+        assert loop.changes == []
+        return
+    ((at, decision),) = [(at, d) for at, d in loop.decisions if d.replicas != 0][:1]
+    assert at - START >= WAKE_FALLBACK_SECONDS and at - START < WAKE_FALLBACK_SECONDS + 1.5
+    assert decision.replicas == 1 and decision.reason.startswith("requests held at zero")
 
 
 @pytest.mark.parametrize(
