@@ -168,15 +168,15 @@ class Stack:
             if condition(p, "Ready").get("status") == "True"
         ]
 
-    def zero_writes(self, model: str) -> list[float]:
-        """When the operator wrote replicas 0 for `model` (wall clock, from its log, in ms)."""
+    def zero_writes(self, model: str, since: float = 0.0) -> list[float]:
+        """When the operator wrote replicas 0 for `model` (wall clock, from its log, in ms),
+        from `since` on (the log is appended to across runs)."""
         pattern = re.compile(
             rf"^\[(\S+ \S+)\].* scaled {re.escape(self.namespace)}/{re.escape(model)} from \d+ to 0 replicas"
         )
         found = (pattern.match(line) for line in self.operator.log.read_text(errors="replace").splitlines())
-        return [
-            datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() for m in found if m is not None
-        ]
+        stamps = [datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() for m in found if m]
+        return [t for t in stamps if t >= since]
 
     def in_flight_at(self, model: str, when: float) -> int:
         """Completions a fake pod of `model` was serving at wall-clock time `when`."""
@@ -382,6 +382,7 @@ def idle_deadline(
     model parked (the operator's zero write is then tens of ms away): none may be lost, and it
     may not go to zero with one in flight at a pod. Depending on when it comes, the burst aborts
     the scale to zero, or is held by the park or at zero and wakes the model."""
+    since = time.time()
     stack.apply(autoscaled(model, 1, minReplicas=0, maxReplicas=1, idleSeconds=idle, scaleDownDelaySeconds=0))
     wait_until(lambda: len(_pods_of(stack, model)) >= 1, f"{model}'s pod ready", timeout=60, interval=0.2)
     stack.delay(0.2)
@@ -410,7 +411,7 @@ def idle_deadline(
         "failed": sum(a.status != 200 for a in answers),
         "replicas": [r for _, r in stack.timeline.writes(model)],
         # The operator's log stamps a write as it returns: the pods were sent 0 just before.
-        "in_flight_at_zero": [stack.in_flight_at(model, when) for when in stack.zero_writes(model)],
+        "in_flight_at_zero": [stack.in_flight_at(model, when) for when in stack.zero_writes(model, since)],
         "slowest_s": round(max(a.done - a.sent for a in answers), 2),
         "decisions": [
             d.get("reason") for d in stack.status(model).get("autoscaling", {}).get("decisions", [])
