@@ -16,8 +16,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_operator import autoscale, metrics, reconcile
-from vllm_operator.api import AutoscalingStatus, ScaleDecision, SpecError, dump, parse_spec, parse_status
+from vllm_operator import autoscale, metrics, reconcile, throughput
+from vllm_operator.api import (
+    Autoscaling,
+    AutoscalingStatus,
+    ScaleDecision,
+    SpecError,
+    dump,
+    parse_spec,
+    parse_status,
+)
 from vllm_operator.autoscale import Decision, History, Signals
 from vllm_operator.controller import Controller
 from vllm_operator.scrape import Scraper
@@ -39,23 +47,9 @@ class RouterDemand:
 
 def demand_of(raw: Any) -> dict[Key, RouterDemand]:
     """Per model (namespace, name): the router's in-flight (held included) and answered counts."""
-    models = raw.get("models") if isinstance(raw, dict) else None
-    out: dict[Key, RouterDemand] = {}
-    for entry in models.values() if isinstance(models, dict) else ():
-        if not isinstance(entry, dict):
-            continue
-        namespace, name = entry.get("namespace"), entry.get("resource")
-        in_flight, requests = entry.get("inFlight"), entry.get("requests")
-        if (
-            isinstance(namespace, str)
-            and isinstance(name, str)
-            and isinstance(in_flight, int)
-            and isinstance(requests, int)
-            and in_flight >= 0
-            and requests >= 0
-        ):
-            out[(namespace, name)] = RouterDemand(in_flight, requests)
-    return out
+    # `requests` is a counter: bounded like the pods' counters, not like a gauge.
+    fields = {"inFlight": throughput.MAX_GAUGE, "requests": throughput.MAX_COUNTER}
+    return {key: RouterDemand(*counts) for key, counts in throughput.router_counts(raw, fields).items()}
 
 
 def engine_signals(samples: Mapping[str, PodSample]) -> tuple[int, int, float, int]:
@@ -152,11 +146,17 @@ class Autoscaler:
         autoscale.observe(history, signals, policy)
         decision = autoscale.decide(history, policy, current, now)
         if decision.replicas != current:
-            decision = await self._scale(key, body, current, decision, now)
+            decision = await self._scale(key, body, policy, current, decision, now)
         await self._show(key, body, decision)
 
     async def _scale(
-        self, key: Key, body: Mapping[str, Any], current: int, decision: Decision, now: float
+        self,
+        key: Key,
+        body: Mapping[str, Any],
+        policy: Autoscaling,
+        current: int,
+        decision: Decision,
+        now: float,
     ) -> Decision:
         namespace, name = key
         if decision.replicas == 0:
@@ -165,7 +165,7 @@ class Autoscaler:
                 self.settings.router_url,
                 namespace,
                 name,
-                parse_spec(body.get("spec")).autoscaling.idle_seconds,  # type: ignore[union-attr]
+                policy.idle_seconds,
                 self.settings.router_token,
             )
             if not granted:

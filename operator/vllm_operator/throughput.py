@@ -218,22 +218,31 @@ def _rest_differs(old: VLLMModelStatus, new: VLLMModelStatus) -> bool:
     return old.model_dump(exclude=keep) != new.model_dump(exclude=keep) or _pod_shape(old) != _pod_shape(new)
 
 
-def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else None
+def _count(value: Any, highest: float) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < highest else None
 
 
-def router_view(demand: Any) -> dict[tuple[str, str], RoutingStatus]:
-    """Each model's `status.routing` from the router's /router/demand JSON, by (namespace, name).
-    Entries of an unexpected shape are left out: the router is an observer, not an authority."""
+def router_counts(demand: Any, fields: Mapping[str, float]) -> dict[tuple[str, str], tuple[int, ...]]:
+    """The counts named by `fields` (name -> exclusive upper bound) of each model in the router's
+    /router/demand JSON, by (namespace, name). Entries of an unexpected shape, or missing a
+    count, are left out: the router is an observer, not an authority."""
     models = demand.get("models") if isinstance(demand, dict) else None
-    views: dict[tuple[str, str], RoutingStatus] = {}
+    out: dict[tuple[str, str], tuple[int, ...]] = {}
     for entry in models.values() if isinstance(models, dict) else ():
         if not isinstance(entry, dict):
             continue
         namespace, name = entry.get("namespace"), entry.get("resource")
-        counts = [_count(entry.get(k)) for k in ("pods", "readyPods", "inFlight")]
-        if not isinstance(namespace, str) or not isinstance(name, str) or None in counts:
-            continue
-        pods, ready, in_flight = (int(c or 0) for c in counts)
-        views[(namespace, name)] = RoutingStatus(endpoints=pods, ready_endpoints=ready, in_flight=in_flight)
-    return views
+        counts = [_count(entry.get(k), highest) for k, highest in fields.items()]
+        if isinstance(namespace, str) and isinstance(name, str) and None not in counts:
+            out[(namespace, name)] = tuple(int(c or 0) for c in counts)
+    return out
+
+
+def router_view(demand: Any) -> dict[tuple[str, str], RoutingStatus]:
+    """Each model's `status.routing` from the router's /router/demand JSON, by (namespace, name)."""
+    return {
+        key: RoutingStatus(endpoints=pods, ready_endpoints=ready, in_flight=in_flight)
+        for key, (pods, ready, in_flight) in router_counts(
+            demand, {"pods": MAX_GAUGE, "readyPods": MAX_GAUGE, "inFlight": MAX_GAUGE}
+        ).items()
+    }

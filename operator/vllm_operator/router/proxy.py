@@ -599,9 +599,7 @@ class Router:
         if route is None:
             conn.respond(404, errors.body(404, f"no model {key}"))
             return
-        names = [route.served_name, *route.routing.aliases, *sorted(route.adapters)]
-        in_flight = sum(self.stats.models[n].in_flight for n in names if n in self.stats.models)
-        refused = self.holds.park(route, idle, in_flight)
+        refused = self.holds.park(route, idle, self.stats.route_in_flight(route))
         if refused is not None:
             conn.respond(409, errors.body(409, refused))
             return

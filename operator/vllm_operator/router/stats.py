@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from vllm_operator.router.table import Table
+from vllm_operator.router.table import Route, Table
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -65,6 +65,15 @@ class Stats:
             histogram = self.pod_first_byte[address] = Histogram()
         histogram.observe(seconds)
 
+    def of_route(self, route: Route) -> list[ModelStats]:
+        """The counts of a model under each of its names: served name, aliases, adapters."""
+        names = (route.served_name, *route.routing.aliases, *route.adapters)
+        return [self.models[n] for n in names if n in self.models]
+
+    def route_in_flight(self, route: Route) -> int:
+        """Requests in flight (held included) for a model under any of its names."""
+        return sum(s.in_flight for s in self.of_route(route))
+
     def model(self, name: str) -> ModelStats:
         stats = self.models.get(name)
         if stats is None:
@@ -82,12 +91,12 @@ class Stats:
         requests held while the model wakes (`held`) too."""
         models: dict[str, Any] = {}
         for route in table.routes:
-            names = [route.served_name, *route.routing.aliases, *sorted(route.adapters)]
+            counted = self.of_route(route)
             models[route.served_name] = {
                 "namespace": route.namespace,
                 "resource": route.resource,
-                "inFlight": sum(self.models[n].in_flight for n in names if n in self.models),
-                "requests": sum(sum(self.models[n].requests.values()) for n in names if n in self.models),
+                "inFlight": sum(s.in_flight for s in counted),
+                "requests": sum(sum(s.requests.values()) for s in counted),
                 "held": held(route.key),
                 "parked": parked(route.key),
                 "replicas": route.replicas,

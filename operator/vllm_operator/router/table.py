@@ -8,6 +8,7 @@ models claim one name, the older resource keeps it and the clash is reported.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,7 +89,13 @@ class Table:
 
     def route(self, key: str) -> Route | None:
         """The route of the model `namespace/name`."""
-        return next((r for r in self.routes if r.key == key), None)
+        return self.by_key.get(key)
+
+    @functools.cached_property
+    def by_key(self) -> Mapping[str, Route]:
+        """Routes by `namespace/name`, built once per table (the wake step asks per held model
+        on every table change)."""
+        return {r.key: r for r in self.routes}
 
     def listing(self) -> list[dict[str, Any]]:
         """OpenAI `/v1/models` entries for every known name, ready or not."""
