@@ -273,6 +273,8 @@ def test_park_is_guarded_and_refused_while_busy(running_router: RunningRouter, f
             {"namespace": "ns", "resource": "tiny"},
             {"namespace": "ns", "resource": "tiny", "idleSeconds": "soon"},
             {"namespace": "ns", "resource": "tiny", "idleSeconds": None},
+            {"namespace": "ns", "resource": "tiny", "idleSeconds": -1},
+            b'{"namespace": "ns", "resource": "tiny", "idleSeconds": NaN}',  # would pass any idle check
         ):
             response = park(client, bad)
             assert response.status_code == 400, (bad, response.text)
