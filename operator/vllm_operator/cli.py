@@ -11,9 +11,9 @@ from typing import Any
 
 import yaml
 
-from vllm_operator import api, crd, docs, render
-from vllm_operator.client import bench_cli
+from vllm_operator import api, crd, docs, model_ref, render
 from vllm_operator.settings import OperatorSettings, SettingsError
+from vllm_operator_client import bench_cli
 
 EXIT_INVALID = 2
 
@@ -246,7 +246,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=cmd_router)
 
-    bench_cli.register(sub)  # `bench check` and `bench load` (vllm_operator.client)
+    bench_cli.register(sub, model_ref.resolve)  # `bench check|load` of the client distribution
     return top
 
 

@@ -1,4 +1,5 @@
-"""Reads every ready server pod's /health, /metrics and /v1/models over HTTP.
+"""Reads every ready server pod's /health, /metrics and /v1/models, and makes the operator's
+other calls to pods (adapter loads) and to the router, all through the client's `Probe`.
 
 Each pod is read in isolation: one deadline for all of its requests, a size cap on every
 page, and every value checked. Whatever a pod sends (or fails to send), it becomes that pod's
@@ -9,20 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import httpx
-
 from vllm_operator import metrics
 from vllm_operator.api import SERVER_PORT
 from vllm_operator.lora import AdapterCall
 from vllm_operator.render import fetched_paths
 from vllm_operator.throughput import PodSample, parse_metrics
+from vllm_operator_client._core import adapter_request, auth_headers
+from vllm_operator_client.errors import message_of
+from vllm_operator_client.probe import Probe, ProbeError, parse_json
 
 K = TypeVar("K", bound=Hashable)
 log = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 MAX_PAGE_BYTES = 1 << 20
 # A reason ends up in a condition message, an Event or a log line: bounded and printable.
 MAX_REASON = 200
-# Plain bodies only: a compressed one would be inflated before its size could be checked.
-IDENTITY = {"Accept-Encoding": "identity"}
+# The router's answers (/router/demand lists every routed model; /router/park is one line).
+MAX_ROUTER_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -88,17 +89,17 @@ def listed_adapters(body: Any, served_name: str) -> dict[str, str]:
     """LoRA adapters a server lists in /v1/models (entries with a parent, or any but the base),
     each with its `root` ("" when that is not a string).
 
-    A listing that is not vLLM's shape raises ScrapeError rather than skipping entries: a
+    A listing that is not vLLM's shape raises ProbeError rather than skipping entries: a
     skipped adapter would look missing, and the operator would load it again and again.
     """
     data = body.get("data") if isinstance(body, dict) else None
     if not isinstance(data, list):
-        raise ScrapeError("/v1/models: no list under 'data'")
+        raise ProbeError("/v1/models: no list under 'data'")
     out: dict[str, str] = {}
     for index, entry in enumerate(data):
         model_id = entry.get("id") if isinstance(entry, dict) else None
         if not isinstance(model_id, str) or not model_id:
-            raise ScrapeError(f"/v1/models: entry {index} has no string id")
+            raise ProbeError(f"/v1/models: entry {index} has no string id")
         if model_id != served_name and entry.get("parent", True):
             root = entry.get("root")
             out[model_id] = root if isinstance(root, str) else ""
@@ -110,7 +111,7 @@ def pod_url(ip: str, port: int) -> str:
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
-        raise ScrapeError(f"pod IP {clip(ip, 60)!r} is not an IP address") from None
+        raise ProbeError(f"pod IP {clip(ip, 60)!r} is not an IP address") from None
     host = f"[{address}]" if address.version == 6 else str(address)
     return f"http://{host}:{port}"
 
@@ -141,20 +142,18 @@ class Scraper:
 
     async def scrape_all(self, targets: Mapping[K, Sequence[Target]]) -> dict[K, list[PodSample]]:
         gate = asyncio.Semaphore(self.concurrency)
-        # No idle connections kept: httpx scans its whole pool for every request, and with
-        # hundreds of pods that scan, not the network, was the cost of a round.
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=0)
-        async with httpx.AsyncClient(timeout=self.timeout, limits=limits, trust_env=False) as client:
+        # No idle connections kept: with hundreds of pods, the pool scan was a round's cost.
+        async with Probe(self.timeout, self.concurrency, keepalive=False) as probe:
 
             async def one(target: Target) -> PodSample:
                 async with gate:
-                    return await self.scrape_pod(client, target)
+                    return await self.scrape_pod(probe, target)
 
             keys = list(targets)
             results = await asyncio.gather(*(asyncio.gather(*(one(t) for t in targets[k])) for k in keys))
         return {key: list(samples) for key, samples in zip(keys, results, strict=True)}
 
-    async def scrape_pod(self, client: httpx.AsyncClient, target: Target) -> PodSample:
+    async def scrape_pod(self, probe: Probe, target: Target) -> PodSample:
         """One pod's sample; whatever the pod does, this returns within `timeout` and never raises."""
         if not target.ready or not target.ip:
             return PodSample(name=target.name, at=time.monotonic(), ready=False)
@@ -164,11 +163,11 @@ class Scraper:
             # One deadline for the whole pod: httpx's timeout is per network read, so a pod
             # that sent a byte every 1.5 s held the round for as long as it kept dripping.
             async with asyncio.timeout(self.timeout):
-                return await self._read(client, target, started, progress)
+                return await self._read(probe, target, started, progress)
         except TimeoutError:
             reason = f"{progress.path} not read within the {self.timeout:g}s deadline"
-        except (httpx.HTTPError, ScrapeError) as exc:
-            reason = describe(exc)
+        except ProbeError as exc:
+            reason = str(exc)
         except Exception as exc:  # a bug of ours that this pod's answer showed: fail this pod only
             log.exception("scraping pod %s failed", target.name)
             reason = f"operator error while reading {progress.path} ({type(exc).__name__}, see its log)"
@@ -178,24 +177,22 @@ class Scraper:
         error = redact(reason, target.token)
         return PodSample(name=target.name, at=started, ready=True, healthy=False, error=error)
 
-    async def _read(
-        self, client: httpx.AsyncClient, target: Target, started: float, progress: _Progress
-    ) -> PodSample:
+    async def _read(self, probe: Probe, target: Target, started: float, progress: _Progress) -> PodSample:
         base = pod_url(target.ip, self.port)
-        status, _ = await self._get(client, base, "/health", progress)
+        status, _ = await self._get(probe, base, "/health", progress)
         if status != 200:
-            raise ScrapeError(f"/health answered {status}")
-        status, page = await self._get(client, base, "/metrics", progress)
+            raise ProbeError(f"/health answered {status}")
+        status, page = await self._get(probe, base, "/metrics", progress)
         if status != 200:
-            raise ScrapeError(f"/metrics answered {status}")
+            raise ProbeError(f"/metrics answered {status}")
         try:
             counters, running, waiting, kv = parse_metrics(page.decode("utf-8", "replace"))
         except ValueError as exc:  # the parser's and our checks' (MetricsError)
-            raise ScrapeError(f"/metrics: {exc}") from None
+            raise ProbeError(f"/metrics: {exc}") from None
         adapters: dict[str, str] = {}
         models_error = ""
         if target.lora:
-            status, body = await self._get(client, base, "/v1/models", progress, bearer(target.token))
+            status, body = await self._get(probe, base, "/v1/models", progress, auth_headers(target.token))
             if 200 <= status < 300:
                 adapters = listed_adapters(parse_json(body, "/v1/models"), target.served_name)
             else:
@@ -217,33 +214,30 @@ class Scraper:
 
     async def _get(
         self,
-        client: httpx.AsyncClient,
+        probe: Probe,
         base: str,
         path: str,
         progress: _Progress,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes]:
         progress.path = path
-        request_headers = {**IDENTITY, **(headers or {})}
-        async with client.stream("GET", f"{base}{path}", headers=request_headers) as response:
-            return response.status_code, await read_capped(response, self.max_page_bytes, path)
+        return await probe.request("GET", f"{base}{path}", self.max_page_bytes, headers=headers)
 
     async def router_demand(self, url: str) -> Any:
         """The router's /router/demand JSON, or None when it cannot be read (logged): the
         router is an observer here, and its absence must not hold up a round."""
         try:
-            async with (
-                asyncio.timeout(self.timeout),
-                httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client,
-            ):
-                status, body = await self._get(client, url.rstrip("/"), "/router/demand", _Progress())
+            async with asyncio.timeout(self.timeout), Probe(self.timeout, 1) as probe:
+                status, body = await probe.request(
+                    "GET", f"{url.rstrip('/')}/router/demand", MAX_ROUTER_BYTES
+                )
             if status != 200:
-                raise ScrapeError(f"/router/demand answered {status}")
+                raise ProbeError(f"/router/demand answered {status}")
             return parse_json(body, "/router/demand")
         except TimeoutError:
             log.warning("router %s: /router/demand not read within %gs", url, self.timeout)
-        except (httpx.HTTPError, ScrapeError) as exc:
-            log.warning("router %s: %s", url, describe(exc))
+        except ProbeError as exc:
+            log.warning("router %s: %s", url, clip(str(exc)))
         return None
 
     async def park(
@@ -252,118 +246,47 @@ class Scraper:
         """Ask the router to hold a model's requests before it goes to zero: (granted, why not).
         The router grants it only if no request for the model is in flight, held or answered
         within `idle_seconds`; what arrives after is held and wakes the model again."""
+        ask = {"namespace": namespace, "resource": name, "idleSeconds": idle_seconds}
         try:
-            async with (
-                asyncio.timeout(self.timeout),
-                httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client,
-            ):
-                response = await client.post(
-                    f"{url.rstrip('/')}/router/park",
-                    json={"namespace": namespace, "resource": name, "idleSeconds": idle_seconds},
-                    headers=bearer(token),
+            async with asyncio.timeout(self.timeout), Probe(self.timeout, 1, token=token) as probe:
+                status, body = await probe.request(
+                    "POST", f"{url.rstrip('/')}/router/park", MAX_ROUTER_BYTES, body=ask
                 )
-                body = await read_capped(response, 64 * 1024, "/router/park")
         except TimeoutError:
             return False, f"the router did not answer within {self.timeout:g}s"
-        except (httpx.HTTPError, ScrapeError) as exc:
-            return False, redact(describe(exc), token)
-        if response.status_code == 200:
+        except ProbeError as exc:
+            return False, redact(str(exc), token)
+        if status == 200:
             return True, ""
-        return False, redact(f"the router answered {response.status_code}: {message_of(body)}", token)
+        return False, redact(f"the router answered {status}: {message_of(body)}", token)
 
     async def call_adapters(
         self, calls: Sequence[AdapterCall], ips: Mapping[str, str], token: str = ""
     ) -> list[str]:
         """Run load/unload calls (pod name -> IP in `ips`); returns each call's error or ''."""
-        limits = httpx.Limits(max_connections=self.concurrency)
         # Loading an adapter reads its weights: allow more than a scrape's timeout.
         budget = max(30.0, self.timeout)
-        async with httpx.AsyncClient(
-            timeout=budget, limits=limits, trust_env=False, headers=bearer(token)
-        ) as client:
-            calls_done = (self._call(client, c, ips.get(c.pod, ""), budget) for c in calls)
+        async with Probe(budget, self.concurrency, token=token) as probe:
+            calls_done = (self._call(probe, c, ips.get(c.pod, ""), budget) for c in calls)
             return [redact(error, token) for error in await asyncio.gather(*calls_done)]
 
-    async def _call(self, client: httpx.AsyncClient, call: AdapterCall, ip: str, budget: float) -> str:
-        body = {"lora_name": call.name, **({"lora_path": call.path} if call.action == "load" else {})}
-        path = f"/v1/{call.action}_lora_adapter"
+    async def _call(self, probe: Probe, call: AdapterCall, ip: str, budget: float) -> str:
+        path, body = adapter_request(call.action, call.name, call.path)
         try:
             # The same isolation as a scrape: one deadline per call, a capped answer.
-            async with (
-                asyncio.timeout(budget),
-                client.stream(
-                    "POST", f"{pod_url(ip, self.port)}{path}", json=body, headers=IDENTITY
-                ) as response,
-            ):
-                status, answer = response.status_code, await read_capped(response, self.max_page_bytes, path)
+            async with asyncio.timeout(budget):
+                url = f"{pod_url(ip, self.port)}{path}"
+                status, answer = await probe.request("POST", url, self.max_page_bytes, body=body)
         except TimeoutError:
             return f"{call.action} not answered within {budget:g}s"
-        except (httpx.HTTPError, ScrapeError) as exc:
-            return describe(exc)
+        except ProbeError as exc:
+            return str(exc)
         except Exception as exc:  # a bug of ours: fail this call only
             log.exception("%s of adapter %s on pod %s failed", call.action, call.name, call.pod)
             return f"operator error ({type(exc).__name__}, see its log)"
         if 200 <= status < 300:
             return ""
         return f"{call.action} answered {status}: {message_of(answer)}"
-
-
-async def read_capped(response: httpx.Response, cap: int, what: str) -> bytes:
-    """A response's body, refused (ScrapeError) as soon as it is compressed or over `cap` bytes."""
-    encoding = response.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise ScrapeError(f"{what} came {clip(encoding, 30)}-encoded, though asked for identity")
-    declared = response.headers.get("content-length", "")
-    # A length is digits; more than 12 of them is over any cap (and int() of a huge one is slow).
-    if declared.isdecimal() and (len(declared) > 12 or int(declared) > cap):
-        raise ScrapeError(f"{what} is {clip(declared, 13)} bytes, over the {cap}-byte cap")
-    body = bytearray()
-    # Decoded bytes are the raw ones here: any content encoding but identity was refused above.
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > cap:
-            # Leaving the response unread closes its connection: the rest is never received.
-            raise ScrapeError(f"{what} is over the {cap}-byte cap")
-    return bytes(body)
-
-
-def parse_json(body: bytes, what: str) -> Any:
-    """A JSON body; ScrapeError when it is not JSON (or nests too deep for the decoder)."""
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):
-        raise ScrapeError(f"{what}: not a JSON body") from None
-
-
-def bearer(token: str) -> dict[str, str]:
-    """The Authorization header carrying `token` (a model's admin token), or none."""
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def message_of(body: bytes) -> str:
-    """The message of an OpenAI-shaped (or plain) error body; unclipped, for `redact` to clip."""
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        return body.decode("utf-8", "replace")
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-        return str(parsed["error"].get("message", ""))
-    if isinstance(parsed, dict) and "message" in parsed:
-        return str(parsed["message"])
-    return str(parsed)
-
-
-class ScrapeError(Exception):
-    """A pod answered, but not as a healthy server does."""
-
-
-def describe(exc: Exception) -> str:
-    """A short reason for a failed scrape; may quote the pod, so `redact` it before showing it."""
-    if isinstance(exc, httpx.TimeoutException):
-        return "timed out"
-    if isinstance(exc, httpx.ConnectError):
-        return "connection refused"
-    return str(exc) or exc.__class__.__name__
 
 
 def clip(text: str, limit: int = MAX_REASON) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from tests.client.stub import Stub
 from tests.server.realserver import RealServer, lora_flags, start_server
-from vllm_operator.client import RetryPolicy
+from vllm_operator_client import RetryPolicy
 
 API_KEY = "client-key"
 

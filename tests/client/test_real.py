@@ -10,7 +10,7 @@ import pytest
 from tests.client.conftest import API_KEY
 from tests.server.realserver import RealServer
 from vllm_operator.cli import main
-from vllm_operator.client import (
+from vllm_operator_client import (
     AsyncClient,
     AuthenticationError,
     BadRequestError,

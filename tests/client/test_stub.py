@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from tests.client.stub import Reply, Stub, chat_events, error_body
-from vllm_operator.client import (
+from vllm_operator_client import (
     APIConnectionError,
     APIStreamError,
     APITimeoutError,
@@ -22,7 +22,7 @@ from vllm_operator.client import (
     RetryPolicy,
     StreamInterruptedError,
 )
-from vllm_operator.client.async_client import Backend
+from vllm_operator_client.async_client import Backend
 
 OVERLOADED = error_body("The server is overloaded; retry later.", "service_unavailable_error", "queue_full")
 

@@ -6,12 +6,12 @@ import email.utils
 
 import pytest
 
-from vllm_operator.client import EndpointPool, RetryPolicy
-from vllm_operator.client._core import SSEDecoder
-from vllm_operator.client.errors import BadRequestError, InternalServerError, status_error
-from vllm_operator.client.kube import parse_ref, target_of
-from vllm_operator.client.metrics import percentile
-from vllm_operator.client.retry import parse_retry_after, retryable_status
+from vllm_operator.model_ref import parse_ref, target_of
+from vllm_operator_client import EndpointPool, RetryPolicy
+from vllm_operator_client._core import SSEDecoder
+from vllm_operator_client.errors import BadRequestError, InternalServerError, status_error
+from vllm_operator_client.metrics import percentile
+from vllm_operator_client.retry import parse_retry_after, retryable_status
 
 
 def test_backoff_is_exponential_capped_and_jittered_down() -> None:

@@ -58,12 +58,17 @@ def test_every_version_is_the_operators() -> None:
     """`vllm_operator.__version__` is the one source; everything that repeats it must agree."""
     import tomllib
 
+    import vllm_operator_client
     import vllm_server
     from vllm_operator import __version__
 
     chart = yaml.safe_load((REPO_ROOT / "charts" / "vllm-operator" / "Chart.yaml").read_text())
     server = tomllib.loads((REPO_ROOT / "images" / "vllm-server" / "pyproject.toml").read_text())
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    pins = [d for d in project["dependencies"] if d.startswith("vllm-operator-client==")]
     found = {
+        "vllm_operator_client.__version__": vllm_operator_client.__version__,
+        "pyproject.toml's pin of vllm-operator-client": pins[0].split("==", 1)[1] if pins else None,
         "Chart.yaml version": chart["version"],
         "Chart.yaml appVersion": chart["appVersion"],
         "vllm_server.__version__": vllm_server.__version__,

@@ -25,10 +25,8 @@ from vllm_operator.lora import AdapterCall
 from vllm_operator.scrape import (
     MAX_PAGE_BYTES,
     MAX_REASON,
-    ScrapeError,
     Scraper,
     Target,
-    bearer,
     clip,
     listed_adapters,
     pod_url,
@@ -36,6 +34,8 @@ from vllm_operator.scrape import (
     targets_of,
 )
 from vllm_operator.throughput import MAX_SERIES, MetricsError, PodSample, parse_metrics
+from vllm_operator_client._core import auth_headers
+from vllm_operator_client.probe import Probe, ProbeError
 
 MB = 1_000_000
 MiB = 1 << 20
@@ -108,8 +108,8 @@ async def test_models_are_read_with_the_token(
     token: str, adapters: tuple[str, ...], models_error: str
 ) -> None:
     target = Target("a", "10.0.0.1", True, "m", lora=True, token=token)
-    async with httpx.AsyncClient(transport=httpx.MockTransport(keyed_server)) as client:
-        sample = await Scraper().scrape_pod(client, target)
+    async with Probe(2.0, transport=httpx.MockTransport(keyed_server)) as probe:
+        sample = await Scraper().scrape_pod(probe, target)
     assert (sample.healthy, sample.adapters, sample.models_error) == (True, adapters, models_error)
     assert sample.running == 1.0
     # Only string roots are kept: the "adapter replaced behind our back" check compares them.
@@ -118,7 +118,7 @@ async def test_models_are_read_with_the_token(
 
 def test_the_token_never_shows_in_a_repr() -> None:
     assert KEY not in repr(Target("a", "10.0.0.1", True, "m", lora=True, token=KEY))
-    assert bearer(KEY) == {"Authorization": f"Bearer {KEY}"} and bearer("") == {}
+    assert auth_headers(KEY) == {"Authorization": f"Bearer {KEY}"} and auth_headers("") == {}
 
 
 def test_targets_know_what_each_pod_downloaded() -> None:
@@ -283,8 +283,8 @@ async def test_a_compressed_page_is_refused_before_it_is_inflated() -> None:
             return httpx.Response(200)
         return httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=b"\x1f\x8b")
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(gzipped)) as client:
-        sample = await Scraper().scrape_pod(client, Target("a", "10.0.0.1", True, "m"))
+    async with Probe(2.0, transport=httpx.MockTransport(gzipped)) as probe:
+        sample = await Scraper().scrape_pod(probe, Target("a", "10.0.0.1", True, "m"))
     assert sample.error == "/metrics came gzip-encoded, though asked for identity"
 
 
@@ -346,7 +346,7 @@ async def test_an_error_of_ours_is_logged_with_the_pod_and_fails_that_pod_only(
 def test_pod_urls_put_ipv6_addresses_in_brackets() -> None:
     assert pod_url("fd00::1", 8000) == "http://[fd00::1]:8000"
     assert pod_url("10.0.0.1", 8000) == "http://10.0.0.1:8000"
-    with pytest.raises(ScrapeError, match="pod IP 'fd00::1:8000:x' is not an IP address"):
+    with pytest.raises(ProbeError, match="pod IP 'fd00::1:8000:x' is not an IP address"):
         pod_url("fd00::1:8000:x", 8000)
 
 
@@ -357,8 +357,8 @@ async def test_an_ipv6_pod_is_scraped_at_its_bracketed_address() -> None:
         seen.append(str(request.url))
         return httpx.Response(200, text=metrics_page() if request.url.path == "/metrics" else "")
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(server)) as client:
-        sample = await Scraper().scrape_pod(client, Target("a", "fd00::1", True, "m"))
+    async with Probe(2.0, transport=httpx.MockTransport(server)) as probe:
+        sample = await Scraper().scrape_pod(probe, Target("a", "fd00::1", True, "m"))
     assert sample.healthy, sample.error
     assert seen == ["http://[fd00::1]:8000/health", "http://[fd00::1]:8000/metrics"]
 

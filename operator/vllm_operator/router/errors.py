@@ -1,4 +1,5 @@
-"""OpenAI-shaped errors, the one place the router builds them (same shape as the bundled server)."""
+"""OpenAI-shaped errors, the one place the router builds them (same shape as the bundled server);
+the client's `message_of` reads them (and the pods')."""
 
 from __future__ import annotations
 
@@ -26,18 +27,6 @@ def body(status: int, message: str, param: str | None = None) -> bytes:
 def sse_event(status: int, message: str) -> bytes:
     """The last event of a stream that broke after its first byte: clients see an error, not a cut."""
     return b"data: " + body(status, message) + b"\n\ndata: [DONE]\n\n"
-
-
-def message_of(error: bytes) -> str:
-    """The message of an OpenAI-shaped error body (a pod's or ours), else the text itself."""
-    try:
-        parsed = json.loads(error)
-    except (ValueError, UnicodeDecodeError):
-        return error.decode("utf-8", "replace")[:512]
-    inner = parsed.get("error") if isinstance(parsed, dict) else None
-    if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-        return str(inner["message"])
-    return str(parsed)[:512]
 
 
 def model_not_found(name: str) -> tuple[int, bytes]:

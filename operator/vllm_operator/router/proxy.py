@@ -30,6 +30,7 @@ from vllm_operator.router.balance import Balancer, prefix_key
 from vllm_operator.router.stats import ModelStats, Stats, prometheus_text
 from vllm_operator.router.table import Endpoint, Table, Target
 from vllm_operator.router.wake import Holds, Scaler
+from vllm_operator_client.errors import message_of
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ does not send on a connection the pod is closing."""
 MAX_IDLE_PER_POD = 512
 JSON = b"application/json"
 LINGER_SECONDS = 2.0
+# A pod's error message relayed in our own error event: bounded, whatever the pod sent.
+MAX_MESSAGE = 512
 """How long a refused upload may keep sending (into the void) before its connection closes."""
 KEEPALIVE_SECONDS = 5.0
 """A streaming request held this long gets its response head and an SSE comment, repeated as
@@ -380,7 +383,8 @@ class Exchange:
             return
         if self.error_body is not None:
             message = (
-                errors.message_of(b"".join(self.error_body)) or f"the model server answered {self.status}"
+                message_of(b"".join(self.error_body), MAX_MESSAGE)
+                or f"the model server answered {self.status}"
             )
             self.downstream.write_piece(errors.sse_event(self.status, message))
         self.downstream.end()
@@ -707,7 +711,7 @@ class Router:
 
     def _answer(self, conn: Downstream, preamble: bool, code: int, error: bytes) -> None:
         if preamble:
-            conn.write_piece(errors.sse_event(code, errors.message_of(error)))
+            conn.write_piece(errors.sse_event(code, message_of(error, MAX_MESSAGE)))
             conn.end()
         else:
             conn.respond(code, error, headers=[(b"retry-after", b"1")] if code == 503 else [])

@@ -91,7 +91,7 @@ def prepare(cluster: KindCluster, models: dict[str, Path], namespace: str) -> di
 
 STREAM_SCRIPT = """
 import json, sys, time
-from vllm_operator.client.sync_client import Client
+from vllm_operator_client.sync_client import Client
 url, model, key = sys.argv[1], sys.argv[2], (sys.argv[3] if len(sys.argv) > 3 else None)
 started = time.monotonic()
 first = None

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from vllm_operator.client.async_client import AsyncClient
-from vllm_operator.client.errors import ClientError
-from vllm_operator.client.metrics import RequestMetrics, percentile
+from vllm_operator_client.async_client import AsyncClient
+from vllm_operator_client.errors import ClientError
+from vllm_operator_client.metrics import RequestMetrics, percentile
 
 _WORDS = [
     "the",

@@ -1,9 +1,14 @@
-"""Client of vLLM OpenAI-compatible servers: async and sync, retries, failover, metrics."""
+"""Client of vLLM OpenAI-compatible servers: async and sync, retries, failover, metrics.
 
-from vllm_operator.client._core import BatchResult, Result, StreamChunk, Usage
-from vllm_operator.client.async_client import AsyncClient, AsyncStream
-from vllm_operator.client.endpoints import EndpointPool
-from vllm_operator.client.errors import (
+Its own distribution (`pip install ./client`): httpx is its one dependency, and it imports
+nothing of the operator (an import-linter contract)."""
+
+__version__ = "0.1.0"
+
+from vllm_operator_client._core import BatchResult, Result, StreamChunk, Usage
+from vllm_operator_client.async_client import AsyncClient, AsyncStream
+from vllm_operator_client.endpoints import EndpointPool
+from vllm_operator_client.errors import (
     APIConnectionError,
     APIError,
     APIStatusError,
@@ -19,9 +24,9 @@ from vllm_operator.client.errors import (
     StreamInterruptedError,
     UnprocessableEntityError,
 )
-from vllm_operator.client.metrics import BatchMetrics, RequestMetrics
-from vllm_operator.client.retry import RetryPolicy
-from vllm_operator.client.sync_client import Client, Stream
+from vllm_operator_client.metrics import BatchMetrics, RequestMetrics
+from vllm_operator_client.retry import RetryPolicy
+from vllm_operator_client.sync_client import Client, Stream
 
 __all__ = [
     "APIConnectionError",

@@ -11,8 +11,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 import httpx
 
-from vllm_operator.client.endpoints import EndpointPool, Strategy
-from vllm_operator.client.errors import (
+from vllm_operator_client.endpoints import EndpointPool, Strategy
+from vllm_operator_client.errors import (
     APIConnectionError,
     APIStatusError,
     APITimeoutError,
@@ -21,8 +21,8 @@ from vllm_operator.client.errors import (
     status_error,
     stream_error,
 )
-from vllm_operator.client.metrics import BatchMetrics, RequestMetrics
-from vllm_operator.client.retry import RetryPolicy, parse_retry_after, retryable_status
+from vllm_operator_client.metrics import BatchMetrics, RequestMetrics
+from vllm_operator_client.retry import RetryPolicy, parse_retry_after, retryable_status
 
 Kind = Literal["chat", "completion"]
 Message = Mapping[str, Any]
@@ -307,6 +307,14 @@ class Attempts:
         if self.retries % len(self.order) != 0 and retry_after is None:
             return 0.0
         return wait
+
+
+def adapter_request(
+    action: Literal["load", "unload"], name: str, path: str = ""
+) -> tuple[str, dict[str, str]]:
+    """(path, body) of vLLM's runtime LoRA call: `load` NAME from PATH, or `unload` NAME."""
+    body = {"lora_name": name, **({"lora_path": path} if action == "load" else {})}
+    return f"/v1/{action}_lora_adapter", body
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:

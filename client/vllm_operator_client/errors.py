@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -126,8 +127,23 @@ def error_fields(body: Any, fallback: str) -> dict[str, Any]:
         }
     if isinstance(body, dict) and "detail" in body:  # FastAPI's default shape
         return {"message": str(body["detail"]), "type": None, "param": None, "code": None}
+    if isinstance(body, dict) and "message" in body:  # Kubernetes' Status and other plain shapes
+        return {"message": str(body["message"]), "type": None, "param": None, "code": None}
     text = body if isinstance(body, str) and body else fallback
     return {"message": text, "type": None, "param": None, "code": None}
+
+
+def message_of(body: bytes, limit: int | None = None) -> str:
+    """The message of an error body (OpenAI's shape, FastAPI's, `{"message"}` or plain text),
+    cut at `limit` characters; unclipped by default, for a caller that redacts first."""
+    text = body.decode("utf-8", "replace")
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        message = text
+    else:
+        message = str(error_fields(parsed, text)["message"])
+    return message if limit is None else message[:limit]
 
 
 def status_error(

@@ -1,4 +1,5 @@
-"""Find a VLLMModel's endpoint and served model name through the Kubernetes API."""
+"""`vllm-operator bench --model-ref`: a VLLMModel's endpoint and served model name, read
+through the Kubernetes API (the client distribution has no Kubernetes client)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,9 @@ def read_vllmmodel(namespace: str, name: str) -> dict[str, Any]:
     if obj is None:
         raise ValueError(f"VLLMModel {namespace}/{name}: 404 Not Found")
     return obj
+
+
+def resolve(ref: str) -> tuple[str, str]:
+    """`NAMESPACE/NAME` -> (base URL, served model name); ValueError naming what is missing."""
+    namespace, name = parse_ref(ref)
+    return target_of(read_vllmmodel(namespace, name))

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from vllm_operator.client._core import (
+from vllm_operator_client._core import (
     PATHS,
     Attempts,
     BaseClient,
@@ -21,14 +21,15 @@ from vllm_operator.client._core import (
     Result,
     StreamChunk,
     StreamState,
+    adapter_request,
     parse_body,
     request_body,
     result_of,
 )
-from vllm_operator.client.endpoints import Strategy
-from vllm_operator.client.errors import ClientError
-from vllm_operator.client.metrics import RequestMetrics
-from vllm_operator.client.retry import RetryPolicy
+from vllm_operator_client.endpoints import Strategy
+from vllm_operator_client.errors import ClientError
+from vllm_operator_client.metrics import RequestMetrics
+from vllm_operator_client.retry import RetryPolicy
 
 
 class Stream(BaseStream[Iterator[StreamChunk]]):
@@ -237,8 +238,8 @@ class Client(BaseClient[httpx.Client]):
 
     def load_lora_adapter(self, name: str, path: str) -> str:
         """POST /v1/load_lora_adapter; returns the server's message."""
-        return str(self.request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})[0])
+        return str(self.request("POST", *adapter_request("load", name, path))[0])
 
     def unload_lora_adapter(self, name: str) -> str:
         """POST /v1/unload_lora_adapter; returns the server's message."""
-        return str(self.request("POST", "/v1/unload_lora_adapter", {"lora_name": name})[0])
+        return str(self.request("POST", *adapter_request("unload", name))[0])

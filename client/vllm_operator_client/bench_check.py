@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_operator.client._core import Result
-from vllm_operator.client.async_client import AsyncClient
-from vllm_operator.client.metrics import percentile
+from vllm_operator_client._core import Result
+from vllm_operator_client.async_client import AsyncClient
+from vllm_operator_client.metrics import percentile
 
 
 class CheckFailed(AssertionError):

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import httpx
 
-from vllm_operator.client._core import (
+from vllm_operator_client._core import (
     PATHS,
     Attempts,
     BaseClient,
@@ -21,14 +21,15 @@ from vllm_operator.client._core import (
     Result,
     StreamChunk,
     StreamState,
+    adapter_request,
     parse_body,
     request_body,
     result_of,
 )
-from vllm_operator.client.endpoints import Strategy
-from vllm_operator.client.errors import ClientError
-from vllm_operator.client.metrics import RequestMetrics
-from vllm_operator.client.retry import RetryPolicy
+from vllm_operator_client.endpoints import Strategy
+from vllm_operator_client.errors import ClientError
+from vllm_operator_client.metrics import RequestMetrics
+from vllm_operator_client.retry import RetryPolicy
 
 Backend = Literal["httpx", "aiohttp", "auto"]
 
@@ -271,10 +272,8 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
 
     async def load_lora_adapter(self, name: str, path: str) -> str:
         """POST /v1/load_lora_adapter; returns the server's message."""
-        body = {"lora_name": name, "lora_path": path}
-        return str((await self.request("POST", "/v1/load_lora_adapter", body))[0])
+        return str((await self.request("POST", *adapter_request("load", name, path)))[0])
 
     async def unload_lora_adapter(self, name: str) -> str:
         """POST /v1/unload_lora_adapter; returns the server's message."""
-        body = {"lora_name": name}
-        return str((await self.request("POST", "/v1/unload_lora_adapter", body))[0])
+        return str((await self.request("POST", *adapter_request("unload", name)))[0])

@@ -1,4 +1,4 @@
-"""The `vllm-operator bench check|load` subcommands."""
+"""`vllm-bench check|load`, also `vllm-operator bench check|load` (which adds `--model-ref`)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,21 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from vllm_operator.client import bench_check, bench_load, kube
-from vllm_operator.client.async_client import AsyncClient
-from vllm_operator.client.errors import ClientError
+from vllm_operator_client import __version__, bench_check, bench_load
+from vllm_operator_client.async_client import AsyncClient
+from vllm_operator_client.errors import ClientError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
+ResolveRef = Callable[[str], tuple[str, str]]
+"""`NAMESPACE/NAME` of a VLLMModel -> (base URL, served model name); ValueError when it cannot."""
 
-def _common(p: argparse.ArgumentParser) -> None:
+
+def _common(p: argparse.ArgumentParser, resolve_ref: ResolveRef | None) -> None:
     """Target flags shared by check and load."""
     p.add_argument(
         "--base-url",
@@ -29,12 +33,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-key", default=os.environ.get("VLLM_API_KEY"), help="Bearer key (default: $VLLM_API_KEY)"
     )
-    p.add_argument(
-        "--model-ref",
-        metavar="NAMESPACE/NAME",
-        help="read the endpoint and servedModelName of a VLLMModel (KUBECONFIG); "
-        "--base-url still wins, e.g. for a port-forward",
-    )
+    if resolve_ref is not None:
+        p.add_argument(
+            "--model-ref",
+            metavar="NAMESPACE/NAME",
+            help="read the endpoint and servedModelName of a VLLMModel (KUBECONFIG); "
+            "--base-url still wins, e.g. for a port-forward",
+        )
+    p.set_defaults(resolve_ref=resolve_ref, model_ref=None)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per connect/read")
     p.add_argument(
         "--http",
@@ -45,13 +51,32 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def register(sub: Any) -> None:
-    """Add `bench` with its `check` and `load` subcommands to the top-level subparsers."""
+def register(sub: Any, resolve_ref: ResolveRef | None = None) -> None:
+    """Add `bench` with its `check` and `load` subcommands to the top-level subparsers;
+    `resolve_ref` (the operator's) adds `--model-ref`."""
     bench = sub.add_parser("bench", help="test or load an OpenAI-compatible endpoint")
-    modes = bench.add_subparsers(dest="bench_command", required=True)
+    add_modes(bench.add_subparsers(dest="bench_command", required=True), resolve_ref)
 
+
+def parser() -> argparse.ArgumentParser:
+    """`vllm-bench`: the client distribution's own command."""
+    top = argparse.ArgumentParser(
+        prog="vllm-bench", description="Test or load any OpenAI-compatible endpoint."
+    )
+    top.add_argument("--version", action="version", version=__version__)
+    add_modes(top.add_subparsers(dest="bench_command", required=True), None)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args))
+
+
+def add_modes(modes: Any, resolve_ref: ResolveRef | None) -> None:
+    """The `check` and `load` subcommands."""
     p = modes.add_parser("check", help="functional suite, PASS/FAIL per case")
-    _common(p)
+    _common(p, resolve_ref)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-ttft-ms", type=float, default=5000.0, help="TTFT p50 limit")
     p.add_argument("--min-tokens-per-s", type=float, default=1.0, help="single-stream limit")
@@ -59,7 +84,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_check)
 
     p = modes.add_parser("load", help="load test: throughput and latency percentiles")
-    _common(p)
+    _common(p, resolve_ref)
     p.add_argument("--requests", "-n", type=int, default=100)
     p.add_argument(
         "--concurrency",
@@ -92,12 +117,13 @@ def _target(args: argparse.Namespace) -> tuple[list[str], str | None]:
     urls: list[str] = list(args.base_url)
     model: str | None = args.model
     if args.model_ref:
-        ns, name = kube.parse_ref(args.model_ref)
-        endpoint, served = kube.target_of(kube.read_vllmmodel(ns, name))
+        endpoint, served = args.resolve_ref(args.model_ref)
         urls = urls or [endpoint]
         model = model or served
     if not urls:
-        raise ValueError("give --base-url URL or --model-ref NAMESPACE/NAME")
+        raise ValueError(
+            "give --base-url URL" + (" or --model-ref NAMESPACE/NAME" if args.resolve_ref else "")
+        )
     return urls, model
 
 
