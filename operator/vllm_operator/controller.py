@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
-from vllm_operator import lora, metrics, reconcile, render, throughput
+from vllm_operator import k8s, lora, metrics, reconcile, render, throughput
 from vllm_operator.api import ConditionStatus, RoutingStatus, SpecError, VLLMModelSpec, parse_spec
 from vllm_operator.scrape import Scraper, Target, targets_of
 from vllm_operator.settings import OperatorSettings
@@ -66,14 +63,14 @@ class Controller:
             health = known.health if known is not None else None
             try:
                 plan, observed = reconcile.reconcile(self.cluster, obj, self.settings, health)
-            except ApiException as exc:
-                if exc.status == 403 and "being terminated" in (exc.body or ""):
+            except k8s.APIForbiddenError as exc:
+                if "being terminated" in exc.message:
                     return None  # the namespace is going away, and the model with it
-                if exc.status not in (400, 422):
-                    raise
+                raise
+            except k8s.APIInvalidError as exc:
                 # The API server refused a child built from free-form fields (env, resources,
                 # affinity ...): that is the user's spec, recorded like any invalid spec.
-                error = SpecError([f"the API server refused a child: {api_message(exc)}"])
+                error = SpecError([f"the API server refused a child: {exc.message or exc.reason}"])
                 plan = reconcile.plan_invalid(obj, error, reconcile.utcnow())
                 reconcile.execute(self.cluster, obj, plan)
                 return plan
@@ -239,11 +236,3 @@ def count_writes(plan: reconcile.Plan) -> None:
     metrics.STATUS_WRITES.inc(plan.status is not None)
     for kind, _, _ in plan.events:
         metrics.EVENTS.labels(kind).inc()
-
-
-def api_message(exc: ApiException) -> str:
-    """The human part of an API server error body."""
-    try:
-        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
-    except ValueError:
-        return str(exc.reason)

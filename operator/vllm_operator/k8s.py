@@ -1,4 +1,11 @@
-"""The only module that talks to the Kubernetes API server."""
+"""The only module that talks to the Kubernetes API server (the only one importing its client).
+
+Errors above this layer are ours: `APIError` and its subclasses by status, built from the
+API server's Status body (code, reason, message clipped), and `TransientError` when the
+server could not be reached or kept failing. The client library's ApiException never leaves
+this module: its text carries the whole response body, which can echo what was sent (a
+Secret's data) into a log or a condition.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,6 @@ from typing import Any, TypeVar
 
 import kubernetes
 import urllib3
-from kubernetes.client.exceptions import ApiException
 
 from vllm_operator.api import FIELD_MANAGER, GROUP, PLURAL, VERSION
 
@@ -30,6 +36,10 @@ MERGE = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 
 
+# A Status message is one sentence; a longer one quotes what was sent.
+MAX_MESSAGE = 512
+
+
 class TransientError(Exception):
     """The API server could not do it now; try again later."""
 
@@ -38,13 +48,93 @@ class TransientError(Exception):
         self.delay = delay
 
 
+class ConfigError(Exception):
+    """Neither an in-cluster service account nor a usable KUBECONFIG."""
+
+
+class APIError(Exception):
+    """The API server answered with an error status: its code, reason and message only."""
+
+    def __init__(
+        self, status: int, reason: str = "", message: str = "", retry_after: float | None = None
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.message = message[:MAX_MESSAGE]
+        self.retry_after = retry_after
+        head = f"HTTP {status} {reason}".rstrip()
+        super().__init__(f"{head}: {self.message}" if self.message else head)
+
+
+class APIClientError(APIError):
+    """4xx: this request will not succeed as it is."""
+
+
+class APIForbiddenError(APIClientError):
+    """403: RBAC, or a namespace being terminated (see the message)."""
+
+
+class APINotFoundError(APIClientError):
+    """404."""
+
+
+class APIConflictError(APIClientError):
+    """409: already exists, or a stale resourceVersion."""
+
+
+class APIGoneError(APIClientError):
+    """410: a watch's resourceVersion is too old; list again."""
+
+
+class APIInvalidError(APIClientError):
+    """400 or 422: the server refused what was sent (a child built from free-form fields)."""
+
+
+class APIServerError(APIError):
+    """5xx."""
+
+
+_BY_STATUS: dict[int, type[APIError]] = {
+    400: APIInvalidError,
+    403: APIForbiddenError,
+    404: APINotFoundError,
+    409: APIConflictError,
+    410: APIGoneError,
+    422: APIInvalidError,
+}
+
+
+def api_error(status: int, reason: str, body: str, headers: Mapping[str, str] | None = None) -> APIError:
+    """The error of an HTTP answer, read from its Status body (or its first line if not JSON)."""
+    message = ""
+    try:
+        parsed = json.loads(body) if body else {}
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        message = str(parsed.get("message") or "")
+        status = status or int(parsed.get("code") or 500)
+    elif body:
+        message = body.splitlines()[0]
+    header = (headers or {}).get("Retry-After")
+    try:
+        retry_after = float(header) if header else None
+    except ValueError:
+        retry_after = None
+    cls = _BY_STATUS.get(status) or (APIServerError if status >= 500 else APIClientError)
+    return cls(status, reason, message, retry_after)
+
+
 def load_config() -> kubernetes.client.ApiClient:
-    """An API client from KUBECONFIG, or the in-cluster service account."""
+    """An API client from the in-cluster service account, or KUBECONFIG; ConfigError if neither."""
     try:
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
-        # The client reads $KUBECONFIG once, at import; pass it so that the current value counts.
-        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
+        try:
+            # The client reads $KUBECONFIG once, at import; pass it so that the current value counts.
+            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
+        except (kubernetes.config.ConfigException, OSError) as exc:
+            raise ConfigError(str(exc)) from None
     return api_client(kubernetes.client.Configuration.get_default_copy())
 
 
@@ -55,14 +145,6 @@ def api_client(configuration: kubernetes.client.Configuration) -> kubernetes.cli
     return kubernetes.client.ApiClient(configuration)
 
 
-def retry_after(exc: ApiException) -> float | None:
-    header = (exc.headers or {}).get("Retry-After") if exc.headers else None
-    try:
-        return float(header) if header else None
-    except ValueError:
-        return None
-
-
 def with_retries(
     call: Callable[[], T], attempts: int = 5, base: float = 0.2, retryable: frozenset[int] = RETRYABLE_STATUS
 ) -> T:
@@ -70,10 +152,10 @@ def with_retries(
     for attempt in range(attempts):
         try:
             return call()
-        except ApiException as exc:
+        except APIError as exc:
             if exc.status not in retryable:
                 raise
-            delay = retry_after(exc) or base * 2**attempt
+            delay = exc.retry_after or base * 2**attempt
             reason = f"HTTP {exc.status} {exc.reason}"
         except (urllib3.exceptions.HTTPError, ConnectionError) as exc:
             delay, reason = base * 2**attempt, f"connection: {exc.__class__.__name__}"
@@ -130,7 +212,7 @@ class KubeCluster:
         content_type: str = "application/json",
         retryable: frozenset[int] = RETRYABLE_STATUS,
     ) -> Any:
-        """One API call with retries of the `retryable` statuses; raises ApiException on an HTTP error."""
+        """One API call with retries of the `retryable` statuses; raises APIError on an HTTP error."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
         # The client JSON-encodes bodies of JSON content types itself; YAML ones (apply) go as text.
         payload = json.dumps(body) if body is not None and content_type == APPLY else body
@@ -149,7 +231,7 @@ class KubeCluster:
             response.read()  # type: ignore[no-untyped-call]
             text = response.data.decode() if response.data else ""
             if not 200 <= response.status <= 299:
-                raise ApiException.from_response(http_resp=response, body=text, data=None)
+                raise api_error(response.status, response.reason or "", text, response.headers)
             return json.loads(text) if text else None
 
         return with_retries(call, retryable=retryable)
@@ -157,10 +239,8 @@ class KubeCluster:
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             result: dict[str, Any] = self.request("GET", f"{PATHS[kind].format(namespace=namespace)}/{name}")
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        except APINotFoundError:
+            return None
         return result
 
     def create(self, manifest: Obj) -> bool:
@@ -175,10 +255,8 @@ class KubeCluster:
                 body=dict(manifest),
                 retryable=RETRYABLE_STATUS - {409},
             )
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
+        except APIConflictError:
+            return False
         log.info("created %s %s/%s", manifest["kind"], meta["namespace"], meta["name"])
         return True
 
@@ -211,7 +289,8 @@ class KubeCluster:
         self, kind: str, namespace: str | None, selector: str, resource_version: str, seconds: int = 240
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """The changes after `resource_version` as (type, object) until the server ends the watch
-        after about `seconds`. Raises ApiException; 410 means the version is too old: list again."""
+        after about `seconds`. Raises APIError (APIGoneError: the version is too old, list again)
+        or TransientError (the connection failed or broke)."""
         query: dict[str, Any] = {
             "watch": "true",
             "resourceVersion": resource_version,
@@ -227,22 +306,26 @@ class KubeCluster:
             header_params={"Accept": "application/json"},
             auth_settings=["BearerToken"],
         )
-        # The read timeout outlives the server's own end of the watch: a silent connection is dead.
-        response = self.api.call_api(
-            "GET", url, header_params=signed, _request_timeout=(self.timeout[0], seconds + 30)
-        )
+        try:
+            # The read timeout outlives the server's own end of the watch: a silent connection is dead.
+            response = self.api.call_api(
+                "GET", url, header_params=signed, _request_timeout=(self.timeout[0], seconds + 30)
+            )
+        except (urllib3.exceptions.HTTPError, ConnectionError) as exc:
+            raise TransientError(f"watch: {exc.__class__.__name__}", 1.0) from None
         try:
             if not 200 <= response.status <= 299:
                 response.read()  # type: ignore[no-untyped-call]
-                raise ApiException.from_response(
-                    http_resp=response, body=(response.data or b"").decode(), data=None
-                )
+                body = (response.data or b"").decode("utf-8", "replace")
+                raise api_error(response.status, response.reason or "", body, response.headers)
             for line in _lines(response.response.stream(64 * 1024, decode_content=True)):
                 event = json.loads(line)
                 if event.get("type") == "ERROR":
                     status = event.get("object") or {}
-                    raise ApiException(status=status.get("code", 500), reason=status.get("message", ""))
+                    raise api_error(0, str(status.get("reason") or ""), json.dumps(status))
                 yield str(event.get("type")), event.get("object") or {}
+        except (urllib3.exceptions.HTTPError, ConnectionError) as exc:
+            raise TransientError(f"watch broke: {exc.__class__.__name__}", 1.0) from None
         finally:
             response.response.release_conn()
 
@@ -288,11 +371,9 @@ class KubeCluster:
                 content_type=JSON_PATCH,
                 retryable=RETRYABLE_STATUS - {409},
             )
-        except ApiException as exc:
-            if exc.status in (409, 422):  # the test failed: someone else moved it first
-                log.info("not scaling %s/%s: replicas are no longer %d", namespace, name, expect)
-                return False
-            raise
+        except (APIConflictError, APIInvalidError):  # the test failed: someone else moved it first
+            log.info("not scaling %s/%s: replicas are no longer %d", namespace, name, expect)
+            return False
         log.info("scaled %s/%s from %d to %d replicas", namespace, name, expect, replicas)
         return True
 
@@ -322,6 +403,6 @@ class KubeCluster:
         }
         try:
             self.request("POST", PATHS["Event"].format(namespace=meta["namespace"]), body=body)
-        except (ApiException, TransientError) as exc:
+        except (APIError, TransientError) as exc:
             # An event is a courtesy: losing one must not fail the reconcile.
             log.warning("could not post event %s on %s: %s", reason, meta["name"], exc)

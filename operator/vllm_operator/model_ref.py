@@ -32,21 +32,18 @@ def target_of(obj: dict[str, Any]) -> tuple[str, str]:
 
 def read_vllmmodel(namespace: str, name: str) -> dict[str, Any]:
     """GET the VLLMModel through `vllm_operator.k8s`; ValueError when it cannot."""
-    import kubernetes
-    import urllib3
-
     from vllm_operator import k8s
 
     try:
         cluster = k8s.KubeCluster(k8s.load_config())
-    except kubernetes.config.ConfigException as exc:
+    except k8s.ConfigError as exc:
         raise ValueError(f"--model-ref needs KUBECONFIG or an in-cluster config: {exc}") from None
     try:
         obj = cluster.get("VLLMModel", namespace, name)
-    except (k8s.TransientError, urllib3.exceptions.HTTPError) as exc:
+    except k8s.TransientError as exc:
         raise ValueError(f"VLLMModel {namespace}/{name}: cannot reach the API server: {exc}") from None
-    except kubernetes.client.exceptions.ApiException as exc:
-        raise ValueError(f"VLLMModel {namespace}/{name}: {exc.status} {exc.reason}") from None
+    except k8s.APIError as exc:
+        raise ValueError(f"VLLMModel {namespace}/{name}: {exc}") from None
     if obj is None:
         raise ValueError(f"VLLMModel {namespace}/{name}: 404 Not Found")
     return obj

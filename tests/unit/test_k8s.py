@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import socket
 import threading
 import time
@@ -53,3 +55,104 @@ def test_a_server_that_never_answers_cannot_block_a_call_forever(silent_server: 
 def test_the_default_timeout_is_bounded() -> None:
     connect, read = k8s.API_TIMEOUT
     assert 0 < connect <= 10 and 0 < read <= 60
+
+
+SECRET = "c2VjcmV0LXZhbHVlLXRoYXQtbXVzdC1uZXZlci1sZWFr"
+
+
+class Scripted(http.server.BaseHTTPRequestHandler):
+    """Answers each request with the next (status, headers, body) of the server's script."""
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status, headers, body = self.server.script.pop(0)  # type: ignore[attr-defined]
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PATCH = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[http.server.HTTPServer, k8s.KubeCluster]]:
+    server = http.server.HTTPServer(("127.0.0.1", 0), Scripted)
+    server.script = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    config = kubernetes.client.Configuration()
+    config.host = f"http://127.0.0.1:{server.server_address[1]}"
+    yield server, k8s.KubeCluster(k8s.api_client(config), timeout=(1.0, 2.0))
+    server.shutdown()
+    thread.join()
+    server.server_close()
+
+
+def status_body(code: int, reason: str, message: str) -> bytes:
+    return json.dumps({"kind": "Status", "code": code, "reason": reason, "message": message}).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, k8s.APIInvalidError),
+        (401, k8s.APIClientError),
+        (403, k8s.APIForbiddenError),
+        (404, k8s.APINotFoundError),
+        (410, k8s.APIGoneError),
+        (422, k8s.APIInvalidError),
+        (501, k8s.APIServerError),
+    ],
+)
+def test_an_error_answer_is_our_class_by_status_with_the_status_message(
+    scripted: tuple[http.server.HTTPServer, k8s.KubeCluster], status: int, error: type[k8s.APIError]
+) -> None:
+    server, cluster = scripted
+    server.script.append((status, {}, status_body(status, "Nope", 'secrets "x" is refused')))  # type: ignore[attr-defined]
+    with pytest.raises(error) as caught:
+        cluster.request("POST", "/api/v1/namespaces/default/secrets", body={"data": {"k": SECRET}})
+    assert type(caught.value) is error
+    assert (caught.value.status, caught.value.message) == (status, 'secrets "x" is refused')
+
+
+def test_an_error_never_carries_the_body_that_echoes_the_payload(
+    scripted: tuple[http.server.HTTPServer, k8s.KubeCluster],
+) -> None:
+    """The client library's ApiException put the whole body in its text; an API server (or a
+    webhook) echoing a Secret's data would have sent it to a log."""
+    server, cluster = scripted
+    echo = json.dumps({"kind": "Status", "code": 422, "message": "invalid: " + "x" * 2000, "details": SECRET})
+    server.script.append((422, {}, echo.encode()))  # type: ignore[attr-defined]
+    with pytest.raises(k8s.APIInvalidError) as caught:
+        cluster.request("POST", "/api/v1/namespaces/default/secrets", body={"data": {"k": SECRET}})
+    text = f"{caught.value} {caught.value!r} {vars(caught.value)}"
+    assert SECRET not in text
+    assert len(caught.value.message) == k8s.MAX_MESSAGE
+
+
+def test_throttling_is_retried_after_the_servers_pause_then_succeeds(
+    scripted: tuple[http.server.HTTPServer, k8s.KubeCluster],
+) -> None:
+    server, cluster = scripted
+    server.script += [  # type: ignore[attr-defined]
+        (429, {"Retry-After": "0.3"}, status_body(429, "TooManyRequests", "slow down")),
+        (200, {"Content-Type": "application/json"}, b'{"kind": "Service"}'),
+    ]
+    started = time.monotonic()
+    assert cluster.request("GET", "/api/v1/namespaces/default/services/x") == {"kind": "Service"}
+    assert 0.3 <= time.monotonic() - started < 2
+
+
+def test_a_watch_error_event_is_our_class_by_its_code(
+    scripted: tuple[http.server.HTTPServer, k8s.KubeCluster],
+) -> None:
+    server, cluster = scripted
+    expired = {"type": "ERROR", "object": json.loads(status_body(410, "Expired", "too old resource version"))}
+    server.script.append((200, {}, json.dumps(expired).encode() + b"\n"))  # type: ignore[attr-defined]
+    with pytest.raises(k8s.APIGoneError, match="too old resource version"):
+        list(cluster.watch("Pod", "default", "", "1", seconds=1))

@@ -14,11 +14,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import urllib3
-from kubernetes.client.exceptions import ApiException
-
 from vllm_operator import render
-from vllm_operator.k8s import KubeCluster, TransientError
+from vllm_operator.k8s import APIError, APIGoneError, KubeCluster, TransientError
 from vllm_operator.router import table
 from vllm_operator.router.table import PodInfo
 
@@ -110,20 +107,14 @@ class Watcher:
                     if event != "BOOKMARK":  # a bookmark only moves the version on
                         self._apply(kind, event, obj)
                     failures = 0
-            except ApiException as error:
-                if error.status == 410:
-                    version = ""  # expired: list again
-                    continue
+            except APIGoneError:
+                version = ""  # expired: list again
+                continue
+            except APIError as error:
                 failures += 1
-                log.warning(
-                    "watching %s in %s: HTTP %s %s",
-                    kind,
-                    namespace or "all namespaces",
-                    error.status,
-                    error.reason,
-                )
+                log.warning("watching %s in %s: %s", kind, namespace or "all namespaces", error)
                 version = "" if error.status in (401, 403, 404) else version
-            except (TransientError, OSError, ValueError, urllib3.exceptions.HTTPError) as error:
+            except (TransientError, OSError, ValueError) as error:
                 failures += 1
                 log.warning("watching %s in %s: %s", kind, namespace or "all namespaces", error)
             except Exception as error:  # a watch thread must never die silently
