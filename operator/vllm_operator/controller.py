@@ -40,43 +40,48 @@ class Controller:
 
     # ---- watch-driven reconciles ---------------------------------------------------------
 
-    def on_model(self, namespace: str, name: str) -> reconcile.Plan | None:
-        """Reconcile from a fresh read, so that concurrent triggers never act on stale objects."""
-        with metrics.RECONCILE_SECONDS.time():
-            try:
-                plan = self._reconcile((namespace, name))
-            except Exception:
-                metrics.RECONCILES.labels("error").inc()
-                raise
+    def on_model(self, namespace: str, name: str, coalesce: bool = False) -> reconcile.Plan | None:
+        """Reconcile from a fresh read, so that concurrent triggers never act on stale objects;
+        with `coalesce`, not at all if a reconcile of the model is already waiting (Store.turn)."""
+        with self.store.turn((namespace, name), coalesce) as turn:
+            if not turn:
+                metrics.COALESCED.inc()
+                return None
+            with metrics.RECONCILE_SECONDS.time():
+                try:
+                    plan = self._reconcile((namespace, name))
+                except Exception:
+                    metrics.RECONCILES.labels("error").inc()
+                    raise
         metrics.RECONCILES.labels("ok" if plan is not None else "gone").inc()
         if plan is not None:
             count_writes(plan)
         return plan
 
     def _reconcile(self, key: Key) -> reconcile.Plan | None:
-        with self.store.lock(key):
-            obj = self.cluster.get("VLLMModel", *key)
-            if obj is None:
-                self.forget(key)
-                return None
-            known = self.store.get(key)
-            health = known.health if known is not None else None
-            try:
-                plan, observed = reconcile.reconcile(self.cluster, obj, self.settings, health)
-            except k8s.APIForbiddenError as exc:
-                if "being terminated" in exc.message:
-                    return None  # the namespace is going away, and the model with it
-                raise
-            except k8s.APIInvalidError as exc:
-                # The API server refused a child built from free-form fields (env, resources,
-                # affinity ...): that is the user's spec, recorded like any invalid spec.
-                error = SpecError([f"the API server refused a child: {exc.message or exc.reason}"])
-                plan = reconcile.plan_invalid(obj, error, reconcile.utcnow())
-                reconcile.execute(self.cluster, obj, plan)
-                return plan
-            if observed is not None:
-                self.store.state(key).observed = observed
+        """One reconcile; the caller holds the model's turn."""
+        obj = self.cluster.get("VLLMModel", *key)
+        if obj is None:
+            self.forget(key)
+            return None
+        known = self.store.get(key)
+        health = known.health if known is not None else None
+        try:
+            plan, observed = reconcile.reconcile(self.cluster, obj, self.settings, health)
+        except k8s.APIForbiddenError as exc:
+            if "being terminated" in exc.message:
+                return None  # the namespace is going away, and the model with it
+            raise
+        except k8s.APIInvalidError as exc:
+            # The API server refused a child built from free-form fields (env, resources,
+            # affinity ...): that is the user's spec, recorded like any invalid spec.
+            error = SpecError([f"the API server refused a child: {exc.message or exc.reason}"])
+            plan = reconcile.plan_invalid(obj, error, reconcile.utcnow())
+            reconcile.execute(self.cluster, obj, plan)
             return plan
+        if observed is not None:
+            self.store.state(key).observed = observed
+        return plan
 
     def on_child(self, child: Obj) -> reconcile.Plan | None:
         """A Deployment, Service or Pod of ours changed: its model decides what to do."""
@@ -84,7 +89,7 @@ class Controller:
         name = (meta.get("labels") or {}).get(render.INSTANCE_LABEL)
         if not name or not meta.get("namespace"):
             return None
-        return self.on_model(meta["namespace"], name)
+        return self.on_model(meta["namespace"], name, coalesce=True)
 
     def remember(self, body: Obj) -> None:
         """Keep the latest body of a model from the watch, so scrape rounds need no reads."""

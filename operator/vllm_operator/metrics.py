@@ -5,6 +5,10 @@ from __future__ import annotations
 from prometheus_client import Counter, Histogram, start_http_server
 
 RECONCILES = Counter("vllm_operator_reconciles_total", "Reconciles of VLLMModels, by result.", ["result"])
+COALESCED = Counter(
+    "vllm_operator_coalesced_triggers_total",
+    "Child events that needed no reconcile of their own: one of the model was already waiting.",
+)
 RECONCILE_SECONDS = Histogram(
     "vllm_operator_reconcile_duration_seconds",
     "Time one reconcile takes, API calls included.",

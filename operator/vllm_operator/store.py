@@ -6,8 +6,9 @@ autoscaler all read and write through it; `forget` drops everything of a model a
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ class Store:
         self._states: dict[Key, ModelState] = {}
         # Locks outlive a forget: a reconcile still running for a deleted model holds its own.
         self._locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
+        self._waiting: Counter[Key] = Counter()
         self._guard = threading.Lock()
 
     def state(self, key: Key) -> ModelState:
@@ -58,6 +60,32 @@ class Store:
     def lock(self, key: Key) -> threading.Lock:
         with self._guard:
             return self._locks[key]
+
+    @contextmanager
+    def turn(self, key: Key, coalesce: bool = False) -> Iterator[bool]:
+        """Hold the model's lock for a reconcile (True), or, with `coalesce`, skip it (False,
+        no lock) when another reconcile of the model is already waiting for the lock.
+
+        That one has not read anything yet and reads after this trigger's change (a watch
+        event comes after the change is stored), so a burst of child events (a Deployment's
+        status, each pod's) costs one reconcile while one runs and one waits, not one each.
+        """
+        with self._guard:
+            if coalesce and self._waiting[key]:
+                skip = True
+            else:
+                skip = False
+                self._waiting[key] += 1
+                lock = self._locks[key]
+        if skip:
+            yield False
+            return
+        with lock:
+            with self._guard:
+                self._waiting[key] -= 1
+                if not self._waiting[key]:
+                    del self._waiting[key]
+            yield True
 
     def forget(self, key: Key) -> None:
         with self._guard:
