@@ -21,6 +21,7 @@ from typing import Any
 
 from vllm_operator import reconcile
 from vllm_operator.controller import Controller
+from vllm_operator.monitor import Monitor
 from vllm_operator.scrape import Scraper
 from vllm_operator.settings import OperatorSettings
 
@@ -173,7 +174,7 @@ async def rounds(controller: Controller, count: int) -> list[tuple[float, float,
     for _ in range(count):
         writes_before = cluster.status_writes
         wall, cpu = time.monotonic(), time.process_time()
-        await controller.scrape_round(scraper)
+        await Monitor(controller).scrape_round(scraper)
         out.append(
             (time.monotonic() - wall, time.process_time() - cpu, cluster.status_writes - writes_before)
         )

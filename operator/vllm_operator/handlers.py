@@ -13,6 +13,7 @@ from vllm_operator import k8s
 from vllm_operator.api import GROUP, PLURAL, VERSION
 from vllm_operator.autoscaler import Autoscaler
 from vllm_operator.controller import Controller
+from vllm_operator.monitor import Monitor
 from vllm_operator.render import MANAGED_BY_LABEL
 from vllm_operator.scrape import Scraper
 from vllm_operator.settings import OperatorSettings
@@ -54,7 +55,7 @@ async def start_scraping(memo: kopf.Memo, **_: Any) -> None:
     scraper = Scraper(timeout=settings.scrape_timeout_seconds, concurrency=settings.scrape_concurrency)
     if settings.scrape_interval_seconds:
         memo.scrape_task = asyncio.create_task(
-            memo.controller.scrape_forever(settings.scrape_interval_seconds, scraper)
+            Monitor(memo.controller).scrape_forever(settings.scrape_interval_seconds, scraper)
         )
     if settings.autoscale_interval_seconds:
         autoscaler = Autoscaler(memo.controller, scraper)

@@ -13,6 +13,7 @@ import pytest
 from vllm_operator import reconcile, render
 from vllm_operator.api import API_VERSION, KIND
 from vllm_operator.controller import Controller
+from vllm_operator.monitor import Monitor
 from vllm_operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(admin_key="test-admin-key")
@@ -289,7 +290,7 @@ async def test_one_models_failed_status_write_does_not_stop_the_others() -> None
         body["metadata"] = {**body["metadata"], "name": name, "uid": f"uid-{name}"}
         controller.remember(body)
         controller.store.state(("team-a", name)).observed = reconcile.Observed(None, [])
-    writes = await controller.scrape_round(NoPodsScraper())  # type: ignore[arg-type]
+    writes = await Monitor(controller).scrape_round(NoPodsScraper())  # type: ignore[arg-type]
     assert writes == 1
     assert [w["name"] for w in cluster.status_writes] == ["good"]
 
@@ -311,6 +312,6 @@ async def test_a_model_deleted_mid_round_leaves_nothing_behind() -> None:
     key = ("team-a", model()["metadata"]["name"])
     controller.remember(model())
     controller.store.state(key).observed = reconcile.Observed(None, [])
-    writes = await controller.scrape_round(DeletingScraper(controller, key))  # type: ignore[arg-type]
+    writes = await Monitor(controller).scrape_round(DeletingScraper(controller, key))  # type: ignore[arg-type]
     assert writes == 0
     assert key not in controller.store and controller.store.bodies() == {}
