@@ -52,11 +52,13 @@ lint: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-# Every generated file: the CRD, its chart copy, and the README's field and values tables.
+# Every generated file: the CRD, its chart copy, the chart's schema of `settings` (from
+# OperatorSettings), and the README's field and values tables (the last reads that schema).
 generate: venv
 	$(VENV)/bin/vllm-operator crd > crds/serving.vllm-operator.io_vllmmodels.yaml
 	$(VENV)/bin/vllm-operator docs --readme README.md
 	cp crds/serving.vllm-operator.io_vllmmodels.yaml charts/vllm-operator/files/crd.yaml
+	$(VENV)/bin/vllm-operator chart-schema --values-schema charts/vllm-operator/values.schema.json
 	$(PY) -m tests.chart.values_doc --readme README.md
 
 unit: venv

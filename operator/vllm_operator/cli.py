@@ -1,8 +1,9 @@
-"""The `vllm-operator` command: crd, render, docs, run."""
+"""The `vllm-operator` command: crd, render, docs, chart-schema, run."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -11,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from vllm_operator import api, crd, docs, model_ref, render
+from vllm_operator import api, chart_schema, crd, docs, model_ref, render
 from vllm_operator.settings import OperatorSettings, SettingsError
 from vllm_operator_client import bench_cli
 
@@ -97,6 +98,15 @@ def cmd_docs(args: argparse.Namespace) -> int:
         path.write_text(docs.splice(path.read_text()))
     else:
         print(docs.field_table())
+    return 0
+
+
+def cmd_chart_schema(args: argparse.Namespace) -> int:
+    if args.values_schema:
+        path = Path(args.values_schema)
+        path.write_text(chart_schema.splice(path.read_text()))
+    else:
+        print(json.dumps(chart_schema.settings_values_schema(), indent=2))
     return 0
 
 
@@ -209,6 +219,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("docs", help="print the resource field table (or update a README with --readme)")
     p.add_argument("--readme", help="README file whose generated table to rewrite")
     p.set_defaults(func=cmd_docs)
+
+    p = sub.add_parser(
+        "chart-schema",
+        help="print the Helm chart's schema of its `settings` values (or update it with --values-schema)",
+    )
+    p.add_argument("--values-schema", help="values.schema.json whose properties.settings to rewrite")
+    p.set_defaults(func=cmd_chart_schema)
 
     p = sub.add_parser("router", help="serve one OpenAI endpoint for every VLLMModel, routed by `model`")
     p.add_argument(

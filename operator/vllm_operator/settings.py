@@ -16,14 +16,20 @@ ENV_PREFIX = "VLLM_OPERATOR_"
 
 
 class OperatorSettings(BaseModel):
-    """What the platform team sets once (Helm values) and every VLLMModel inherits."""
+    """What the platform team sets once (Helm values) and every VLLMModel inherits.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    The chart's schema of its `settings` values is generated from these fields (`chart_schema`):
+    their bounds, patterns and docstrings.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     server_image: str = Field(default=f"ghcr.io/vllm-operator/vllm-server:{__version__}", min_length=1)
     """Image of the bundled server, used when a resource sets no `spec.image`."""
-    # A str with a pattern, not a Literal: from_env hands only str fields over unparsed.
+    # A str with a pattern, not a Literal: from_env hands only str fields over unparsed (the
+    # chart's schema still gets an enum: chart_schema reads the alternation back).
     image_pull_policy: str = Field(default="IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")
+    """Pull policy of the model server pods (`Always`, `IfNotPresent` or `Never`)."""
     default_resources: ContainerResources = Field(default_factory=dict)
     """Container resources every model gets unless its spec overrides them."""
     storage_initializer_image: str = Field(default="kserve/storage-initializer:v0.14.0", min_length=1)

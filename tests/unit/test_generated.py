@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from tests.paths import CRD_FILE, REPO_ROOT
-from vllm_operator import crd, docs
+from vllm_operator import chart_schema, crd, docs
 from vllm_operator.settings import OperatorSettings
 
 
@@ -18,6 +18,16 @@ def test_committed_crd_matches_models() -> None:
 def test_readme_field_table_matches_models() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     assert docs.splice(readme) == readme, "run: vllm-operator docs --readme README.md"
+
+
+def test_chart_settings_schema_matches_settings() -> None:
+    """The chart's schema of `settings` is OperatorSettings' own: a changed bound fails here."""
+    path = REPO_ROOT / "charts" / "vllm-operator" / "values.schema.json"
+    text = path.read_text()
+    assert chart_schema.splice(text) == text, (
+        "run: make generate (vllm-operator chart-schema --values-schema "
+        "charts/vllm-operator/values.schema.json)"
+    )
 
 
 def test_crd_is_structural() -> None:
