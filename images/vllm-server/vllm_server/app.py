@@ -9,17 +9,13 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
 from vllm_server import __version__
 from vllm_server.auth import Access
 from vllm_server.engine import Engine, SamplingSpec, build_engine
-from vllm_server.errors import ApiError
+from vllm_server.errors import install_error_handlers
 from vllm_server.metrics import HttpMetrics, MetricsMiddleware
 from vllm_server.routes import adapter_router, api_router, open_router
 from vllm_server.serving import Serving
@@ -28,11 +24,6 @@ from vllm_server.settings import Settings
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Settings], Engine]
-
-
-def _error_response(err: ApiError) -> Response:
-    """OpenAI's error shape."""
-    return JSONResponse(err.body().model_dump(), status_code=err.status, headers=err.headers)
 
 
 def create_app(
@@ -69,36 +60,7 @@ def create_app(
     app.include_router(api_router())
     app.include_router(adapter_router())
     app.add_middleware(MetricsMiddleware, metrics=HttpMetrics())
-
-    async def on_api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        # The one place HTTP errors are counted. Only API errors: a probe's 503 while loading
-        # is not a failed request, nor is a client that left (499).
-        if exc.status != 499 and request.url.path.startswith("/v1/"):
-            serving.stats.error()
-        return _error_response(exc)
-
-    async def on_validation(_: Request, exc: Exception) -> Response:
-        # FastAPI-parsed parameters (query/path); bodies are parsed in routes.
-        assert isinstance(exc, RequestValidationError)
-        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return _error_response(ApiError(400, str(first.get("msg", "invalid request")), param=param))
-
-    async def on_http(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        err = ApiError(exc.status_code, str(exc.detail), code=exc.status_code)
-        return _error_response(err)
-
-    async def on_any(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", exc_info=exc)
-        serving.stats.error()
-        return _error_response(ApiError(500, f"Internal server error: {type(exc).__name__}"))
-
-    app.add_exception_handler(ApiError, on_api_error)
-    app.add_exception_handler(RequestValidationError, on_validation)
-    app.add_exception_handler(StarletteHTTPException, on_http)
-    app.add_exception_handler(Exception, on_any)
+    install_error_handlers(app, serving.stats)
     return app
 
 

@@ -1,4 +1,4 @@
-"""Thin HTTP routes: parse, call `Serving`, wrap the result."""
+"""Thin HTTP routes: parse, call the endpoint's service (`Serving`), wrap the result."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from vllm_server import metrics
 from vllm_server.auth import Access
-from vllm_server.errors import ApiError
+from vllm_server.errors import ApiError, body_too_large, client_closed, invalid_body
 from vllm_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -76,19 +76,8 @@ async def read_body(request: Request, limit: int) -> bytes:
                 raise body_too_large(limit)
             chunks.append(chunk)
     except ClientDisconnect as exc:
-        raise ApiError(499, "Client disconnected.", code="client_closed_request") from exc
+        raise client_closed() from exc
     return b"".join(chunks)
-
-
-def body_too_large(limit: int) -> ApiError:
-    """413 naming the setting that raises the limit."""
-    return ApiError(
-        413,
-        f"The request body is larger than {limit} bytes. If such requests are "
-        f"expected, raise --max-request-body-bytes "
-        f"(VLLM_SERVER_MAX_REQUEST_BODY_BYTES).",
-        code="request_too_large",
-    )
 
 
 async def parse_body(request: Request, model: type[M]) -> M:
@@ -97,20 +86,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        raise validation_error(exc) from exc
-
-
-def validation_error(exc: ValidationError) -> ApiError:
-    """First validation problem as an OpenAI-style 400."""
-    err = exc.errors(include_url=False)[0]
-    if err["type"] == "json_invalid":
-        return ApiError(400, f"The request body is not valid JSON: {err['msg']}", code="invalid_json")
-    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith("function-")]
-    # Drop pydantic's union branch names (e.g. "str", "list[...]") from the path.
-    loc = [p for p in loc if not (p[:1].islower() and ("[" in p or p in {"str", "int", "float"}))]
-    param = ".".join(loc) or None
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    return ApiError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
+        raise invalid_body(exc) from exc
 
 
 class SSEResponse(StreamingResponse):
@@ -146,7 +122,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
                 await task
     if task in done:
         return task.result()
-    raise ApiError(499, "Client disconnected.", code="client_closed_request")
+    raise client_closed()
 
 
 def _json(model: BaseModel) -> Response:
@@ -194,8 +170,8 @@ def api_router() -> APIRouter:
         s = serving_of(request)
         req = await parse_body(request, ChatCompletionRequest)
         if req.stream:
-            return _sse(await until_disconnect(request, s.chat_stream(req)))
-        return _json(await until_disconnect(request, s.chat(req)))
+            return _sse(await until_disconnect(request, s.chat.stream(req)))
+        return _json(await until_disconnect(request, s.chat.create(req)))
 
     @r.post("/completions", openapi_extra=body_doc(CompletionRequest))
     async def completions(request: Request) -> Response:
@@ -203,28 +179,28 @@ def api_router() -> APIRouter:
         s = serving_of(request)
         req = await parse_body(request, CompletionRequest)
         if req.stream:
-            return _sse(await until_disconnect(request, s.completion_stream(req)))
-        return _json(await until_disconnect(request, s.completion(req)))
+            return _sse(await until_disconnect(request, s.completions.stream(req)))
+        return _json(await until_disconnect(request, s.completions.create(req)))
 
     @r.get("/models")
     async def models(request: Request) -> Response:
         """Base model and loaded LoRA adapters."""
-        return _json(serving_of(request).models())
+        return _json(serving_of(request).models.model_list())
 
     @r.get("/stats")
     async def stats(request: Request) -> Response:
         """Request and token statistics."""
-        return _json(serving_of(request).stats_snapshot())
+        return _json(serving_of(request).stats.snapshot())
 
     @r.get("/info")
     async def info(request: Request) -> Response:
         """Model and deployment facts."""
-        return _json(serving_of(request).info())
+        return _json(serving_of(request).models.info())
 
     @r.get("/lora_adapters")
     async def lora_adapters(request: Request) -> Response:
         """Loaded LoRA adapters."""
-        items = serving_of(request).lora_adapters()
+        items = serving_of(request).models.lora_adapters()
         return JSONResponse([i.model_dump() for i in items])
 
     return r
@@ -238,13 +214,13 @@ def adapter_router() -> APIRouter:
     async def load_lora_adapter(request: Request) -> Response:
         """Load an adapter (vLLM's body: lora_name, lora_path)."""
         req = await parse_body(request, LoadLoraAdapterRequest)
-        return PlainTextResponse(await serving_of(request).load_lora(req))
+        return PlainTextResponse(await serving_of(request).models.load_lora(req))
 
     @r.post("/unload_lora_adapter", openapi_extra=body_doc(UnloadLoraAdapterRequest))
     async def unload_lora_adapter(request: Request) -> Response:
         """Unload an adapter (vLLM's body: lora_name)."""
         req = await parse_body(request, UnloadLoraAdapterRequest)
-        return PlainTextResponse(await serving_of(request).unload_lora(req))
+        return PlainTextResponse(await serving_of(request).models.unload_lora(req))
 
     return r
 

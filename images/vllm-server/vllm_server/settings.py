@@ -1,12 +1,18 @@
-"""Server settings: vLLM's flag names, environment fallbacks, engine pass-through."""
+"""Server settings, each declared once on `Settings`: our command line (vLLM's flag names),
+its environment fallbacks and the engine's command line are built from the declarations."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Annotated, Any
 
 ENV_PREFIX = "VLLM_SERVER_"
 API_KEY_ENV = "VLLM_API_KEY"  # same variable upstream vLLM reads, so a Secret works for both
@@ -25,36 +31,111 @@ class LoraModule:
     base_model_name: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """A setting given as `--<name>` (underscores as dashes), defaulting to VLLM_SERVER_<NAME>.
+
+    The value's type is the setting's: int and float are parsed, a bool is a switch, a list
+    takes one or more values (VLLM_SERVER_<NAME> separated by `env_sep`).
+    """
+
+    help: str | None = None
+    short: str | None = None
+    """An alias, as vLLM's (e.g. `-tp`)."""
+    engine: bool = False
+    """Also handed to vLLM's engine parser (`Settings.engine_argv`)."""
+    item: Callable[[str], Any] | None = None
+    """A list's parser of one value (default: the text)."""
+    env_sep: str | None = ","
+    """How a list's variable separates values (None: whitespace)."""
+    repeat: bool = False
+    """A list flag given again adds to the list (else the last one wins)."""
+    metavar: str | None = None
+    minimum: int | None = None
+    """Smaller values stop the server with a usage error."""
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A credential: from its flag, else the first of `env` that is set; stripped, never empty.
+
+    VLLM_SERVER_<NAME> is not its flag's default: `parse_settings` reads the variables itself,
+    to name the source of an empty value.
+    """
+
+    env: tuple[str, ...]
+    if_empty: str
+    """What a set-but-empty value would mean, and the fix."""
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Everything the server needs; engine flags we do not model go in `engine_args`."""
+    """Everything the server needs, each setting declared once: the command line (in this
+    order), its environment fallbacks and the engine's command line are built from these.
 
-    model: str
-    served_model_name: list[str] = field(default_factory=list)
-    host: str = "0.0.0.0"
-    port: int = 8000
-    api_key: str | None = field(default=None, repr=False)
-    admin_token: str | None = field(default=None, repr=False)
+    Engine flags we do not model go in `engine_args`.
+    """
+
+    model: Annotated[str, Flag(help="HF repo id or local path", engine=True)]
+    served_model_name: Annotated[
+        list[str], Flag(help="name(s) clients use; the first is reported", engine=True)
+    ] = field(default_factory=list)
+    revision: Annotated[str | None, Flag(engine=True)] = None
+    host: Annotated[str, Flag()] = "0.0.0.0"
+    port: Annotated[int, Flag()] = 8000
+    api_key: Annotated[
+        str | None,
+        Flag(help=f"require 'Authorization: Bearer KEY' on /v1 (env {API_KEY_ENV})"),
+        Secret(
+            (API_KEY_ENV, ENV_PREFIX + "API_KEY"),
+            "an empty API key would silently serve without authentication. Put the key in it, "
+            "or unset it to serve without a key.",
+        ),
+    ] = field(default=None, repr=False)
+    tensor_parallel_size: Annotated[int, Flag(short="-tp", engine=True)] = 1
+    pipeline_parallel_size: Annotated[int, Flag(short="-pp", engine=True)] = 1
+    max_model_len: Annotated[int | None, Flag(engine=True)] = None
+    dtype: Annotated[str, Flag(engine=True)] = "auto"
+    quantization: Annotated[str | None, Flag(short="-q", engine=True)] = None
+    kv_cache_dtype: Annotated[str | None, Flag(engine=True)] = None
+    gpu_memory_utilization: Annotated[float | None, Flag(engine=True)] = None
+    # Handed to the engine as `lora_enabled` (see `engine_argv`).
+    enable_lora: Annotated[bool, Flag()] = False
+    lora_modules: Annotated[
+        list[LoraModule],
+        Flag(help="repeatable", item=parse_lora_module, env_sep=None, repeat=True, metavar="NAME=PATH"),
+    ] = field(default_factory=list)
+    max_loras: Annotated[int | None, Flag(engine=True)] = None
+    max_lora_rank: Annotated[int | None, Flag(engine=True)] = None
+    max_queued_requests: Annotated[
+        int,
+        Flag(help="requests allowed to wait beyond the engine's running batch; more get 503 + Retry-After"),
+    ] = 1024
+    max_request_body_bytes: Annotated[
+        int | None,
+        Flag(
+            help="larger request bodies get 413 before they are read; default: what a "
+            "prompt of max_model_len tokens can need (1 MiB + 32 bytes per token)",
+            minimum=1,
+        ),
+    ] = None
+    """None: derived from max_model_len (see `ServingState.body_limit`)."""
+    shutdown_grace_seconds: Annotated[
+        float, Flag(help="on SIGTERM, how long in-flight requests may finish")
+    ] = 30.0
+    log_level: Annotated[str, Flag()] = "info"
+    # Environment only, never a flag: a flag's value shows in the pod's args and in `ps`.
+    admin_token: Annotated[
+        str | None,
+        Secret(
+            (ADMIN_TOKEN_ENV,),
+            f"put the token in it, or unset it (the adapter routes then answer 403 unless "
+            f"{RUNTIME_LORA_ENV}=True).",
+        ),
+    ] = field(default=None, repr=False)
     """Lets its holder change adapters, and read /v1 when an API key is set (the operator)."""
     allow_runtime_lora_updating: bool = False
     """Upstream's switch: the adapter routes work without an admin token."""
-    revision: str | None = None
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    max_model_len: int | None = None
-    dtype: str = "auto"
-    quantization: str | None = None
-    kv_cache_dtype: str | None = None
-    gpu_memory_utilization: float | None = None
-    enable_lora: bool = False
-    lora_modules: list[LoraModule] = field(default_factory=list)
-    max_loras: int | None = None
-    max_lora_rank: int | None = None
-    max_queued_requests: int = 1024
-    max_request_body_bytes: int | None = None
-    """None: derived from max_model_len (see `Serving.body_limit`)."""
-    shutdown_grace_seconds: float = 30.0
-    log_level: str = "info"
     engine_args: list[str] = field(default_factory=list)
 
     @property
@@ -74,23 +155,12 @@ class Settings:
 
     def engine_argv(self) -> list[str]:
         """The command line handed to vLLM's own engine-argument parser."""
-        argv = ["--model", self.model]
-        if self.served_model_name:
-            argv += ["--served-model-name", *self.served_model_name]
-        for flag, value in (
-            ("--revision", self.revision),
-            ("--tensor-parallel-size", self.tensor_parallel_size),
-            ("--pipeline-parallel-size", self.pipeline_parallel_size),
-            ("--max-model-len", self.max_model_len),
-            ("--dtype", self.dtype),
-            ("--quantization", self.quantization),
-            ("--kv-cache-dtype", self.kv_cache_dtype),
-            ("--gpu-memory-utilization", self.gpu_memory_utilization),
-            ("--max-loras", self.max_loras),
-            ("--max-lora-rank", self.max_lora_rank),
-        ):
-            if value is not None:
-                argv += [flag, str(value)]
+        argv: list[str] = []
+        for d in _declared():
+            value = getattr(self, d.name)
+            if d.flag is None or not d.flag.engine or value is None or value == []:
+                continue
+            argv += [d.option, *value] if isinstance(value, list) else [d.option, str(value)]
         if self.lora_enabled:
             argv.append("--enable-lora")
         return argv + list(self.engine_args)
@@ -111,6 +181,44 @@ def parse_lora_module(text: str) -> LoraModule:
     return LoraModule(name, path)
 
 
+@dataclass(frozen=True, slots=True)
+class _Declared:
+    """A setting as declared on `Settings`."""
+
+    name: str
+    type: Any
+    """The value's type, without None (an item's type for a list)."""
+    is_list: bool
+    default: Any
+    flag: Flag | None
+    secret: Secret | None
+
+    @property
+    def option(self) -> str:
+        """The long flag."""
+        return "--" + self.name.replace("_", "-")
+
+
+@functools.cache
+def _declared() -> tuple[_Declared, ...]:
+    """The settings in declaration order, read from `Settings`' annotations."""
+    hints = typing.get_type_hints(Settings, include_extras=True)
+    out = []
+    for f in dataclasses.fields(Settings):
+        hint: Any = hints[f.name]
+        extras: tuple[Any, ...] = ()
+        if typing.get_origin(hint) is Annotated:
+            hint, extras = typing.get_args(hint)[0], typing.get_args(hint)[1:]
+        is_list = typing.get_origin(hint) is list
+        if is_list or typing.get_origin(hint) is types.UnionType:
+            hint = next(a for a in typing.get_args(hint) if a is not types.NoneType)
+        default = None if f.default is dataclasses.MISSING else f.default
+        flag = next((x for x in extras if isinstance(x, Flag)), None)
+        secret = next((x for x in extras if isinstance(x, Secret)), None)
+        out.append(_Declared(f.name, hint, is_list, default, flag, secret))
+    return tuple(out)
+
+
 def _env(env: Mapping[str, str], name: str) -> str | None:
     """Read VLLM_SERVER_<NAME>; empty counts as unset."""
     return env.get(ENV_PREFIX + name.upper().replace("-", "_")) or None
@@ -119,6 +227,27 @@ def _env(env: Mapping[str, str], name: str) -> str | None:
 def _bool(value: str | None) -> bool:
     """Interpret an environment flag."""
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _add_flag(p: argparse.ArgumentParser, d: _Declared, flag: Flag, env: Mapping[str, str]) -> None:
+    """Add one setting's flag; its default is VLLM_SERVER_<NAME> when set, else the setting's."""
+    names = [d.option, flag.short] if flag.short else [d.option]
+    raw = _env(env, d.name) if d.secret is None else None
+    kw: dict[str, Any] = {"help": flag.help}
+    if d.is_list:
+        # No default: the variable is read after parsing, and only when the flag is absent.
+        kw.update(nargs="+", default=None, metavar=flag.metavar)
+        if flag.item is not None:
+            kw["type"] = flag.item
+        if flag.repeat:
+            kw["action"] = "extend"
+    elif d.type is bool:
+        kw.update(action="store_true", default=_bool(raw))
+    else:
+        if d.type is not str:
+            kw["type"] = d.type
+        kw["default"] = d.default if raw is None else d.type(raw)
+    p.add_argument(*names, **kw)
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -135,74 +264,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
         f"{RUNTIME_LORA_ENV}=True.",
         allow_abbrev=False,  # abbreviations would swallow engine flags that share a prefix
     )
-    p.add_argument("--model", default=_env(e, "model"), help="HF repo id or local path")
-    p.add_argument(
-        "--served-model-name", nargs="+", default=None, help="name(s) clients use; the first is reported"
-    )
-    p.add_argument("--revision", default=_env(e, "revision"))
-    p.add_argument("--host", default=_env(e, "host") or "0.0.0.0")
-    p.add_argument("--port", type=int, default=int(_env(e, "port") or 8000))
-    # No default here: `parse_settings` reads the environment itself, to name the source of
-    # an empty value.
-    p.add_argument(
-        "--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1 (env {API_KEY_ENV})"
-    )
-    p.add_argument(
-        "--tensor-parallel-size", "-tp", type=int, default=int(_env(e, "tensor_parallel_size") or 1)
-    )
-    p.add_argument(
-        "--pipeline-parallel-size", "-pp", type=int, default=int(_env(e, "pipeline_parallel_size") or 1)
-    )
-    p.add_argument("--max-model-len", type=int, default=_int_or_none(_env(e, "max_model_len")))
-    p.add_argument("--dtype", default=_env(e, "dtype") or "auto")
-    p.add_argument("--quantization", "-q", default=_env(e, "quantization"))
-    p.add_argument("--kv-cache-dtype", default=_env(e, "kv_cache_dtype"))
-    p.add_argument(
-        "--gpu-memory-utilization", type=float, default=_float_or_none(_env(e, "gpu_memory_utilization"))
-    )
-    p.add_argument("--enable-lora", action="store_true", default=_bool(_env(e, "enable_lora")))
-    p.add_argument(
-        "--lora-modules",
-        type=parse_lora_module,
-        nargs="+",
-        action="extend",
-        default=None,
-        metavar="NAME=PATH",
-        help="repeatable",
-    )
-    p.add_argument("--max-loras", type=int, default=_int_or_none(_env(e, "max_loras")))
-    p.add_argument("--max-lora-rank", type=int, default=_int_or_none(_env(e, "max_lora_rank")))
-    p.add_argument(
-        "--max-queued-requests",
-        type=int,
-        default=int(_env(e, "max_queued_requests") or 1024),
-        help="requests allowed to wait beyond the engine's running batch; more get 503 + Retry-After",
-    )
-    p.add_argument(
-        "--max-request-body-bytes",
-        type=int,
-        default=_int_or_none(_env(e, "max_request_body_bytes")),
-        help="larger request bodies get 413 before they are read; default: what a "
-        "prompt of max_model_len tokens can need (1 MiB + 32 bytes per token)",
-    )
-    p.add_argument(
-        "--shutdown-grace-seconds",
-        type=float,
-        default=float(_env(e, "shutdown_grace_seconds") or 30.0),
-        help="on SIGTERM, how long in-flight requests may finish",
-    )
-    p.add_argument("--log-level", default=_env(e, "log_level") or "info")
+    for d in _declared():
+        if d.flag is not None:
+            _add_flag(p, d, d.flag, e)
     return p
-
-
-def _int_or_none(v: str | None) -> int | None:
-    """int() that keeps None."""
-    return None if v is None else int(v)
-
-
-def _float_or_none(v: str | None) -> float | None:
-    """float() that keeps None."""
-    return None if v is None else float(v)
 
 
 def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -212,59 +277,27 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
     ns, rest = parser.parse_known_args(argv)
     if not ns.model:
         parser.error("--model is required (or set VLLM_SERVER_MODEL)")
-    served = ns.served_model_name
-    if served is None and (env_served := _env(e, "served_model_name")):
-        served = env_served.split(",")
-    lora_modules = list(ns.lora_modules or [])
-    if not lora_modules and (env_lora := _env(e, "lora_modules")):
-        lora_modules = [parse_lora_module(t) for t in env_lora.split()]
-    api_key = _secret(
-        parser,
-        e,
-        ns.api_key,
-        "--api-key",
-        [API_KEY_ENV, ENV_PREFIX + "API_KEY"],
-        "an empty API key would silently serve without authentication. Put the key in it, "
-        "or unset it to serve without a key.",
-    )
-    admin_token = _secret(
-        parser,
-        e,
-        None,
-        None,
-        [ADMIN_TOKEN_ENV],
-        f"put the token in it, or unset it (the adapter routes then answer 403 unless "
-        f"{RUNTIME_LORA_ENV}=True).",
-    )
-    if ns.max_request_body_bytes is not None and ns.max_request_body_bytes < 1:
-        parser.error("--max-request-body-bytes must be at least 1")
+    values = {d.name: getattr(ns, d.name) for d in _declared() if d.flag is not None}
+    for d in _declared():
+        if d.flag is not None and d.is_list:
+            items = values[d.name]
+            if items is None and (raw := _env(e, d.name)):
+                items = [(d.flag.item or str)(t) for t in raw.split(d.flag.env_sep)]
+            values[d.name] = list(items or [])
+    for d in _declared():
+        if d.secret is not None:
+            flag_value = values.get(d.name)
+            option = d.option if d.flag is not None else None
+            values[d.name] = _secret(parser, e, flag_value, option, d.secret.env, d.secret.if_empty)
+    for d in _declared():
+        minimum = d.flag.minimum if d.flag is not None else None
+        if minimum is not None and values[d.name] is not None and values[d.name] < minimum:
+            parser.error(f"{d.option} must be at least {minimum}")
     extra = _env(e, "engine_args")
-    engine_args = list(rest) + (extra.split() if extra else [])
     return Settings(
-        model=ns.model,
-        served_model_name=list(served or []),
-        host=ns.host,
-        port=ns.port,
-        api_key=api_key,
-        admin_token=admin_token,
+        **values,
         allow_runtime_lora_updating=e.get(RUNTIME_LORA_ENV, "0").strip().lower() in {"1", "true"},
-        revision=ns.revision,
-        tensor_parallel_size=ns.tensor_parallel_size,
-        pipeline_parallel_size=ns.pipeline_parallel_size,
-        max_model_len=ns.max_model_len,
-        dtype=ns.dtype,
-        quantization=ns.quantization,
-        kv_cache_dtype=ns.kv_cache_dtype,
-        gpu_memory_utilization=ns.gpu_memory_utilization,
-        enable_lora=ns.enable_lora,
-        lora_modules=lora_modules,
-        max_loras=ns.max_loras,
-        max_lora_rank=ns.max_lora_rank,
-        max_queued_requests=ns.max_queued_requests,
-        max_request_body_bytes=ns.max_request_body_bytes,
-        shutdown_grace_seconds=ns.shutdown_grace_seconds,
-        log_level=ns.log_level,
-        engine_args=engine_args,
+        engine_args=list(rest) + (extra.split() if extra else []),
     )
 
 
