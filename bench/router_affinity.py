@@ -1,6 +1,6 @@
 """Benchmark: prefix affinity in `vllm-operator router` on real vLLM CPU replicas, vs LeastLoad.
 
-Four `python -m vllm_server` replicas of the tiny random Llama (tests/server/tinymodel.py, built
+Four `python -m vllm_server` replicas of the tiny random Llama (devtools/tinymodel.py, built
 here, nothing downloaded) with prefix caching on, started once; for each strategy a fresh
 `vllm-operator router --strategy S --upstream tiny=...` in front of them. Same servers, same run.
 
@@ -57,7 +57,7 @@ An idle probe on one replica (no router, nothing else in flight) times a cold ~4
 against the same prompt again with a few new tokens (cached): what prefix caching can save per
 request on this model at all, next to the TTFTs under load.
 
-Engine settings: tests/server/realserver.py's ENGINE_FLAGS plus --enable-prefix-caching and
+Engine settings: devtools/realserver.py's ENGINE_FLAGS plus --enable-prefix-caching and
 --block-size 32 (vLLM's CPU default is 128; only full blocks are cached, so 128-token rounding
 alone would cost a turn ~64 tokens of hits). Placement (--layout): `split` (default) puts every
 process of the replicas on all cores but the last and the router and this client on the last
@@ -104,9 +104,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.harness.processes import terminate  # noqa: E402
-from tests.server.realserver import RealServer, free_port, spawn_server  # noqa: E402
-from tests.server.tinymodel import build_tiny_model  # noqa: E402
+from devtools.processes import terminate  # noqa: E402
+from devtools.realserver import RealServer, free_port, spawn_server  # noqa: E402
+from devtools.tinymodel import build_tiny_model  # noqa: E402
 
 MODEL = "tiny"
 STRATEGIES = ("LeastLoad", "PrefixAffinity")

@@ -32,8 +32,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.server.realserver import RealServer, start_server  # noqa: E402
-from tests.server.tinymodel import build_tiny_model  # noqa: E402
+from devtools.realserver import RealServer, start_server  # noqa: E402
+from devtools.tinymodel import build_tiny_model  # noqa: E402
 
 SERVERS = {
     "ours": "vllm_server",

@@ -12,7 +12,7 @@ pytest_plugins = ["tests.harness.fixtures"]
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama built once per session (no download)."""
-    from tests.server.tinymodel import build_tiny_model
+    from devtools.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -20,6 +20,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lora(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random rank-8 LoRA adapter for the tiny model (made with peft)."""
-    from tests.server.tinymodel import build_tiny_lora
+    from devtools.tinymodel import build_tiny_lora
 
     return build_tiny_lora(tiny_model, tmp_path_factory.mktemp("lora") / "adapter")

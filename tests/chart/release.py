@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from tests.chart.helm import CHART
-from tests.e2e.operator_process import OperatorProcess
-from tests.harness.cluster import LocalCluster
-from tests.paths import CRD_NAME
+from devtools.cluster import LocalCluster
+from devtools.helm import CHART
+from devtools.operator_process import OperatorProcess
+from devtools.paths import CRD_NAME
 
 # Release name = chart name, so every resource is simply called vllm-operator.
 RELEASE = "vllm-operator"

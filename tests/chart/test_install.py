@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 import yaml
+from devtools.cluster import LocalCluster, condition, wait_until
+from devtools.paths import CRD_NAME, REPO_ROOT
 
 from tests.chart.release import Release, exists
-from tests.harness.cluster import LocalCluster, condition, wait_until
-from tests.paths import CRD_NAME, REPO_ROOT
 
 pytestmark = pytest.mark.cluster
 

@@ -10,10 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-
-from tests import kubeschema
-from tests.chart import values_doc
-from tests.chart.helm import (
+from devtools import kubeschema, values_doc
+from devtools.helm import (
     CHART,
     CHART_CRD,
     Manifest,
@@ -24,7 +22,8 @@ from tests.chart.helm import (
     one,
     template,
 )
-from tests.paths import CRD_FILE, REPO_ROOT
+from devtools.paths import CRD_FILE, REPO_ROOT
+
 from vllm_operator import cli
 from vllm_operator.settings import ENV_PREFIX, OperatorSettings
 

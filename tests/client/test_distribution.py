@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from devtools.realserver import RealServer
 
 from tests.client.conftest import API_KEY
-from tests.server.realserver import RealServer
 
 pytestmark = pytest.mark.engine
 

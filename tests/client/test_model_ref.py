@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from devtools.cluster import LocalCluster
+from devtools.operator_process import install_crd
+from devtools.realserver import RealServer
 
 from tests.client.conftest import API_KEY
-from tests.e2e.operator_process import install_crd
-from tests.harness.cluster import LocalCluster
-from tests.server.realserver import RealServer
 from vllm_operator.cli import main
 
 pytestmark = [pytest.mark.cluster, pytest.mark.engine]

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from devtools.realserver import RealServer
 
 from tests.client.conftest import API_KEY
-from tests.server.realserver import RealServer
 from vllm_operator.cli import main
 from vllm_operator_client import (
     AsyncClient,

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
-from tests.e2e.operator_process import OperatorProcess, install_crd
-from tests.harness.cluster import LocalCluster
+from devtools.cluster import LocalCluster
+from devtools.operator_process import OperatorProcess, install_crd
 
 
 @pytest.fixture(scope="session")

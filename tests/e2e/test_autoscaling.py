@@ -2,7 +2,7 @@
 requests while a model wakes from zero, and the race at the idle deadline.
 
 Real operator and router processes, real API server; kwok pods answered by fake vLLM pods
-(tests/e2e/autoscaling.py). Windows and delays are shortened so that each behaviour shows in
+(devtools/autoscaling.py). Windows and delays are shortened so that each behaviour shows in
 seconds; bench/autoscale_bench.py runs the same scenarios at the defaults and prints figures.
 """
 
@@ -14,8 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from tests.e2e.autoscaling import (
+from devtools.autoscaling import (
     Stack,
     autoscaled,
     burst,
@@ -26,8 +25,8 @@ from tests.e2e.autoscaling import (
     square_wave,
     step_up,
 )
-from tests.e2e.operator_process import OperatorProcess
-from tests.harness.cluster import LocalCluster, wait_until
+from devtools.cluster import LocalCluster, wait_until
+from devtools.operator_process import OperatorProcess
 
 pytestmark = [pytest.mark.cluster]
 

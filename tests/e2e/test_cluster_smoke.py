@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.harness import versions
-from tests.harness.cluster import GPU_RESOURCE, LocalCluster, condition, wait_until
+from devtools import versions
+from devtools.cluster import GPU_RESOURCE, LocalCluster, condition, wait_until
 
 pytestmark = pytest.mark.cluster
 

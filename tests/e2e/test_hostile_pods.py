@@ -1,7 +1,7 @@
 """Hostile pods cannot stall the scrape: a healthy model's status keeps coming on schedule.
 
 kwok hands out pod IPs from the cluster's loopback pod CIDR; the test puts a server at each
-pod's IP and port 8000 (tests/e2e/hostile.py) that answers like a healthy vLLM pod, or with
+pod's IP and port 8000 (devtools/hostile.py) that answers like a healthy vLLM pod, or with
 NaN or +Inf, ids that are not strings, one byte per 1.5 s, or a 50 MB page; one pod has no
 server at all. Every round, each hostile pod must cost at most the 2 s deadline and turn its
 own model Degraded with the reason, while the healthy model's status is written every round.
@@ -21,11 +21,11 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+from devtools.cluster import LocalCluster, condition, wait_until
+from devtools.hostile import PodServers, alternating_page, drip, huge, metrics_page, pod
+from devtools.operator_process import OperatorProcess
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.hostile import PodServers, alternating_page, drip, huge, metrics_page, pod
-from tests.e2e.operator_process import OperatorProcess
-from tests.harness.cluster import LocalCluster, condition, wait_until
 from vllm_operator.scrape import MAX_PAGE_BYTES
 
 pytestmark = pytest.mark.cluster

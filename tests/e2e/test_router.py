@@ -1,5 +1,5 @@
 """The router against the local cluster: VLLMModels and their kwok pods, watched for real, with
-fake vLLM pods answering at the pods' loopback IPs (tests/router/fakepod.py).
+fake vLLM pods answering at the pods' loopback IPs (devtools/fakepod.py).
 
 The operator scrapes those pods every 2 s, loads adapters where a pod accepts them, and writes
 each pod's verified adapters to the status; the router routes by what the status says.
@@ -17,11 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
-
-from tests.e2e.operator_process import OperatorProcess
-from tests.harness.cluster import LocalCluster, condition, wait_until
-from tests.router.fakepod import FakePod, FakePods
-from tests.router.process import RouterProcess
+from devtools.cluster import LocalCluster, condition, wait_until
+from devtools.fakepod import FakePod, FakePods
+from devtools.operator_process import OperatorProcess
+from devtools.router_process import RouterProcess
 
 pytestmark = [pytest.mark.cluster]
 CHAT = "/v1/chat/completions"

@@ -14,8 +14,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-
-from tests.harness.cluster import (
+from devtools.cluster import (
     LOOPBACK_POD_CIDR,
     ClusterSpec,
     LocalCluster,

@@ -6,9 +6,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.harness import pki, toolchain, versions
-from tests.harness.cluster import GPU_RESOURCE, ClusterSpec, Ports, node_manifests
-from tests.harness.processes import free_ports, is_running
+from devtools import pki, toolchain, versions
+from devtools.cluster import GPU_RESOURCE, ClusterSpec, Ports, node_manifests
+from devtools.processes import free_ports, is_running
 
 
 def test_nodes_have_gpus_kwok_annotation_and_no_taint() -> None:

@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.harness import toolchain
-from tests.harness.cluster import DEFAULT_ROOT, kubectl_binary
-from tests.harness.kind import cluster as kind_cluster
-from tests.harness.kind import engine as kind_engine
-from tests.harness.kind import images, stack
+from devtools import toolchain
+from devtools.cluster import DEFAULT_ROOT, kubectl_binary
+from devtools.kind import cluster as kind_cluster
+from devtools.kind import engine as kind_engine
+from devtools.kind import images, stack
 
 NAMESPACE = "kind-e2e"
 

@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from tests.harness.cluster import condition, table_row, wait_until
-from tests.harness.kind import images, stack
-from tests.harness.kind.cluster import KindCluster
+from devtools.cluster import condition, table_row, wait_until
+from devtools.kind import images, stack
+from devtools.kind.cluster import KindCluster
+from devtools.paths import REPO_ROOT
 from tests.kind.conftest import NAMESPACE
-from tests.paths import REPO_ROOT
 
 NAME = "tiny"
 SERVICE_URL = f"http://{NAME}.{NAMESPACE}.svc:8000/v1"

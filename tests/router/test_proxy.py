@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 import pytest
+from devtools.fakepod import FakePod, FakePods
 
 from tests.router.conftest import RunningRouter, route
-from tests.router.fakepod import FakePod, FakePods
 from vllm_operator import api
 
 CHAT = "/v1/chat/completions"

@@ -12,10 +12,10 @@ import time
 import httpx
 import openai
 import pytest
+from devtools.realserver import RealServer
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.server.conftest import ADMIN_TOKEN
-from tests.server.realserver import RealServer
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 

@@ -6,9 +6,9 @@ import re
 import shutil
 from pathlib import Path
 
-from tests.harness import versions
-from tests.harness.kind import images
-from tests.paths import REPO_ROOT
+from devtools import versions
+from devtools.kind import images
+from devtools.paths import REPO_ROOT
 
 SERVER = REPO_ROOT / "images" / "vllm-server"
 MARKER = "# ---- From here on the same in Dockerfile and Dockerfile.cpu"

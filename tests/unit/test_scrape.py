@@ -1,6 +1,6 @@
 """Scrape targets and adapters, and the isolation of every pod's scrape.
 
-The isolation tests put real servers (tests/e2e/hostile.py) at loopback addresses: one pod
+The isolation tests put real servers (devtools/hostile.py) at loopback addresses: one pod
 misbehaves beside a healthy one in the same round, and the round must still come back on time
 with the healthy pod read and the bad one unhealthy for a short reason.
 """
@@ -17,9 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
+from devtools.hostile import PodServers, drip, huge, metrics_page, models_body, pod, send
 from prometheus_client import REGISTRY
 
-from tests.e2e.hostile import PodServers, drip, huge, metrics_page, models_body, pod, send
 from vllm_operator import scrape
 from vllm_operator.lora import AdapterCall
 from vllm_operator.scrape import (

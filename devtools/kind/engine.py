@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.harness import toolchain
+from devtools import toolchain
 
 # podman here cannot start a single container without these (measured): the hard limit of
 # open files is 20000 and podman lowers its nproc to kernel.pid_max, so its default ulimits

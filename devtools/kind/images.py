@@ -2,7 +2,7 @@
 
 No registry is reachable here, so every image starts from a Debian rootfs made by
 `mmdebstrap` (podman) or from `debian:bookworm-slim` (Docker), and the images kubeadm asks
-for are made from the binaries `tests/harness/toolchain.py` builds. An image whose inputs
+for are made from the binaries `devtools/toolchain.py` builds. An image whose inputs
 have not changed is not rebuilt; `podman build` caches layers, so a code change rebuilds only
 the top layer of the operator and server images.
 """
@@ -17,9 +17,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from tests.harness import toolchain, versions
-from tests.harness.kind.engine import Engine, EngineError, log, state_dir
-from tests.paths import REPO_ROOT
+from devtools import toolchain, versions
+from devtools.kind.engine import Engine, EngineError, log, state_dir
+from devtools.paths import REPO_ROOT
 
 HERE = Path(__file__).resolve().parent
 NODE_FILES = HERE / "node"

@@ -1,6 +1,6 @@
 """A real local control plane: etcd, kube-apiserver, controller-manager, scheduler and kwok.
 
-CLI: `python -m tests.harness.cluster up|down|status|restart-apiserver`. Everything lives
+CLI: `python -m devtools.cluster up|down|status|restart-apiserver`. Everything lives
 under `.local/` in the repo (data, logs, certs, pid files); the kubeconfig is
 `.local/kubeconfig`. Only loopback addresses are used and every port is picked at start.
 """
@@ -26,9 +26,9 @@ from typing import Any
 
 import yaml
 
-from tests.harness import pki, toolchain, versions
-from tests.harness.processes import ComponentFailed, Supervisor, free_ports, log_tail
-from tests.paths import REPO_ROOT
+from devtools import pki, toolchain, versions
+from devtools.paths import REPO_ROOT
+from devtools.processes import ComponentFailed, Supervisor, free_ports, log_tail
 
 # Another root lets a second session run its own cluster beside the default one.
 DEFAULT_ROOT = Path(os.environ.get("VLLM_OPERATOR_CLUSTER_ROOT", REPO_ROOT / ".local"))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 # Kubernetes control plane (kube-apiserver, kube-controller-manager, kube-scheduler),
-# built from k8s.io/kubernetes through the wrapper module in tests/harness/k8s/.
+# built from k8s.io/kubernetes through the wrapper module in devtools/k8s/.
 KUBERNETES = "v1.37.2"
 # The published staging modules (k8s.io/api, k8s.io/client-go, ...) that match KUBERNETES.
 KUBERNETES_STAGING = "v0.37.2"
-# etcd server, built from go.etcd.io/etcd/server/v3 through tests/harness/etcd/.
+# etcd server, built from go.etcd.io/etcd/server/v3 through devtools/etcd/.
 ETCD = "v3.7.3"
 # kwok keeps fake nodes alive and runs bound pods (plain `go install`).
 KWOK = "v0.8.0"

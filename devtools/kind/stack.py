@@ -1,6 +1,6 @@
 """The project on a kind cluster: images loaded, the operator installed by its Helm chart, the
 tiny model on a volume; plus the in-cluster and port-forward clients the demo and the kind
-tests use. Shared by `make demo` (tests/harness/demo.py) and tests/kind.
+tests use. Shared by `make demo` (devtools/demo.py) and tests/kind.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.harness.cluster import kubectl_binary, wait_until
-from tests.harness.kind import images
-from tests.harness.kind.cluster import KindCluster
-from tests.harness.processes import free_port
-from tests.paths import REPO_ROOT
+from devtools.cluster import kubectl_binary, wait_until
+from devtools.kind import images
+from devtools.kind.cluster import KindCluster
+from devtools.paths import REPO_ROOT
+from devtools.processes import free_port
 
 OPERATOR_NAMESPACE = "vllm-operator"
 RELEASE = "vllm-operator"

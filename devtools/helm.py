@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from tests.harness import toolchain
-from tests.paths import REPO_ROOT
+from devtools import toolchain
+from devtools.paths import REPO_ROOT
 
 CHART = REPO_ROOT / "charts" / "vllm-operator"
 CHART_CRD = CHART / "files" / "crd.yaml"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.harness.cluster import wait_until
-from tests.harness.processes import free_ports, terminate
-from tests.paths import REPO_ROOT
+from devtools.cluster import wait_until
+from devtools.paths import REPO_ROOT
+from devtools.processes import free_ports, terminate
 
 
 class RouterProcess:

@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema
 from referencing import Registry, Resource
 
-from tests.harness import toolchain, versions
+from devtools import toolchain, versions
 
 
 @functools.cache

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tests.harness.processes import free_port
+from devtools.processes import free_port
 
 __all__ = ["ENGINE_FLAGS", "RealServer", "free_port", "lora_flags", "spawn_server", "start_server"]
 

@@ -1,6 +1,6 @@
 // Wrapper module: go.etcd.io/etcd/server/v3 replaces its sibling modules with local
 // paths, so `go install` refuses it; here they point at the published tags.
-// Keep the version in step with tests/harness/versions.py.
+// Keep the version in step with devtools/versions.py.
 module vllm-operator.local/etcd-tools
 
 go 1.26.0

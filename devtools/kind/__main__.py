@@ -1,4 +1,4 @@
-"""`python -m tests.harness.kind images|clean|check-clean`: the kind tier's images and cleanup."""
+"""`python -m devtools.kind images|clean|check-clean`: the kind tier's images and cleanup."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from tests.harness import toolchain
-from tests.harness.kind import cluster, engine, images
+from devtools import toolchain
+from devtools.kind import cluster, engine, images
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """The README's table of Helm values, generated from values.yaml's `# --` comments and the schema.
 
-`python -m tests.chart.values_doc` prints the table; `--readme README.md` rewrites it in place
+`python -m devtools.values_doc` prints the table; `--readme README.md` rewrites it in place
 (`make chart-docs`). A test fails when the README's copy drifts from values.yaml.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from tests.chart.helm import CHART
+from devtools.helm import CHART
 
 BEGIN = "<!-- BEGIN GENERATED HELM VALUES (make chart-docs) -->"
 END = "<!-- END GENERATED HELM VALUES -->"

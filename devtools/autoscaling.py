@@ -21,10 +21,10 @@ from typing import Any
 import httpx
 import kubernetes
 
-from tests.e2e.operator_process import OperatorProcess
-from tests.harness.cluster import LocalCluster, condition, wait_until
-from tests.router.fakepod import FakePod, FakePods
-from tests.router.process import RouterProcess
+from devtools.cluster import LocalCluster, condition, wait_until
+from devtools.fakepod import FakePod, FakePods
+from devtools.operator_process import OperatorProcess
+from devtools.router_process import RouterProcess
 from vllm_operator import k8s, render
 
 CHAT = "/v1/chat/completions"
@@ -423,7 +423,7 @@ def operator_restart(stack: Stack, model: str, seconds: float = 10.0) -> dict[st
     """The operator restarted right after its first scale-up, under steady load: the replicas
     it wrote must never go back while the load stays."""
     stack.apply(autoscaled(model, 1, minReplicas=1, maxReplicas=4, targetInFlight=2))
-    wait_until(lambda: stack.ready_pods(model), f"{model}'s pod", timeout=60, interval=0.5)
+    wait_until(lambda: bool(stack.ready_pods(model)), f"{model}'s pod", timeout=60, interval=0.5)
     stack.delay(1.0)
     with load(stack.router.url, model, lambda: 8) as answers:
         wait_until(lambda: stack.replicas(model) > 1, "a scale-up", timeout=30, interval=0.2)

@@ -18,12 +18,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.harness import toolchain
-from tests.harness.cluster import DEFAULT_ROOT, wait_until
-from tests.harness.kind import cluster as kind_cluster
-from tests.harness.kind import engine as kind_engine
-from tests.harness.kind import images, stack
-from tests.paths import REPO_ROOT
+from devtools import toolchain
+from devtools.cluster import DEFAULT_ROOT, wait_until
+from devtools.kind import cluster as kind_cluster
+from devtools.kind import engine as kind_engine
+from devtools.kind import images, stack
+from devtools.paths import REPO_ROOT
 
 EXAMPLE = REPO_ROOT / "examples" / "tiny-cpu.yaml"
 MODELS_DIR = DEFAULT_ROOT / "models"
@@ -36,7 +36,7 @@ def say(message: str) -> None:
 
 def tiny_models() -> dict[str, Path]:
     """The generated tiny model and LoRA adapter, made once under .local/models."""
-    from tests.server.tinymodel import build_tiny_lora, build_tiny_model
+    from devtools.tinymodel import build_tiny_lora, build_tiny_model
 
     model, lora = MODELS_DIR / "tiny", MODELS_DIR / "tiny-lora"
     if not (model / "config.json").exists():

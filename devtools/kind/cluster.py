@@ -3,7 +3,7 @@ project's images, a fake GPU count and a volume holding the tiny model; and torn
 that nothing is left on the machine (`clean`, `leftovers`).
 
 kind runs here with its podman provider (no Docker daemon); pytest-kind drives it in the
-tests (tests/kind), `make demo` through `tests.harness.demo`.
+tests (tests/kind), `make demo` through `devtools.demo`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.harness import toolchain
-from tests.harness.cluster import GPU_RESOURCE, KubeClient, condition, wait_until
-from tests.harness.kind import images
-from tests.harness.kind.engine import Engine, EngineError, log, state_dir
+from devtools import toolchain
+from devtools.cluster import GPU_RESOURCE, KubeClient, condition, wait_until
+from devtools.kind import images
+from devtools.kind.engine import Engine, EngineError, log, state_dir
 
 # Clusters this project creates are named with this prefix; `clean` deletes only those.
 CLUSTER_PREFIX = "vllm-operator-"

@@ -1,6 +1,6 @@
 """Build the local control plane's binaries from source into a per-version cache.
 
-Run `python -m tests.harness.toolchain` (or `make tools`). Each component lands in
+Run `python -m devtools.toolchain` (or `make tools`). Each component lands in
 `~/.cache/vllm-operator/bin/<component>-<version>/`; a component whose directory already
 holds all its binaries is skipped, so a second run is a no-op.
 """
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.harness import versions
+from devtools import versions
 
 HARNESS_DIR = Path(__file__).resolve().parent
 HEARTBEAT_SECONDS = 60.0
@@ -243,7 +243,7 @@ def build_kind(out: Path) -> None:
 
 
 def build_pause(out: Path) -> None:
-    """Build the pod sandbox's pause program from tests/harness/kind/pause (no dependencies)."""
+    """Build the pod sandbox's pause program from devtools/kind/pause (no dependencies)."""
     run_go(
         ["build", "-trimpath", "-ldflags", "-s -w", "-o", f"{out}/pause", "."], HARNESS_DIR / "kind" / "pause"
     )
@@ -309,7 +309,7 @@ def ensure(component: Component) -> float | None:
 def build(component: Component) -> float:
     """Build one component into its cache directory; return the seconds spent."""
     if not Path(versions.GO).exists():
-        raise ToolchainError(f"Go not found at {versions.GO} (see tests/harness/versions.py)")
+        raise ToolchainError(f"Go not found at {versions.GO} (see devtools/versions.py)")
     names = ", ".join(component.binaries)
     log(f"building {component.name} {component.version} ({names}) ...")
     started = time.monotonic()

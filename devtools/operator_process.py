@@ -7,9 +7,9 @@ import subprocess
 import sys
 import urllib.request
 
-from tests.harness.cluster import LocalCluster, wait_until
-from tests.harness.processes import free_ports
-from tests.paths import CRD_FILE, CRD_NAME, REPO_ROOT
+from devtools.cluster import LocalCluster, wait_until
+from devtools.paths import CRD_FILE, CRD_NAME, REPO_ROOT
+from devtools.processes import free_ports
 from vllm_operator import render
 from vllm_operator.settings import OperatorSettings
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.client.stub import read_request
-from tests.e2e.hostile import PodServers, metrics_page, models_body
+from devtools.hostile import PodServers, metrics_page, models_body
+from devtools.stub_server import read_request
 
 
 @dataclass

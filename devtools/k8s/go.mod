@@ -1,6 +1,6 @@
 // Wrapper module: k8s.io/kubernetes cannot be `go install`ed because its go.mod
 // replaces the staging modules with local paths; here they point at the published
-// v0.37.2 tags instead. Generated list, keep in step with tests/harness/versions.py.
+// v0.37.2 tags instead. Generated list, keep in step with devtools/versions.py.
 module vllm-operator.local/k8s-tools
 
 go 1.26.0

@@ -191,14 +191,14 @@ class Stub:
             await w.drain()
             return
         body = r.body if r.body is not None else chat_body()
-        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         hdr = {
             "content-type": "application/json",
-            "content-length": str(len(data)),
+            "content-length": str(len(raw)),
             "connection": "close",
             **r.headers,
         }
-        w.write(self._head(r.status, hdr) + data)
+        w.write(self._head(r.status, hdr) + raw)
         await w.drain()
 
     @staticmethod
