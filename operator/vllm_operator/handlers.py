@@ -97,8 +97,8 @@ def model_seen(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> 
 @kopf.on.event("apps", "v1", "deployments", labels=OURS)
 @kopf.on.event("v1", "services", labels=OURS)
 @kopf.on.event("v1", "pods", labels=OURS)
-def child_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+async def child_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     try:
-        memo.controller.on_child(body)
+        await memo.controller.on_child(body)
     except Exception as exc:
         logger.warning("reconcile after a change of %s failed: %s", body.get("kind"), exc)

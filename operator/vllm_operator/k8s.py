@@ -31,6 +31,7 @@ RETRYABLE_STATUS = frozenset({409, 429, 500, 502, 503, 504})
 # (connect, read) seconds for one API call. Without them a server that accepts the connection
 # and never answers blocks the handler forever; a timed-out call is retried like a lost one.
 API_TIMEOUT = (5.0, 30.0)
+CONNECTIONS = 32
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
@@ -142,6 +143,10 @@ def api_client(configuration: kubernetes.client.Configuration) -> kubernetes.cli
     """An API client that does not retry by itself: `with_retries` does, with backoff and a bound
     (urllib3's own 3 retries would quadruple every timeout, unseen)."""
     configuration.retries = 0
+    # One pooled connection per thread that may call at once (kopf's 8 workers, the child
+    # reconciles' threads, the loops): at the default 10, bursts discarded connections and
+    # each new one cost a TLS handshake on both sides (bench-operator logged the discards).
+    configuration.connection_pool_maxsize = CONNECTIONS
     return kubernetes.client.ApiClient(configuration)
 
 

@@ -7,7 +7,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 RECONCILES = Counter("vllm_operator_reconciles_total", "Reconciles of VLLMModels, by result.", ["result"])
 COALESCED = Counter(
     "vllm_operator_coalesced_triggers_total",
-    "Child events that needed no reconcile of their own: one of the model was already waiting.",
+    "Child events that needed no reconcile of their own: one of their model was already due.",
 )
 RECONCILE_SECONDS = Histogram(
     "vllm_operator_reconcile_duration_seconds",

@@ -1,0 +1,77 @@
+"""Controller.on_child: a burst of a model's child events costs one reconcile, which runs after
+all of them; an event after the window gets a reconcile of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from vllm_operator import reconcile
+from vllm_operator.controller import Controller
+from vllm_operator.render import INSTANCE_LABEL
+from vllm_operator.settings import OperatorSettings
+
+SETTLE = 0.2
+
+
+class CountingController(Controller):
+    """Records each reconcile (model, time) instead of talking to an API server."""
+
+    def __init__(self) -> None:
+        super().__init__(None, OperatorSettings(), child_settle_seconds=SETTLE)  # type: ignore[arg-type]
+        self.calls: list[tuple[str, str, float]] = []
+
+    def on_model(self, namespace: str, name: str, coalesce: bool = False) -> reconcile.Plan | None:
+        self.calls.append((namespace, name, time.monotonic()))
+        time.sleep(0.05)  # a reconcile takes a while: events may arrive during it
+        return None
+
+
+def child(model: str, kind: str = "Pod") -> dict[str, Any]:
+    return {"kind": kind, "metadata": {"namespace": "ns", "labels": {INSTANCE_LABEL: model}}}
+
+
+async def test_a_burst_of_one_models_child_events_costs_one_reconcile_after_the_last() -> None:
+    controller = CountingController()
+    started = time.monotonic()
+    first = asyncio.create_task(controller.on_child(child("a", "Deployment")))
+    rest = []
+    for kind in ("Service", "Pod", "Pod", "Deployment", "Pod"):
+        await asyncio.sleep(0.02)
+        rest.append(asyncio.create_task(controller.on_child(child("a", kind))))
+    last_event = time.monotonic()
+    await asyncio.gather(first, *rest)
+    assert [c[:2] for c in controller.calls] == [("ns", "a")]
+    assert controller.calls[0][2] >= last_event  # it read after every event of the burst
+    assert controller.calls[0][2] - started >= SETTLE
+
+
+async def test_each_model_gets_its_own_reconcile() -> None:
+    controller = CountingController()
+    await asyncio.gather(*(controller.on_child(child(m)) for m in ("a", "b", "a", "c", "b")))
+    assert sorted(c[1] for c in controller.calls) == ["a", "b", "c"]
+
+
+async def test_an_event_after_the_window_gets_a_reconcile_of_its_own() -> None:
+    controller = CountingController()
+    await controller.on_child(child("a"))
+    await controller.on_child(child("a"))
+    assert [c[1] for c in controller.calls] == ["a", "a"]
+
+
+async def test_an_event_during_the_reconcile_is_not_lost() -> None:
+    """The reconcile may have read before that event's change: it must get a later one."""
+    controller = CountingController()
+    first = asyncio.create_task(controller.on_child(child("a")))
+    await asyncio.sleep(SETTLE + 0.02)  # the window closed; the reconcile is running
+    await controller.on_child(child("a", "Deployment"))
+    await first
+    assert len(controller.calls) == 2 and controller.calls[1][2] > controller.calls[0][2]
+
+
+async def test_objects_that_are_not_a_models_children_are_ignored() -> None:
+    controller = CountingController()
+    assert await controller.on_child({"metadata": {"namespace": "ns", "labels": {}}}) is None
+    assert await controller.on_child({"metadata": {"labels": {INSTANCE_LABEL: "a"}}}) is None
+    assert controller.calls == []
