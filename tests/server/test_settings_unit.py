@@ -107,6 +107,23 @@ def test_environment_fallbacks() -> None:
     assert parse_settings(["--port", "1"], env=env).port == 1
 
 
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"VLLM_SERVER_PORT": "abc"}, "VLLM_SERVER_PORT='abc' is not a valid --port value"),
+        ({"VLLM_SERVER_LORA_MODULES": "nopath"}, "VLLM_SERVER_LORA_MODULES='nopath' is not a valid"),
+    ],
+)
+def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(
+    env: dict[str, str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Deployment's typo in an env var used to stop the server with a traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        parse_settings([], env={"VLLM_SERVER_MODEL": "/m", **env})
+    assert exit_.value.code == 2
+    assert named in capsys.readouterr().err
+
+
 def test_bad_lora_module_and_missing_model() -> None:
     with pytest.raises(SystemExit):
         parse_settings(["--model", "m", "--lora-modules", "nopath"], env={})

@@ -246,8 +246,18 @@ def _add_flag(p: argparse.ArgumentParser, d: _Declared, flag: Flag, env: Mapping
     else:
         if d.type is not str:
             kw["type"] = d.type
-        kw["default"] = d.default if raw is None else d.type(raw)
+        kw["default"] = d.default if raw is None else _from_env(p, d, raw, d.type)
     p.add_argument(*names, **kw)
+
+
+def _from_env(p: argparse.ArgumentParser, d: _Declared, raw: str, parse: Callable[[str], Any]) -> Any:
+    """A VLLM_SERVER_<NAME> value parsed like its flag's; a usage error naming both if it is not
+    one (a Deployment's env typo used to stop the server with a traceback)."""
+    try:
+        return parse(raw)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        variable = ENV_PREFIX + d.name.upper().replace("-", "_")
+        p.error(f"{variable}={raw!r} is not a valid {d.option} value ({exc})")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -282,7 +292,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         if d.flag is not None and d.is_list:
             items = values[d.name]
             if items is None and (raw := _env(e, d.name)):
-                items = [(d.flag.item or str)(t) for t in raw.split(d.flag.env_sep)]
+                items = [_from_env(parser, d, t, d.flag.item or str) for t in raw.split(d.flag.env_sep)]
             values[d.name] = list(items or [])
     for d in _declared():
         if d.secret is not None:
