@@ -41,7 +41,6 @@ sys.path.insert(0, str(ROOT))
 
 from devtools.realserver import start_server  # noqa: E402
 from devtools.tinymodel import build_tiny_model  # noqa: E402
-
 from vllm_operator.cli import main as cli_main  # noqa: E402
 from vllm_operator_client._core import request_body  # noqa: E402
 from vllm_operator_client.bench_load import make_prompt  # noqa: E402

@@ -25,7 +25,6 @@ from typing import Any
 
 from devtools.cluster import ClusterSpec, LocalCluster, kubectl_binary
 from devtools.operator_process import OperatorProcess, install_crd
-
 from vllm_operator import render
 from vllm_operator.api import parse_spec
 from vllm_operator.settings import OperatorSettings

@@ -20,6 +20,9 @@ from typing import Any
 from devtools.hostile import PodServers, metrics_page, models_body
 from devtools.stub_server import read_request
 
+# Every fake answer's usage: this many prompt tokens, and one generated token per event.
+PROMPT_TOKENS = 7
+
 
 @dataclass
 class FakePod:
@@ -51,6 +54,7 @@ class FakePod:
             "model": model,
             "pod": self.name,
             "choices": [{"index": index, "message": {"role": "assistant", "content": self.name}}],
+            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 1},
         }
 
 
@@ -218,6 +222,10 @@ class FakePods(PodServers):
                     return False
                 if pod.delay:
                     await asyncio.sleep(pod.delay)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": pod.events}
+                data = f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode()
+                writer.write(b"%x\r\n%s\r\n" % (len(data), data))
             done = b"data: [DONE]\n\n"
             writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
             await writer.drain()

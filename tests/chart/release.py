@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from devtools.cluster import LocalCluster
 from devtools.helm import CHART
 from devtools.operator_process import OperatorProcess

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
+
 from devtools.cluster import LocalCluster, condition, wait_until
 from devtools.paths import CRD_NAME, REPO_ROOT
-
 from tests.chart.release import Release, exists
 
 pytestmark = pytest.mark.cluster

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from devtools import kubeschema, values_doc
 from devtools.helm import (
     CHART,
@@ -23,7 +24,6 @@ from devtools.helm import (
     template,
 )
 from devtools.paths import CRD_FILE, REPO_ROOT
-
 from vllm_operator import cli
 from vllm_operator.settings import ENV_PREFIX, OperatorSettings
 

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from devtools.realserver import RealServer, lora_flags, start_server
 from devtools.stub_server import Stub
-
 from vllm_operator_client import RetryPolicy
 
 API_KEY = "client-key"

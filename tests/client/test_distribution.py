@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from devtools.realserver import RealServer
 
+from devtools.realserver import RealServer
 from tests.client.conftest import API_KEY
 
 pytestmark = pytest.mark.engine

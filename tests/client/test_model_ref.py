@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from devtools.cluster import LocalCluster
 from devtools.operator_process import install_crd
 from devtools.realserver import RealServer
-
 from tests.client.conftest import API_KEY
 from vllm_operator.cli import main
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from devtools.realserver import RealServer
 
+from devtools.realserver import RealServer
 from tests.client.conftest import API_KEY
 from vllm_operator.cli import main
 from vllm_operator_client import (

@@ -6,8 +6,8 @@ import itertools
 import socket
 
 import pytest
-from devtools.stub_server import Reply, Stub, chat_events, error_body
 
+from devtools.stub_server import Reply, Stub, chat_events, error_body
 from vllm_operator_client import (
     APIConnectionError,
     APIStreamError,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from devtools.cluster import LocalCluster
 from devtools.operator_process import OperatorProcess, install_crd
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from devtools.autoscaling import (
     Stack,
     autoscaled,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from devtools import versions
 from devtools.cluster import GPU_RESOURCE, LocalCluster, condition, wait_until
 

@@ -21,11 +21,11 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from devtools.cluster import LocalCluster, condition, wait_until
 from devtools.hostile import PodServers, alternating_page, drip, huge, metrics_page, pod
 from devtools.operator_process import OperatorProcess
-from prometheus_client.parser import text_string_to_metric_families
-
 from vllm_operator.scrape import MAX_PAGE_BYTES
 
 pytestmark = pytest.mark.cluster

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import yaml
+
 from devtools.cluster import LocalCluster, condition, table_row, wait_until
 from devtools.operator_process import OperatorProcess
 from devtools.paths import REPO_ROOT
-
 from tests.unit.test_flags import CASES as FLAG_CASES
 from vllm_operator import render
 from vllm_operator.api import parse_spec

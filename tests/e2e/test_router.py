@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from devtools.cluster import LocalCluster, condition, wait_until
 from devtools.fakepod import FakePod, FakePods
 from devtools.operator_process import OperatorProcess

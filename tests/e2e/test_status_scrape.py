@@ -24,11 +24,11 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+
 from devtools.cluster import LocalCluster, condition, table_row, wait_until
 from devtools.operator_process import OperatorProcess, admin_token
 from devtools.realserver import RealServer, spawn_server
 from devtools.router_process import RouterProcess
-
 from vllm_operator.throughput import GENERATION_TOKENS, parse_metrics
 
 pytestmark = [pytest.mark.cluster, pytest.mark.engine]

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
 from devtools.cluster import (
     LOOPBACK_POD_CIDR,
     ClusterSpec,

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from devtools import toolchain
 from devtools.cluster import DEFAULT_ROOT, kubectl_binary
 from devtools.kind import cluster as kind_cluster

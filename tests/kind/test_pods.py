@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+
 from devtools.cluster import condition, table_row, wait_until
 from devtools.kind import images, stack
 from devtools.kind.cluster import KindCluster

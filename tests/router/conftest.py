@@ -8,8 +8,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
-from devtools.fakepod import FakePod, FakePods
 
+from devtools.fakepod import FakePod, FakePods
 from vllm_operator import api
 from vllm_operator.router import proxy, table
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from devtools.fakepod import FakePod, FakePods
 
+from devtools.fakepod import PROMPT_TOKENS, FakePod, FakePods
 from tests.router.conftest import RunningRouter, route
 from vllm_operator import api
 
@@ -400,3 +400,19 @@ def test_a_refused_large_upload_still_reads_its_413(running_router: RunningRoute
             response = client.post(CHAT, content=big)
         assert response.status_code == 413
         assert "--max-body-bytes" in response.json()["error"]["message"]
+
+
+def test_tokens_are_counted_from_the_usage_the_pods_send(
+    running_router: RunningRouter, fake_pods: FakePods
+) -> None:
+    pod = FakePod("a", events=5)
+    running_router.use(route("tiny", [(fake_pods.add(pod), pod)]))
+    with httpx.Client(base_url=running_router.url, timeout=10) as client:
+        for _ in range(2):  # JSON answers: usage {7, 1} each
+            assert client.post(CHAT, json={"model": "tiny"}).status_code == 200
+        with_usage = {"model": "tiny", "stream": True, "stream_options": {"include_usage": True}}
+        assert "usage" in client.post(CHAT, json=with_usage).text  # usage {7, 5}
+        assert client.post(CHAT, json={"model": "tiny", "stream": True}).status_code == 200  # none
+        metrics = client.get("/metrics").text
+    assert f'vllm_router_prompt_tokens_total{{model="tiny"}} {3 * PROMPT_TOKENS}.0' in metrics, metrics
+    assert 'vllm_router_generation_tokens_total{model="tiny"} 7.0' in metrics, metrics

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from devtools.fakepod import FakePod, FakePods
 
+from devtools.fakepod import FakePod, FakePods
 from tests.router.conftest import RunningRouter, route
 from vllm_operator import api
 from vllm_operator.router import proxy, table, wake

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from devtools.realserver import RealServer, lora_flags, start_server
 
+from devtools.realserver import RealServer, lora_flags, start_server
 from tests.server.fake_engine import FakeEngine
 from vllm_server.app import create_app
 from vllm_server.settings import Settings, parse_settings

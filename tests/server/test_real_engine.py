@@ -12,9 +12,9 @@ import time
 import httpx
 import openai
 import pytest
-from devtools.realserver import RealServer
 from openai.types.chat import ChatCompletionMessageParam
 
+from devtools.realserver import RealServer
 from tests.server.conftest import ADMIN_TOKEN
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]

@@ -16,12 +16,13 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from devtools.realserver import RealServer, lora_flags, start_server
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.core.result import Ok
+
+from devtools.realserver import RealServer, lora_flags, start_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 

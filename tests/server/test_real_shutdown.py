@@ -15,6 +15,7 @@ import time
 
 import httpx
 import pytest
+
 from devtools.realserver import ENGINE_FLAGS, RealServer, free_port
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(300)]

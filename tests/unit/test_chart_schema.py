@@ -7,11 +7,11 @@ import re
 from typing import Any, NamedTuple
 
 import pytest
-from devtools.paths import REPO_ROOT
 from jsonschema import Draft7Validator
 from pydantic import BaseModel, Field
 from pydantic.alias_generators import to_snake
 
+from devtools.paths import REPO_ROOT
 from vllm_operator import chart_schema
 from vllm_operator.settings import ENV_PREFIX, OperatorSettings, SettingsError
 

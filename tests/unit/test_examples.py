@@ -7,9 +7,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+
 from devtools import kubeschema
 from devtools.paths import REPO_ROOT
-
 from vllm_operator.cli import main, render_documents
 from vllm_operator.settings import OperatorSettings
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import yaml
-from devtools.paths import CRD_FILE, REPO_ROOT
 
+from devtools.paths import CRD_FILE, REPO_ROOT
 from vllm_operator import chart_schema, crd, docs
 from vllm_operator.settings import OperatorSettings
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
-from devtools.hostile import PodServers, drip, huge, metrics_page, models_body, pod, send
 from prometheus_client import REGISTRY
 
+from devtools.hostile import PodServers, drip, huge, metrics_page, models_body, pod, send
 from vllm_operator import scrape
 from vllm_operator.lora import AdapterCall
 from vllm_operator.scrape import (

@@ -27,7 +27,7 @@ import httptools
 
 from vllm_operator.router import errors
 from vllm_operator.router.balance import Balancer, prefix_key
-from vllm_operator.router.stats import ModelStats, Stats, prometheus_text
+from vllm_operator.router.stats import ModelStats, Stats, prometheus_text, usage_of
 from vllm_operator.router.table import Endpoint, Table, Target
 from vllm_operator.router.wake import Holds, Scaler
 from vllm_operator_client.errors import message_of
@@ -333,6 +333,8 @@ class Exchange:
         self.swallow = False
         self.seen_body = False
         self.tail = b"\n\n"
+        # The last two pieces of the body, by reference (no copy per chunk): where `usage` is.
+        self.piece = self.last_piece = b""
         self.event_stream = False
 
     def _settle(self, outcome: str) -> None:
@@ -376,6 +378,7 @@ class Exchange:
                 self.stats.first_chunk.observe(time.perf_counter() - self.started)
         self.downstream.write_piece(data)
         self.tail = data[-2:]
+        self.last_piece, self.piece = self.piece, data
 
     def complete(self) -> None:
         if self.swallow:
@@ -387,6 +390,11 @@ class Exchange:
                 or f"the model server answered {self.status}"
             )
             self.downstream.write_piece(errors.sse_event(self.status, message))
+        elif self.status == 200:
+            usage = usage_of(self.last_piece + self.piece)
+            if usage is not None:
+                self.stats.prompt_tokens += usage[0]
+                self.stats.completion_tokens += usage[1]
         self.downstream.end()
         self._settle("done")
 

@@ -7,6 +7,7 @@ scraped (a custom collector), so the hot path pays no metrics library per reques
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,25 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from vllm_operator.router.table import Route, Table
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# An OpenAI `usage` object: JSON strings escape their quotes, so `"usage":{` with bare quotes
+# is a key, never generated text. Its fields are read from the object alone.
+_USAGE = re.compile(rb'"usage"\s*:\s*\{([^{}]*)\}')
+_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d{1,12})')
+_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,12})')
+
+
+def usage_of(tail: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of the last `usage` object in a response's tail: a JSON
+    answer ends with it, and a stream asked with `stream_options.include_usage` sends it in its
+    last event. None when there is none (a stream asked without it)."""
+    objects = list(_USAGE.finditer(tail))
+    if not objects:
+        return None
+    found = objects[-1]
+    prompt, completion = _PROMPT.search(found[1]), _COMPLETION.search(found[1])
+    if prompt is None or completion is None:
+        return None
+    return int(prompt[1]), int(completion[1])
 
 
 @dataclass
@@ -48,6 +68,9 @@ class ModelStats:
     """Seconds from the request to the pod's response head."""
     first_chunk: Histogram = field(default_factory=Histogram)
     """Seconds from the request to the first body bytes of a stream (the time to first token)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    """Tokens of the answers that carried a `usage` object (see `usage_of`)."""
 
     def answered(self, status: int) -> None:
         self.requests[status] = self.requests.get(status, 0) + 1
@@ -130,7 +153,19 @@ class _Collector:
             "Request to a stream's first body bytes",
             labels=["model"],
         )
+        prompt = CounterMetricFamily(
+            "vllm_router_prompt_tokens",
+            "Prompt tokens of the answers that carried usage (every JSON one; streams with include_usage)",
+            labels=["model"],
+        )
+        generated = CounterMetricFamily(
+            "vllm_router_generation_tokens",
+            "Generated tokens of the answers that carried usage (every JSON one; streams with include_usage)",
+            labels=["model"],
+        )
         for name, s in sorted(self.stats.models.items()):
+            prompt.add_metric([name], s.prompt_tokens)
+            generated.add_metric([name], s.completion_tokens)
             for code, count in sorted(s.requests.items()):
                 requests.add_metric([name, str(code)], count)
             flying.add_metric([name], s.in_flight)
@@ -155,7 +190,8 @@ class _Collector:
         )
         for address, histogram in sorted(self.stats.pod_first_byte.items()):
             pod_head.add_metric([address], histogram.buckets(), histogram.total)
-        yield from (requests, flying, retries, broken, head, chunk, pods, pod_requests, pod_head)
+        yield from (requests, flying, retries, broken, head, chunk, prompt, generated)
+        yield from (pods, pod_requests, pod_head)
 
 
 def prometheus_text(stats: Stats, in_flight: Mapping[str, int]) -> bytes:
