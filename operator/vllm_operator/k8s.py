@@ -39,6 +39,8 @@ JSON_PATCH = "application/json-patch+json"
 
 # A Status message is one sentence; a longer one quotes what was sent.
 MAX_MESSAGE = 512
+# The longest Retry-After honoured (seconds); a longer or non-finite one falls back to backoff.
+MAX_RETRY_AFTER = 60.0
 
 
 class TransientError(Exception):
@@ -106,21 +108,27 @@ _BY_STATUS: dict[int, type[APIError]] = {
 
 
 def api_error(status: int, reason: str, body: str, headers: Mapping[str, str] | None = None) -> APIError:
-    """The error of an HTTP answer, read from its Status body (or its first line if not JSON)."""
+    """The error of an HTTP answer, read from its Status body (or its first line if not JSON);
+    whatever the body or a proxy in between holds, this returns an error and never raises."""
     message = ""
     try:
         parsed = json.loads(body) if body else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     if isinstance(parsed, dict):
         message = str(parsed.get("message") or "")
-        status = status or int(parsed.get("code") or 500)
+        code = parsed.get("code")
+        if not status:  # a watch's ERROR event carries its status only in the body
+            status = code if isinstance(code, int) and 100 <= code <= 599 else 500
     elif body:
-        message = body.splitlines()[0]
+        message = body.splitlines()[0] if body.strip() else ""
     header = (headers or {}).get("Retry-After")
     try:
-        retry_after = float(header) if header else None
+        retry_after: float | None = float(header) if header else None
     except ValueError:
+        retry_after = None
+    # A pause we would honour: NaN or infinity would crash or hang the retry's sleep.
+    if retry_after is not None and not 0 <= retry_after <= MAX_RETRY_AFTER:
         retry_after = None
     cls = _BY_STATUS.get(status) or (APIServerError if status >= 500 else APIClientError)
     return cls(status, reason, message, retry_after)

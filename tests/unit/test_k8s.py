@@ -156,3 +156,28 @@ def test_a_watch_error_event_is_our_class_by_its_code(
     server.script.append((200, {}, json.dumps(expired).encode() + b"\n"))  # type: ignore[attr-defined]
     with pytest.raises(k8s.APIGoneError, match="too old resource version"):
         list(cluster.watch("Pod", "default", "", "1", seconds=1))
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "expected"),
+    [
+        (0, '{"code": "x", "message": "m"}', {}, (k8s.APIServerError, 500, "m", None)),
+        (0, '{"code": true}', {}, (k8s.APIServerError, 500, "", None)),
+        (0, '{"code": 410, "message": "gone"}', {}, (k8s.APIGoneError, 410, "gone", None)),
+        (503, "[" * 100_000, {}, (k8s.APIServerError, 503, "[" * k8s.MAX_MESSAGE, None)),
+        (502, "\n\n", {}, (k8s.APIServerError, 502, "", None)),
+        (429, "", {"Retry-After": "nan"}, (k8s.APIClientError, 429, "", None)),
+        (429, "", {"Retry-After": "inf"}, (k8s.APIClientError, 429, "", None)),
+        (429, "", {"Retry-After": "-1"}, (k8s.APIClientError, 429, "", None)),
+        (429, "", {"Retry-After": "2"}, (k8s.APIClientError, 429, "", 2.0)),
+    ],
+)
+def test_a_hostile_error_answer_still_makes_an_error(
+    status: int,
+    body: str,
+    headers: dict[str, str],
+    expected: tuple[type[k8s.APIError], int, str, float | None],
+) -> None:
+    """A proxy in front of the API server may answer anything: never a crash, never a NaN sleep."""
+    error = k8s.api_error(status, "", body, headers)
+    assert (type(error), error.status, error.message, error.retry_after) == expected
