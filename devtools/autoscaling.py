@@ -6,6 +6,7 @@ bench/autoscale_bench.py (figures): one place that drives the scenarios of issue
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import threading
@@ -84,10 +85,20 @@ class Stack:
         )
         self.kube = k8s.KubeCluster(k8s.api_client(configuration))
 
-    def pod_for(self, ip: str) -> FakePod:
+    async def pod_for(self, ip: str) -> FakePod:
+        """The fake pod at `ip`, serving the model whose pod has that IP now. The stack's own
+        pod watch may learn the IP after the router does: wait for it (up to 3 s) rather than
+        answer as no model. A new fake when the IP moved to another model's pod (kwok reuses
+        the IPs of deleted pods). CI once saw a model's first request answered 404 here."""
+        served = self.timeline.model_of_ip.get(ip)
+        for _ in range(60):
+            if served is not None:
+                break
+            await asyncio.sleep(0.05)
+            served = self.timeline.model_of_ip.get(ip)
+        served = served or "unknown"
         pod = self.pods.get(ip)
-        if pod is None:
-            served = self.timeline.model_of_ip.get(ip, "unknown")
+        if pod is None or pod.served != served:
             pod = self.pods[ip] = FakePod(ip, served=served, delay=self.default_delay)
         return pod
 

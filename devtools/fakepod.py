@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,14 +103,17 @@ class FakePods(PodServers):
         address = _address(server)
         return address
 
-    def catch_all(self, port: int, pod_for: Callable[[str], FakePod]) -> None:
-        """Answer at `port` on every local address, each connection by the fake pod `pod_for`
+    def catch_all(self, port: int, pod_for: Callable[[str], Awaitable[FakePod]]) -> None:
+        """Answer at `port` on every local address, each request by the fake pod `pod_for`
         gives for the address it came to. kwok gives a pod its IP as it marks it Ready, so a
         server started only then could lose the router's first connection (a real pod listens
-        before it is Ready); one listener on all addresses is there first."""
+        before it is Ready); one listener on all addresses is there first. `pod_for` is asked
+        again for each request: kwok reuses a deleted pod's IP for a new pod, and a kept-alive
+        connection must then answer as the new one."""
 
         async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._connection(reader, writer, pod_for(str(writer.get_extra_info("sockname")[0])))
+            address = str(writer.get_extra_info("sockname")[0])
+            await self._connection(reader, writer, await pod_for(address), lambda: pod_for(address))
 
         async def start() -> asyncio.Server:
             return await asyncio.start_server(connection, "0.0.0.0", port, reuse_address=True)
@@ -118,13 +121,18 @@ class FakePods(PodServers):
         self.servers.append(asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=10))
 
     async def _connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pod: FakePod
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pod: FakePod,
+        resolve: Callable[[], Awaitable[FakePod]] | None = None,
     ) -> None:
         pod.connections += 1
         try:
             while True:
                 method, path, headers, raw = await read_request(reader)
                 body = json.loads(raw) if raw else {}
+                pod = await resolve() if resolve is not None else pod
                 if not await self._answer(pod, method, path, headers, body, writer):
                     return
                 if headers.get("connection", "").lower() == "close":
