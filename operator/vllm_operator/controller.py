@@ -10,13 +10,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from vllm_operator import k8s, metrics, reconcile, render
-from vllm_operator.api import ConditionStatus, SpecError
+from vllm_operator.api import SpecError
 from vllm_operator.settings import OperatorSettings
 from vllm_operator.store import Key, Store
 
 log = logging.getLogger(__name__)
 Obj = Mapping[str, Any]
-Verdict = tuple[ConditionStatus, str, str]
 
 # How long a model's child events gather before the one reconcile they share. A new model's
 # children change ~8 times on their way to Ready (Deployment and Service added, the
