@@ -55,7 +55,7 @@ LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 ConditionType = Literal["Ready", "Progressing", "Degraded", "SpecValid", "AdaptersReady"]
 ConditionStatus = Literal["True", "False", "Unknown"]
-RoutingStrategy = Literal["LeastLoad", "PrefixAffinity"]
+RoutingStrategy = Literal["LeastLoad", "PrefixAffinity", "RoundRobin"]
 AutoscalingDriver = Literal["Operator", "External"]
 
 ModelSource = Annotated[str, Field(pattern=MODEL_SOURCE_PATTERN, min_length=1, max_length=512)]
@@ -157,7 +157,8 @@ class Routing(WireModel):
     """How the router (`vllm-operator router`) reaches this model and spreads its requests."""
 
     strategy: RoutingStrategy = "LeastLoad"
-    """LeastLoad: the pod with fewest requests in flight; PrefixAffinity: alike conversations share a pod."""
+    """LeastLoad: the pod with fewest requests in flight; PrefixAffinity: alike conversations share a pod;
+    RoundRobin: each pod in turn, whatever its load."""
     aliases: list[Annotated[str, Field(min_length=1, max_length=253, pattern=MODEL_NAME.pattern)]] = Field(
         default_factory=list, max_length=16
     )

@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
@@ -243,7 +243,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--strategy",
-        choices=["LeastLoad", "PrefixAffinity"],
+        choices=get_args(api.RoutingStrategy),
         default="LeastLoad",
         help="routing strategy of the --upstream routes",
     )

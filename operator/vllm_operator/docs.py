@@ -61,7 +61,7 @@ def rows(model: type[BaseModel], prefix: str = "spec") -> list[str]:
     out = []
     for name, field in model.model_fields.items():
         path = f"{prefix}.{field.alias or name}"
-        doc = (field.description or "").replace("|", "\\|")
+        doc = " ".join((field.description or "").split()).replace("|", "\\|")
         out.append(f"| `{path}` | {_type_name(field.annotation)} | {_default(field)} | {doc} |")
         nested = _model_of(field.annotation)
         if nested is not None:

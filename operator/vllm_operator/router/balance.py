@@ -4,15 +4,19 @@ Load is the number of requests this router has in flight to a pod. Affinity uses
 hashing with bounded loads: a key (a conversation's leading text, or a session header) hashes to
 a point on a ring of pod replicas; the first pod clockwise whose load stays within
 `loadFactor x mean` takes it. A shared system prompt therefore cannot pile onto one pod, and a
-pod joining or leaving moves only the keys next to it.
+pod joining or leaving moves only the keys next to it. A key's last pod is remembered and tried
+first: once the bound has moved a conversation, its prefix is cached where it went, and going
+back to the ring's first choice would cost a prefill there.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +27,8 @@ RING_REPLICAS = 100
 DOWN_SECONDS = 1.0
 """How long a pod that refused a connection is skipped. Short, so that a restarted pod is back at
 once; the pod watch removes a pod that stays down."""
+HOMES = 65_536
+"""Keys whose last pod is remembered (least recently used forgotten first): about 6 MB at most."""
 
 
 def _hash(text: str) -> int:
@@ -74,9 +80,9 @@ class Ring:
         self.hashes = [h for h, _ in points]
         self.addresses = [a for _, a in points]
 
-    def walk(self, key: str) -> Iterator[str]:
-        """Distinct addresses clockwise from the key's point."""
-        start = bisect.bisect(self.hashes, _hash(key))
+    def walk(self, point: int) -> Iterator[str]:
+        """Distinct addresses clockwise from a key's point (its hash)."""
+        start = bisect.bisect(self.hashes, point)
         seen: set[str] = set()
         n = len(self.addresses)
         for i in range(n):
@@ -93,6 +99,8 @@ class Balancer:
         self.in_flight: dict[str, int] = {}
         self._down_until: dict[str, float] = {}
         self._rings: dict[tuple[str, ...], Ring] = {}
+        self._homes: OrderedDict[int, str] = OrderedDict()
+        """Key hash -> the pod its last request went to."""
         self._turn = 0
 
     def acquire(self, address: str) -> None:
@@ -131,26 +139,23 @@ class Balancer:
         load_factor: float = 1.25,
         exclude: set[str] | None = None,
         now: float | None = None,
+        rotate: bool = False,
     ) -> Endpoint | None:
-        """The pod for one request: by `key` with a load bound when given, else the least loaded."""
+        """The pod for one request: by `key` with a load bound when given, in turn when `rotate`
+        (RoundRobin), else the least loaded."""
         usable = self._usable(eligible, exclude or set(), time.monotonic() if now is None else now)
         if not usable:
             return None
         if len(usable) == 1:
             return usable[0]
         if key is not None:
-            # The candidate set is fixed (eligible pods), so the ring is too; excluded or down
-            # pods are skipped while walking it.
-            by_address = {e.address: e for e in usable}
-            total = sum(self.in_flight.get(a, 0) for a in by_address)
-            bound = math.ceil((total + 1) * load_factor / len(usable))
-            for addr in self._ring(eligible).walk(key):
-                if addr in by_address and self.in_flight.get(addr, 0) + 1 <= bound:
-                    return by_address[addr]
-        # Least loaded; ties go round, so that an idle pool still spreads its requests.
+            return self._by_key(eligible, usable, key, load_factor)
         self._turn += 1
         n = len(usable)
         best = usable[self._turn % n]
+        if rotate:
+            return best
+        # Least loaded; ties go round, so that an idle pool still spreads its requests.
         best_load = self.in_flight.get(best.address, 0)
         for i in range(1, n):
             candidate = usable[(self._turn + i) % n]
@@ -158,3 +163,33 @@ class Balancer:
             if load < best_load:
                 best, best_load = candidate, load
         return best
+
+    def _by_key(
+        self, eligible: Sequence[Endpoint], usable: Sequence[Endpoint], key: str, load_factor: float
+    ) -> Endpoint | None:
+        """The key's last pod, else the first on its ring, within the bound; else the least loaded."""
+        by_address = {e.address: e for e in usable}
+        total = sum(self.in_flight.get(a, 0) for a in by_address)
+        # A pod may hold loadFactor x the mean with this request counted, rounded down (rounding
+        # up let 4 pods at 32 in flight reach 11, 1.375x the mean), but always one request: an
+        # idle pool still places a key on its own pod.
+        bound = max(1, math.floor(load_factor * (total + 1) / len(usable) + 1e-9))
+        point = _hash(key)
+        home = self._homes.get(point)
+        # The candidate set is fixed (eligible pods), so the ring is too; excluded or down pods
+        # are skipped while walking it.
+        walk = self._ring(eligible).walk(point)
+        chosen: Endpoint | None = None
+        for addr in walk if home is None else itertools.chain((home,), walk):
+            if addr in by_address and self.in_flight.get(addr, 0) + 1 <= bound:
+                chosen = by_address[addr]
+                break
+        if chosen is None:
+            chosen = self.pick(usable)
+            if chosen is None:  # pragma: no cover - usable is not empty
+                return None
+        self._homes[point] = chosen.address
+        self._homes.move_to_end(point)
+        if len(self._homes) > HOMES:
+            self._homes.popitem(last=False)
+        return chosen

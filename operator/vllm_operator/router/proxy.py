@@ -752,7 +752,13 @@ class Router:
         attempt = 0
         while attempt < MAX_ATTEMPTS:
             eligible = target.eligible()
-            endpoint = self.balancer.pick(eligible, key=key, load_factor=routing.load_factor, exclude=tried)
+            endpoint = self.balancer.pick(
+                eligible,
+                key=key,
+                load_factor=routing.load_factor,
+                exclude=tried,
+                rotate=routing.strategy == "RoundRobin",
+            )
             if endpoint is None:
                 if attempt == 0:
                     code, error = errors.no_ready_pod(target.adapter or target.route.served_name)
