@@ -43,6 +43,19 @@ def model(name: str) -> dict[str, Any]:
     }
 
 
+def apply_at_once(
+    cluster: LocalCluster, namespace: str, manager: str, objects: list[dict[str, Any]]
+) -> tuple[float, float]:
+    """One `kubectl apply --server-side` of all `objects`: (when it started, monotonic; its seconds)."""
+    body = "\n---\n".join(json.dumps(o) for o in objects)
+    started = time.monotonic()
+    cluster.kubectl(
+        "apply", "--server-side", f"--field-manager={manager}", "-n", namespace, "-f", "-",
+        input=body, check=True, timeout=600,
+    )  # fmt: skip
+    return started, time.monotonic() - started
+
+
 def reconciles(operator: OperatorProcess) -> float:
     """Reconciles the operator has run (its vllm_operator_reconciles_total, every result)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=10) as page:
@@ -66,15 +79,9 @@ def floor(cluster: LocalCluster, names: list[str]) -> dict[str, float]:
         for child in render.children(ref, parse_spec(model(name)["spec"]), settings):
             child["metadata"].pop("ownerReferences", None)
             manifests.append(child)
-    body = "\n---\n".join(json.dumps(m) for m in manifests)
     watch = DeploymentWatch(cluster, namespace)
     time.sleep(1)
-    started = time.monotonic()
-    cluster.kubectl(
-        "apply", "--server-side", "--field-manager=floor", "-n", namespace, "-f", "-",
-        input=body, check=True, timeout=600,
-    )  # fmt: skip
-    applied = time.monotonic() - started
+    started, applied = apply_at_once(cluster, namespace, "floor", manifests)
     deadline = time.monotonic() + 120
     while len(watch.seen) < len(names) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -83,17 +90,12 @@ def floor(cluster: LocalCluster, names: list[str]) -> dict[str, float]:
     # What the operator's path pays before it can start: the 200 VLLMModels themselves (CRD
     # schema and CEL rules checked per object), applied the same way with no operator.
     cluster.kubectl("create", "namespace", "floor-models", check=True)
-    models = "\n---\n".join(json.dumps(model(n)) for n in names)
-    begun = time.monotonic()
-    cluster.kubectl(
-        "apply", "--server-side", "--field-manager=floor", "-n", "floor-models", "-f", "-",
-        input=models, check=True, timeout=600,
-    )  # fmt: skip
+    _, models_alone = apply_at_once(cluster, "floor-models", "floor", [model(n) for n in names])
     return {
         "objects": len(manifests),
         "kubectl_s": round(applied, 2),
         "last_deployment_s": round(last, 2),
-        "models_alone_s": round(time.monotonic() - begun, 2),
+        "models_alone_s": round(models_alone, 2),
     }
 
 
@@ -167,13 +169,7 @@ def run(count: int, idle_seconds: int) -> dict[str, Any]:
         # Applied at once, as the floor applies its children: one server-side apply of all.
         # (Ten client-side applies of 20 took ~13 s by themselves, and the operator kept up
         # with them: that measured kubectl, not the operator.)
-        body = "\n---\n".join(json.dumps(model(n)) for n in names)
-        started = time.monotonic()
-        cluster.kubectl(
-            "apply", "--server-side", "--field-manager=bench", "-n", namespace, "-f", "-",
-            input=body, check=True, timeout=600,
-        )  # fmt: skip
-        models_applied_s = time.monotonic() - started
+        started, models_applied_s = apply_at_once(cluster, namespace, "bench", [model(n) for n in names])
         applied = dict.fromkeys(names, started)
         print(f"applied {count} models in {models_applied_s:.1f}s")
 

@@ -24,6 +24,16 @@ from devtools.stub_server import read_request
 PROMPT_TOKENS = 7
 
 
+@dataclass(frozen=True)
+class Call:
+    """One request a fake pod received, its JSON body parsed."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
 @dataclass
 class FakePod:
     """One pod's behaviour and what it saw."""
@@ -131,9 +141,9 @@ class FakePods(PodServers):
         try:
             while True:
                 method, path, headers, raw = await read_request(reader)
-                body = json.loads(raw) if raw else {}
+                call = Call(method, path, headers, json.loads(raw) if raw else {})
                 pod = await resolve() if resolve is not None else pod
-                if not await self._answer(pod, method, path, headers, body, writer):
+                if not await self._answer(pod, call, writer):
                     return
                 if headers.get("connection", "").lower() == "close":
                     return
@@ -146,16 +156,9 @@ class FakePods(PodServers):
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    async def _answer(
-        self,
-        pod: FakePod,
-        method: str,
-        path: str,
-        headers: dict[str, str],
-        body: dict[str, Any],
-        writer: asyncio.StreamWriter,
-    ) -> bool:
+    async def _answer(self, pod: FakePod, call: Call, writer: asyncio.StreamWriter) -> bool:
         """Write one response; False when the connection must end."""
+        method, path, body = call.method, call.path, call.body
         if method == "GET" and path == "/health":
             writer.write(_head(200, {"content-length": "0"}))
         elif method == "GET" and path == "/metrics":
@@ -176,22 +179,16 @@ class FakePods(PodServers):
             pod.adapters.discard(str(body.get("lora_name")))
             writer.write(_json(200, {"ok": True}))
         elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
-            return await self._complete(pod, path, headers, body, writer)
+            return await self._complete(pod, call, writer)
         else:
             writer.write(_json(404, {"error": {"message": f"no route {path}"}}))
         await writer.drain()
         return True
 
-    async def _complete(
-        self,
-        pod: FakePod,
-        path: str,
-        headers: dict[str, str],
-        body: dict[str, Any],
-        writer: asyncio.StreamWriter,
-    ) -> bool:
+    async def _complete(self, pod: FakePod, call: Call, writer: asyncio.StreamWriter) -> bool:
+        body = call.body
         model = str(body.get("model"))
-        pod.seen.append({"path": path, "model": model, "headers": headers})
+        pod.seen.append({"path": call.path, "model": model, "headers": call.headers})
         if model != pod.served and model not in pod.adapters:
             pod.misrouted.append(model)
             writer.write(

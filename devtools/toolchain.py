@@ -123,50 +123,35 @@ def check_wrapper(module_dir: Path, *needles: str) -> None:
         )
 
 
-def build_kubernetes(out: Path) -> None:
-    """Build the three control-plane commands in one `go build` (they share most code)."""
-    module = HARNESS_DIR / "k8s"
-    check_wrapper(
-        module,
-        f"k8s.io/kubernetes {versions.KUBERNETES}",
-        f"k8s.io/api {versions.KUBERNETES_STAGING}",
-    )
+def go_build_kubernetes(out: str, commands: list[str]) -> None:
+    """`go build` Kubernetes commands from the k8s wrapper module into `out` (a directory with a
+    trailing slash, or one binary's path), stamped with the Kubernetes version."""
     flags = ["-s", "-w"]
     # Without these the server reports v0.0.0 and helm refuses kubeVersion-gated charts.
     for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
         flags += version_ldflags(package, versions.KUBERNETES)
-    commands = [f"k8s.io/kubernetes/cmd/{name}" for name in KUBERNETES.binaries]
-    run_go(["build", "-trimpath", "-ldflags", " ".join(flags), "-o", f"{out}/", *commands], module)
+    packages = [f"k8s.io/kubernetes/cmd/{name}" for name in commands]
+    run_go(["build", "-trimpath", "-ldflags", " ".join(flags), "-o", out, *packages], HARNESS_DIR / "k8s")
+
+
+def build_kubernetes(out: Path) -> None:
+    """Build the three control-plane commands in one `go build` (they share most code)."""
+    check_wrapper(
+        HARNESS_DIR / "k8s",
+        f"k8s.io/kubernetes {versions.KUBERNETES}",
+        f"k8s.io/api {versions.KUBERNETES_STAGING}",
+    )
+    go_build_kubernetes(f"{out}/", list(KUBERNETES.binaries))
 
 
 def build_kubernetes_node(out: Path) -> None:
     """Build kubelet, kubeadm and kube-proxy for the kind node image (same wrapper, shared cache)."""
-    module = HARNESS_DIR / "k8s"
-    flags = ["-s", "-w"]
-    for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
-        flags += version_ldflags(package, versions.KUBERNETES)
-    commands = [f"k8s.io/kubernetes/cmd/{name}" for name in KUBERNETES_NODE.binaries]
-    run_go(["build", "-trimpath", "-ldflags", " ".join(flags), "-o", f"{out}/", *commands], module)
+    go_build_kubernetes(f"{out}/", list(KUBERNETES_NODE.binaries))
 
 
 def build_kubectl(out: Path) -> None:
     """Build kubectl from the same wrapper so the client matches the server version."""
-    module = HARNESS_DIR / "k8s"
-    flags = ["-s", "-w"]
-    for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
-        flags += version_ldflags(package, versions.KUBERNETES)
-    run_go(
-        [
-            "build",
-            "-trimpath",
-            "-ldflags",
-            " ".join(flags),
-            "-o",
-            f"{out}/kubectl",
-            "k8s.io/kubernetes/cmd/kubectl",
-        ],
-        module,
-    )
+    go_build_kubernetes(f"{out}/kubectl", ["kubectl"])
 
 
 def build_etcd(out: Path) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, Literal, TypeVar
+from types import TracebackType
+from typing import Any, Generic, Literal, Self, TypeVar
 
 import httpx
 
@@ -328,6 +330,42 @@ def timeout_of(timeout: float | httpx.Timeout | None) -> httpx.Timeout:
     if isinstance(timeout, httpx.Timeout):
         return timeout
     return httpx.Timeout(timeout, pool=None)
+
+
+class Closing(ABC):
+    """Closed by `close()`, or on leaving a `with` block."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what it holds."""
+
+    def __enter__(self) -> Self:
+        """Use in `with`: closed on the way out, early or not."""
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Close."""
+        self.close()
+
+
+class AsyncClosing(ABC):
+    """Closed by `aclose()`, or on leaving an `async with` block."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release what it holds."""
+
+    async def __aenter__(self) -> Self:
+        """Use in `async with`: closed on the way out, early or not."""
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Close."""
+        await self.aclose()
 
 
 class BaseStream(Generic[C]):

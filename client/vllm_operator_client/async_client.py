@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from types import TracebackType
 from typing import Any, Literal
 
 import httpx
 
 from vllm_operator_client._core import (
     PATHS,
+    AsyncClosing,
     Attempts,
     BaseClient,
     BaseStream,
@@ -51,7 +51,7 @@ def transport_of(backend: Backend, limits: httpx.Limits) -> httpx.AsyncBaseTrans
     return transport
 
 
-class AsyncStream(BaseStream[AsyncIterator[StreamChunk]]):
+class AsyncStream(BaseStream[AsyncIterator[StreamChunk]], AsyncClosing):
     """A streaming completion: iterate for chunks, then read `result`."""
 
     def __aiter__(self) -> AsyncIterator[StreamChunk]:
@@ -68,18 +68,8 @@ class AsyncStream(BaseStream[AsyncIterator[StreamChunk]]):
         """Stop early, closing the connection (the server aborts the request)."""
         await self._chunks.aclose()  # type: ignore[attr-defined]
 
-    async def __aenter__(self) -> AsyncStream:
-        """Use in `async with` to close on early exit."""
-        return self
 
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Close the stream."""
-        await self.aclose()
-
-
-class AsyncClient(BaseClient[httpx.AsyncClient]):
+class AsyncClient(BaseClient[httpx.AsyncClient], AsyncClosing):
     """Chat, completions, streaming and server endpoints, with retries and failover."""
 
     def __init__(
@@ -121,16 +111,6 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
         """Close the connection pool (unless it was passed in)."""
         if self._own_http:
             await self._http.aclose()
-
-    async def __aenter__(self) -> AsyncClient:
-        """Use in `async with`."""
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Close."""
-        await self.aclose()
 
     # ---- transport -----------------------------------------------------------------------------
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-from vllm_operator_client._core import auth_headers
+from vllm_operator_client._core import AsyncClosing, auth_headers
 
 # Plain bodies only: a compressed one would be inflated before its size could be checked.
 IDENTITY = {"Accept-Encoding": "identity"}
@@ -29,7 +28,7 @@ class ProbeError(Exception):
     the server (redact secrets before showing it)."""
 
 
-class Probe:
+class Probe(AsyncClosing):
     """One attempt per call, each body capped; for many servers at once, bounded."""
 
     def __init__(
@@ -77,14 +76,6 @@ class Probe:
 
     async def aclose(self) -> None:
         await self._http.aclose()
-
-    async def __aenter__(self) -> Probe:
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
 
 async def read_capped(response: httpx.Response, cap: int, what: str) -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -16,6 +15,7 @@ from vllm_operator_client._core import (
     BaseClient,
     BaseStream,
     BatchResult,
+    Closing,
     Kind,
     Messages,
     Result,
@@ -32,7 +32,7 @@ from vllm_operator_client.metrics import RequestMetrics
 from vllm_operator_client.retry import RetryPolicy
 
 
-class Stream(BaseStream[Iterator[StreamChunk]]):
+class Stream(BaseStream[Iterator[StreamChunk]], Closing):
     """A streaming completion: iterate for chunks, then read `result`."""
 
     def __iter__(self) -> Iterator[StreamChunk]:
@@ -49,18 +49,8 @@ class Stream(BaseStream[Iterator[StreamChunk]]):
         """Stop early, closing the connection."""
         self._chunks.close()  # type: ignore[attr-defined]
 
-    def __enter__(self) -> Stream:
-        """Use in `with` to close on early exit."""
-        return self
 
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Close the stream."""
-        self.close()
-
-
-class Client(BaseClient[httpx.Client]):
+class Client(BaseClient[httpx.Client], Closing):
     """Chat, completions, streaming and server endpoints, with retries and failover."""
 
     def __init__(
@@ -94,16 +84,6 @@ class Client(BaseClient[httpx.Client]):
         """Close the connection pool (unless it was passed in)."""
         if self._own_http:
             self._http.close()
-
-    def __enter__(self) -> Client:
-        """Use in `with`."""
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        """Close."""
-        self.close()
 
     # ---- transport -----------------------------------------------------------------------------
 

@@ -15,24 +15,25 @@ from vllm_operator_client import RetryPolicy
 API_KEY = "client-key"
 
 
-@pytest.fixture
-def stub() -> Iterator[Stub]:
-    """A stub server on a free loopback port."""
+def _running_stub() -> Iterator[Stub]:
+    """A stub server on a free loopback port, stopped after the test."""
     s = Stub().start()
     try:
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture
+def stub() -> Iterator[Stub]:
+    """A stub server on a free loopback port."""
+    yield from _running_stub()
 
 
 @pytest.fixture
 def stub2() -> Iterator[Stub]:
     """A second stub, for failover and round-robin."""
-    s = Stub().start()
-    try:
-        yield s
-    finally:
-        s.stop()
+    yield from _running_stub()
 
 
 @pytest.fixture

@@ -126,30 +126,28 @@ def test_bench_check_fails_on_impossible_limits(
     assert code == 1 and "FAIL  TTFT" in out
 
 
+def bench_load(server: RealServer, *args: str) -> int:
+    """`vllm-operator bench load` against the server with the key, JSON summary last, no progress."""
+    return main(
+        ["bench", "load", "--base-url", server.url, "--api-key", API_KEY, *args, "--json", "--no-progress"]
+    )
+
+
 def test_bench_load_matches_server_stats(
     client_server: RealServer, client: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = client.stats()
-    code = main(
-        [
-            "bench",
-            "load",
-            "--base-url",
-            client_server.url,
-            "--api-key",
-            API_KEY,
-            "--model",
-            "tiny",
-            "--requests",
-            "96",
-            "--concurrency",
-            "32",
-            "--max-tokens",
-            "32",
-            "--ignore-eos",
-            "--json",
-            "--no-progress",
-        ]
+    code = bench_load(
+        client_server,
+        "--model",
+        "tiny",
+        "--requests",
+        "96",
+        "--concurrency",
+        "32",
+        "--max-tokens",
+        "32",
+        "--ignore-eos",
     )
     after = client.stats()
     out = capsys.readouterr().out
@@ -172,25 +170,7 @@ def test_bench_load_matches_server_stats(
 def test_bench_load_rate_mode_and_plot_needs_matplotlib(
     client_server: RealServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code = main(
-        [
-            "bench",
-            "load",
-            "--base-url",
-            client_server.url,
-            "--api-key",
-            API_KEY,
-            "--requests",
-            "10",
-            "--rate",
-            "20",
-            "--max-tokens",
-            "8",
-            "--no-stream",
-            "--json",
-            "--no-progress",
-        ]
-    )
+    code = bench_load(client_server, "--requests", "10", "--rate", "20", "--max-tokens", "8", "--no-stream")
     s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and s["completed"] == 10 and s["ttft_p50_ms"] is None
     try:

@@ -329,17 +329,19 @@ def wait_degraded(cluster: LocalCluster, namespace: str, name: str) -> dict[str,
     return degraded()
 
 
+def apply_core(
+    cluster: LocalCluster, namespace: str, kind: str, metadata: dict[str, Any], spec: dict[str, Any]
+) -> None:
+    """Apply a core (v1) object of someone else's: no operator made it."""
+    cluster.apply({"apiVersion": "v1", "kind": kind, "metadata": metadata, "spec": spec}, namespace=namespace)
+
+
 def test_a_foreign_service_with_the_models_name_is_never_adopted(
     operator: OperatorProcess, cluster: LocalCluster, namespace: str
 ) -> None:
     """Someone else's Service named like the model: the model says so and leaves it alone."""
-    theirs = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "taken", "labels": {"team": "other"}},
-        "spec": {"selector": {"app": "theirs"}, "ports": [{"port": 80}]},
-    }
-    cluster.apply(theirs, namespace=namespace)
+    spec = {"selector": {"app": "theirs"}, "ports": [{"port": 80}]}
+    apply_core(cluster, namespace, "Service", {"name": "taken", "labels": {"team": "other"}}, spec)
     before = cluster.get_json("service", "taken", namespace=namespace)
     cluster.apply(model("taken"), namespace=namespace)
 
@@ -360,13 +362,9 @@ def test_a_quota_refusing_the_pods_shows_in_degraded(
     operator: OperatorProcess, cluster: LocalCluster, namespace: str
 ) -> None:
     """No pod is ever made, so only the Deployment's ReplicaFailure condition can tell why."""
-    quota = {
-        "apiVersion": "v1",
-        "kind": "ResourceQuota",
-        "metadata": {"name": "no-gpus"},
-        "spec": {"hard": {"requests.nvidia.com/gpu": "0"}},
-    }
-    cluster.apply(quota, namespace=namespace)
+    apply_core(
+        cluster, namespace, "ResourceQuota", {"name": "no-gpus"}, {"hard": {"requests.nvidia.com/gpu": "0"}}
+    )
     # Quota admission enforces a quota only once the quota controller has filled in its status:
     # a model applied at once could get its pods (seen once on a cold CI run).
     eventually(

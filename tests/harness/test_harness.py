@@ -31,6 +31,13 @@ def test_ports_are_distinct() -> None:
     assert len(set(free_ports(20))) == 20
 
 
+def x509(cert: Path, *options: str) -> str:
+    """What `openssl x509 -noout` prints of a certificate."""
+    return subprocess.run(
+        ["openssl", "x509", "-in", str(cert), "-noout", *options], check=True, capture_output=True, text=True
+    ).stdout
+
+
 def test_pki_chain_verifies(tmp_path: Path) -> None:
     """The serving and admin certs verify against the CA; admin is in system:masters."""
     made = pki.make_all(tmp_path, "10.96.0.0/16")
@@ -39,19 +46,9 @@ def test_pki_chain_verifies(tmp_path: Path) -> None:
         subprocess.run(
             ["openssl", "verify", "-CAfile", str(made.ca_cert), str(cert)], check=True, capture_output=True
         )
-    text = subprocess.run(
-        ["openssl", "x509", "-in", str(made.serving_cert), "-noout", "-text"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    text = x509(made.serving_cert, "-text")
     assert "IP Address:10.96.0.1" in text and "IP Address:127.0.0.1" in text
-    subject = subprocess.run(
-        ["openssl", "x509", "-in", str(made.admin_cert), "-noout", "-subject"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    subject = x509(made.admin_cert, "-subject")
     assert "O = system:masters" in subject
 
 

@@ -17,13 +17,18 @@ CHAT = "/v1/chat/completions"
 MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
 
 
+async def chat(client: httpx.AsyncClient, params: dict[str, object]) -> httpx.Response:
+    """POST a chat of MSGS to the model "tiny" with `params` in the body."""
+    return await client.post(CHAT, json={"model": "tiny", "messages": MSGS, **params})
+
+
 def sse_events(text: str) -> list[str]:
     """The data payloads of an SSE body."""
     return [line[6:] for line in text.split("\n\n") if line.startswith("data: ")]
 
 
 async def test_chat_non_streaming(client: httpx.AsyncClient, engine: FakeEngine) -> None:
-    r = await client.post(CHAT, json={"model": "tiny", "messages": MSGS, "max_tokens": 3})
+    r = await chat(client, {"max_tokens": 3})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion"
@@ -35,11 +40,9 @@ async def test_chat_non_streaming(client: httpx.AsyncClient, engine: FakeEngine)
 
 
 async def test_chat_sampling_params_reach_engine(client: httpx.AsyncClient, engine: FakeEngine) -> None:
-    r = await client.post(
-        CHAT,
-        json={
-            "model": "tiny",
-            "messages": MSGS,
+    r = await chat(
+        client,
+        {
             "max_tokens": 5,
             "temperature": 0.5,
             "top_p": 0.9,
@@ -74,16 +77,7 @@ async def test_max_tokens_defaults_to_remaining_context(
 
 
 async def test_chat_streaming_chunks(client: httpx.AsyncClient) -> None:
-    r = await client.post(
-        CHAT,
-        json={
-            "model": "tiny",
-            "messages": MSGS,
-            "max_tokens": 4,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        },
-    )
+    r = await chat(client, {"max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}})
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)

@@ -318,6 +318,16 @@ BAD_SAMPLING = [
 ]
 
 
+def post_raw_chat(server: RealServer, body: str | bytes) -> httpx.Response:
+    """POST `body` as it is (not necessarily valid JSON) to the chat endpoint, with the key."""
+    return httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=body,
+        timeout=60,
+        headers={**server.headers(), "content-type": "application/json"},
+    )
+
+
 @pytest.mark.parametrize(("extra", "param"), BAD_SAMPLING)
 @pytest.mark.parametrize("stream", ["false", "true"])
 def test_bad_sampling_input_is_400_naming_the_field(
@@ -328,12 +338,7 @@ def test_bad_sampling_input_is_400_naming_the_field(
         f'"max_tokens": 2, "stream": {stream}, {extra}}}'
     )
     log_start = real_server.log_path.stat().st_size
-    r = httpx.post(
-        f"{real_server.url}/v1/chat/completions",
-        content=body,
-        timeout=60,
-        headers={**real_server.headers(), "content-type": "application/json"},
-    )
+    r = post_raw_chat(real_server, body)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "invalid_request_error", err
@@ -383,11 +388,6 @@ def test_concurrent_loads_of_one_name_leave_one_copy(real_server: RealServer) ->
 def test_oversized_body_is_413(real_server: RealServer) -> None:
     # Default limit for the tiny model: 1 MiB + 32 bytes x 1024 tokens.
     body = b'{"messages": [{"role": "user", "content": "' + b"x" * 2_000_000 + b'"}]}'
-    r = httpx.post(
-        f"{real_server.url}/v1/chat/completions",
-        content=body,
-        timeout=60,
-        headers={**real_server.headers(), "content-type": "application/json"},
-    )
+    r = post_raw_chat(real_server, body)
     assert r.status_code == 413, r.text
     assert "--max-request-body-bytes" in r.json()["error"]["message"]

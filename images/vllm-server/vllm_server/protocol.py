@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -200,31 +200,6 @@ class AssistantMessage(BaseModel):
     content: str | None = None
 
 
-class ChatChoice(BaseModel):
-    """One choice of a chat completion."""
-
-    index: int
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-def _now() -> int:
-    """Unix seconds for `created`."""
-    return int(time.time())
-
-
-class ChatCompletionResponse(BaseModel):
-    """Response of a non-streaming chat completion."""
-
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
-
-
 class DeltaMessage(BaseModel):
     """The increment carried by a chat chunk."""
 
@@ -232,55 +207,80 @@ class DeltaMessage(BaseModel):
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
-    """One choice of a chat chunk."""
+LogprobsT = TypeVar("LogprobsT", ChatLogprobs, CompletionLogprobs)
+
+
+class _Choice(BaseModel, Generic[LogprobsT]):
+    """What every choice carries besides its text: its index, logprobs and finish reason."""
 
     index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
+    logprobs: LogprobsT | None = None
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    """One SSE event of a streaming chat completion."""
+class ChatChoice(_Choice[ChatLogprobs]):
+    """One choice of a chat completion."""
+
+    message: AssistantMessage
+
+
+class ChatChunkChoice(_Choice[ChatLogprobs]):
+    """One choice of a chat chunk."""
+
+    delta: DeltaMessage
+
+
+class CompletionChoice(_Choice[CompletionLogprobs]):
+    """One choice of a text completion (also used in chunks)."""
+
+    text: str
+
+
+def _now() -> int:
+    """Unix seconds for `created`."""
+    return int(time.time())
+
+
+ChoiceT = TypeVar("ChoiceT", ChatChoice, ChatChunkChoice, CompletionChoice)
+
+
+class _Completion(BaseModel, Generic[ChoiceT]):
+    """A completion or one SSE event of it: each kind names its `object` and its choices.
+
+    Usage is optional in chunks (only with `include_usage`), required in whole responses."""
 
     id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    object: str
     created: int = Field(default_factory=_now)
     model: str
-    choices: list[ChatChunkChoice]
+    choices: list[ChoiceT]
     usage: UsageInfo | None = None
 
 
-class CompletionChoice(BaseModel):
-    """One choice of a text completion (also used in chunks)."""
+class ChatCompletionResponse(_Completion[ChatChoice]):
+    """Response of a non-streaming chat completion."""
 
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class CompletionResponse(BaseModel):
-    """Response of a non-streaming text completion."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[CompletionChoice]
+    object: Literal["chat.completion"] = "chat.completion"
     usage: UsageInfo
 
 
-class CompletionChunk(BaseModel):
+class ChatCompletionChunk(_Completion[ChatChunkChoice]):
+    """One SSE event of a streaming chat completion."""
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+
+
+class CompletionResponse(_Completion[CompletionChoice]):
+    """Response of a non-streaming text completion."""
+
+    object: Literal["text_completion"] = "text_completion"
+    usage: UsageInfo
+
+
+class CompletionChunk(_Completion[CompletionChoice]):
     """One SSE event of a streaming text completion."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
 
 
 class ModelCard(BaseModel):

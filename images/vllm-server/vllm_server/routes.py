@@ -24,6 +24,7 @@ from vllm_server.protocol import (
     UnloadLoraAdapterRequest,
 )
 from vllm_server.serving import Serving
+from vllm_server.serving.base import BaseServing, Req, Resp
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -138,6 +139,14 @@ def _sse(events: Any) -> SSEResponse:
     return SSEResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
+async def _generate(request: Request, model: type[Req], service: BaseServing[Req, Resp]) -> Response:
+    """Parse a generation request; the whole response, or its SSE stream when `stream` is true."""
+    req = await parse_body(request, model)
+    if req.stream:
+        return _sse(await until_disconnect(request, service.stream(req)))
+    return _json(await until_disconnect(request, service.create(req)))
+
+
 def body_doc(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI `requestBody` for a route that parses `model` itself (fuzzers and docs read it).
 
@@ -167,20 +176,12 @@ def api_router() -> APIRouter:
     @r.post("/chat/completions", openapi_extra=body_doc(ChatCompletionRequest))
     async def chat(request: Request) -> Response:
         """OpenAI chat completions (SSE when stream is true)."""
-        s = serving_of(request)
-        req = await parse_body(request, ChatCompletionRequest)
-        if req.stream:
-            return _sse(await until_disconnect(request, s.chat.stream(req)))
-        return _json(await until_disconnect(request, s.chat.create(req)))
+        return await _generate(request, ChatCompletionRequest, serving_of(request).chat)
 
     @r.post("/completions", openapi_extra=body_doc(CompletionRequest))
     async def completions(request: Request) -> Response:
         """OpenAI text completions (SSE when stream is true)."""
-        s = serving_of(request)
-        req = await parse_body(request, CompletionRequest)
-        if req.stream:
-            return _sse(await until_disconnect(request, s.completions.stream(req)))
-        return _json(await until_disconnect(request, s.completions.create(req)))
+        return await _generate(request, CompletionRequest, serving_of(request).completions)
 
     @r.get("/models")
     async def models(request: Request) -> Response:

@@ -5,15 +5,41 @@ from __future__ import annotations
 
 import contextlib
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
-from vllm_server.engine import EngineOutput, SamplingSpec, TokenLogprobs
+from pydantic import BaseModel
+
+from vllm_server.engine import Delta, EngineOutput, SamplingSpec, TokenLogprobs
 from vllm_server.errors import ApiError, engine_failure, error_event, internal_error
-from vllm_server.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo
+from vllm_server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
 from vllm_server.serving.models import ModelsServing
 from vllm_server.serving.sse import DONE, ChunkFormat, EventStream, dumps
 from vllm_server.serving.state import ServingState
+
+# The sampling parameters that go from the request to the engine unchanged (validated by the
+# request model); the others are worked out in `BaseServing._sampling`.
+PASSED_AS_IS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "min_tokens",
+    "n",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+)
 
 
 @dataclass(slots=True)
@@ -38,14 +64,62 @@ class Collected:
     tokens: int
     """Generated over all choices."""
 
+    @classmethod
+    def empty(cls, n: int) -> Collected:
+        """Nothing yet of `n` choices."""
+        return cls([[] for _ in range(n)], [None] * n, [[] for _ in range(n)], 0)
 
-class BaseServing:
-    """Base of the chat and completions services."""
+    def add(self, d: Delta) -> None:
+        """Append one delta to its choice."""
+        self.tokens += d.num_tokens
+        self.texts[d.index].append(d.text)
+        if d.finish_reason is not None:
+            self.reasons[d.index] = d.finish_reason
+        if d.logprobs:
+            self.logprobs[d.index].extend(d.logprobs)
+
+
+Req = TypeVar("Req", ChatCompletionRequest, CompletionRequest)
+Resp = TypeVar("Resp", ChatCompletionResponse, CompletionResponse)
+
+
+class BaseServing(ABC, Generic[Req, Resp]):
+    """Base of the chat and completions services. A subclass prepares its requests (`_prepare`),
+    builds one choice of its responses (`_choice`) and names its response type and chunk format;
+    creating, streaming, limits and accounting are here."""
+
+    response: type[Resp]
+    chunk: ChunkFormat
 
     def __init__(self, state: ServingState, models: ModelsServing) -> None:
         """Serve on the shared state; `models` resolves a request's model name."""
         self.state = state
         self.models = models
+
+    async def create(self, req: Req) -> Resp:
+        """Non-streaming completion."""
+        p = await self._prepare(req)
+        c = await self._collect(p)
+        return self.response(
+            id=p.request_id,
+            created=p.created,
+            model=p.model,
+            choices=[self._choice(req, c, i) for i in range(p.params.n)],
+            usage=usage(len(p.prompt_ids), c.tokens),
+        )
+
+    async def stream(self, req: Req) -> EventStream:
+        """Start a streaming completion; returns the SSE event iterator."""
+        p = await self._prepare(req)
+        return await self._stream(p, req, self.chunk)
+
+    @abstractmethod
+    async def _prepare(self, req: Req) -> Prepared:
+        """The request's token ids and sampling spec, checked."""
+
+    @abstractmethod
+    def _choice(self, req: Req, c: Collected, i: int) -> BaseModel:
+        """Choice `i` of the response to `req`, from what the engine produced."""
 
     # ---- preparation -----------------------------------------------------------------------------
 
@@ -81,20 +155,10 @@ class BaseServing:
             raise ApiError(400, "min_tokens must not exceed max_tokens.", param="min_tokens")
         return SamplingSpec(
             max_tokens=max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            min_tokens=req.min_tokens,
             stop=tuple(req.stop_list()),
             stop_token_ids=tuple(req.stop_token_ids or ()),
-            n=req.n,
-            seed=req.seed,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
             logprobs=logprobs,
-            ignore_eos=req.ignore_eos,
+            **{name: getattr(req, name) for name in PASSED_AS_IS},
         )
 
     # ---- running in the engine -----------------------------------------------------------------
@@ -134,35 +198,20 @@ class BaseServing:
     async def _collect(self, p: Prepared) -> Collected:
         """Run a request to the end."""
         t0 = time.monotonic()
-        gen, out = await self._start(p)
-        n = p.params.n
-        texts: list[list[str]] = [[] for _ in range(n)]
-        reasons: list[str | None] = [None] * n
-        lps: list[list[TokenLogprobs]] = [[] for _ in range(n)]
-        tokens = 0
+        gen, first = await self._start(p)
+        c = Collected.empty(p.params.n)
         ok = False
         try:
-            while True:
+            async for out in _outputs(first, gen):
                 for d in out.deltas:
-                    tokens += d.num_tokens
-                    texts[d.index].append(d.text)
-                    if d.finish_reason is not None:
-                        reasons[d.index] = d.finish_reason
-                    if d.logprobs:
-                        lps[d.index].extend(d.logprobs)
-                if out.finished:
-                    break
-                try:
-                    out = await anext(gen)
-                except StopAsyncIteration:
-                    break
+                    c.add(d)
             ok = True
         except Exception as exc:
             raise engine_failure(exc) from exc
         finally:
-            self._finish(p, tokens, t0, ok)
+            self._finish(p, c.tokens, t0, ok)
             await _aclose(gen)
-        return Collected(texts, reasons, lps, tokens)
+        return c
 
     async def _stream(
         self, p: Prepared, req: ChatCompletionRequest | CompletionRequest, fmt: ChunkFormat
@@ -184,7 +233,7 @@ class BaseServing:
         self,
         p: Prepared,
         gen: AsyncIterator[EngineOutput],
-        out: EngineOutput,
+        first: EngineOutput,
         t0: float,
         fmt: ChunkFormat,
         include_usage: bool,
@@ -204,7 +253,7 @@ class BaseServing:
         tokens = 0
         failed = False
         try:
-            while True:
+            async for out in _outputs(first, gen):
                 for d in out.deltas:
                     tokens += d.num_tokens
                     reason = d.finish_reason
@@ -223,12 +272,6 @@ class BaseServing:
                         f'{heads[i]}{lead}{dumps(d.text)}{close},"logprobs":{lp},'
                         f'"finish_reason":{fin}}}]}}\n\n'
                     )
-                if out.finished:
-                    break
-                try:
-                    out = await anext(gen)
-                except StopAsyncIteration:
-                    break
             if include_usage:
                 used = usage(len(p.prompt_ids), tokens).model_dump_json()
                 yield f'{meta},"choices":[],"usage":{used}}}\n\n'
@@ -247,6 +290,16 @@ class BaseServing:
             self._finish(p, tokens, t0, not failed)
             await _aclose(gen)
         yield DONE
+
+
+async def _outputs(first: EngineOutput, gen: AsyncIterator[EngineOutput]) -> AsyncIterator[EngineOutput]:
+    """`first` and the engine's outputs after it, up to the finished one."""
+    yield first
+    if not first.finished:
+        async for out in gen:
+            yield out
+            if out.finished:
+                return
 
 
 async def _aclose(gen: AsyncIterator[EngineOutput]) -> None:

@@ -16,8 +16,8 @@ from vllm_server.protocol import (
     TokenLogprob,
     TopLogprob,
 )
-from vllm_server.serving.base import BaseServing, Prepared, finite, usage
-from vllm_server.serving.sse import ChunkFormat, EventStream
+from vllm_server.serving.base import BaseServing, Collected, Prepared, finite
+from vllm_server.serving.sse import ChunkFormat
 
 
 def chat_logprobs(lps: list[TokenLogprobs], top: int) -> ChatLogprobs:
@@ -47,34 +47,20 @@ CHAT_CHUNK = ChunkFormat(
 )
 
 
-class ChatServing(BaseServing):
+class ChatServing(BaseServing[ChatCompletionRequest, ChatCompletionResponse]):
     """Chat completions, whole or streamed."""
 
-    async def create(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        """Non-streaming chat completion."""
-        p = await self._prepare(req)
-        c = await self._collect(p)
-        choices = [
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content="".join(c.texts[i])),
-                logprobs=chat_logprobs(c.logprobs[i], req.top_logprobs or 0) if req.logprobs else None,
-                finish_reason=c.reasons[i],
-            )
-            for i in range(p.params.n)
-        ]
-        return ChatCompletionResponse(
-            id=p.request_id,
-            created=p.created,
-            model=p.model,
-            choices=choices,
-            usage=usage(len(p.prompt_ids), c.tokens),
-        )
+    response = ChatCompletionResponse
+    chunk = CHAT_CHUNK
 
-    async def stream(self, req: ChatCompletionRequest) -> EventStream:
-        """Start a streaming chat completion; returns the SSE event iterator."""
-        p = await self._prepare(req)
-        return await self._stream(p, req, CHAT_CHUNK)
+    def _choice(self, req: ChatCompletionRequest, c: Collected, i: int) -> ChatChoice:
+        """A chat choice: the message, and its logprobs when asked for."""
+        return ChatChoice(
+            index=i,
+            message=AssistantMessage(content="".join(c.texts[i])),
+            logprobs=chat_logprobs(c.logprobs[i], req.top_logprobs or 0) if req.logprobs else None,
+            finish_reason=c.reasons[i],
+        )
 
     async def _prepare(self, req: ChatCompletionRequest) -> Prepared:
         """Chat template -> token ids -> spec."""

@@ -8,8 +8,8 @@ import uuid
 from vllm_server.engine import TokenLogprobs
 from vllm_server.errors import ApiError
 from vllm_server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from vllm_server.serving.base import BaseServing, Prepared, finite, usage
-from vllm_server.serving.sse import ChunkFormat, EventStream
+from vllm_server.serving.base import BaseServing, Collected, Prepared, finite
+from vllm_server.serving.sse import ChunkFormat
 
 
 def completion_logprobs(lps: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
@@ -34,34 +34,20 @@ COMPLETION_CHUNK = ChunkFormat(
 )
 
 
-class CompletionServing(BaseServing):
+class CompletionServing(BaseServing[CompletionRequest, CompletionResponse]):
     """Text completions, whole or streamed."""
 
-    async def create(self, req: CompletionRequest) -> CompletionResponse:
-        """Non-streaming text completion."""
-        p = await self._prepare(req)
-        c = await self._collect(p)
-        choices = [
-            CompletionChoice(
-                index=i,
-                text="".join(c.texts[i]),
-                logprobs=completion_logprobs(c.logprobs[i], 0) if req.logprobs is not None else None,
-                finish_reason=c.reasons[i],
-            )
-            for i in range(p.params.n)
-        ]
-        return CompletionResponse(
-            id=p.request_id,
-            created=p.created,
-            model=p.model,
-            choices=choices,
-            usage=usage(len(p.prompt_ids), c.tokens),
-        )
+    response = CompletionResponse
+    chunk = COMPLETION_CHUNK
 
-    async def stream(self, req: CompletionRequest) -> EventStream:
-        """Start a streaming text completion; returns the SSE event iterator."""
-        p = await self._prepare(req)
-        return await self._stream(p, req, COMPLETION_CHUNK)
+    def _choice(self, req: CompletionRequest, c: Collected, i: int) -> CompletionChoice:
+        """A text choice, with the legacy logprobs when asked for."""
+        return CompletionChoice(
+            index=i,
+            text="".join(c.texts[i]),
+            logprobs=completion_logprobs(c.logprobs[i], 0) if req.logprobs is not None else None,
+            finish_reason=c.reasons[i],
+        )
 
     async def _prepare(self, req: CompletionRequest) -> Prepared:
         """Prompt -> token ids -> spec."""
