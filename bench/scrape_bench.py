@@ -110,25 +110,25 @@ class CountingCluster:
         self.events = 0
         self.written: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
+    async def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
         return None
 
-    def apply(self, manifest: Mapping[str, Any]) -> Mapping[str, Any]:
+    async def apply(self, manifest: Mapping[str, Any]) -> Mapping[str, Any]:
         return manifest
 
-    def list_pods(self, namespace: str, selector: str) -> Sequence[Mapping[str, Any]]:
+    async def list_pods(self, namespace: str, selector: str) -> Sequence[Mapping[str, Any]]:
         return []
 
-    def write_status(
+    async def write_status(
         self, namespace: str, name: str, status: dict[str, Any], previous: Mapping[str, Any]
     ) -> None:
         self.status_writes += 1
         self.written[(namespace, name)] = status
 
-    def event(self, owner: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+    async def event(self, owner: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
         self.events += 1
 
-    def create(self, manifest: Mapping[str, Any]) -> bool:
+    async def create(self, manifest: Mapping[str, Any]) -> bool:
         return False
 
 

@@ -83,7 +83,7 @@ class Stack:
         kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=str(cluster.kubeconfig), client_configuration=configuration
         )
-        self.kube = k8s.KubeCluster(k8s.api_client(configuration))
+        self.kube_config = configuration
 
     async def pod_for(self, ip: str) -> FakePod:
         """The fake pod at `ip`, serving the model whose pod has that IP now. The stack's own
@@ -105,7 +105,9 @@ class Stack:
     def start(self) -> Stack:
         self.fakes.catch_all(8000, self.pod_for)
         for kind in ("VLLMModel", "Pod"):
-            threading.Thread(target=self._watch, args=(kind,), daemon=True, name=f"watch-{kind}").start()
+            threading.Thread(
+                target=asyncio.run, args=(self._watch(kind),), daemon=True, name=f"watch-{kind}"
+            ).start()
         self.router.start()
         self.operator.start()
         return self
@@ -116,20 +118,23 @@ class Stack:
         self.router.stop()
         self.fakes.close()
 
-    def _watch(self, kind: str) -> None:
+    async def _watch(self, kind: str) -> None:
+        """One kind's list-then-watch, on a loop of its own in its thread (so that the scenarios
+        stay synchronous), with a client made on that loop."""
         version = ""
-        while not self.stopping.is_set():
-            try:
-                if not version:
-                    items, version = self.kube.list(kind, self.namespace)
-                    for item in items:
-                        self._seen(kind, item)
-                for _, obj in self.kube.watch(kind, self.namespace, "", version, seconds=30):
-                    version = str(obj.get("metadata", {}).get("resourceVersion", version))
-                    self._seen(kind, obj)
-            except Exception:  # a watch the server ended or broke: list again
-                version = ""
-                time.sleep(0.2)
+        async with k8s.KubeCluster(self.kube_config) as kube:
+            while not self.stopping.is_set():
+                try:
+                    if not version:
+                        items, version = await kube.list(kind, self.namespace)
+                        for item in items:
+                            self._seen(kind, item)
+                    async for _, obj in kube.watch(kind, self.namespace, "", version, seconds=30):
+                        version = str(obj.get("metadata", {}).get("resourceVersion", version))
+                        self._seen(kind, obj)
+                except Exception:  # a watch the server ended or broke: list again
+                    version = ""
+                    await asyncio.sleep(0.2)
 
     def _seen(self, kind: str, obj: dict[str, Any]) -> None:
         now = time.monotonic()

@@ -173,7 +173,7 @@ class Autoscaler:
                 log.info("%s/%s: %s: %s", namespace, name, ABORTED, why)
                 return Decision(current, f"{ABORTED}: {why}")
         cluster = self.controller.cluster
-        wrote = await asyncio.to_thread(cluster.scale, namespace, name, decision.replicas, current)
+        wrote = await cluster.scale(namespace, name, decision.replicas, current)
         if not wrote:
             return Decision(current, "spec.replicas changed under the decision; deciding again")
         self.pending[key] = (decision.replicas, now)
@@ -203,12 +203,10 @@ class Autoscaler:
             decisions=[*last.decisions, change][-KEEP_DECISIONS:],
         )
         await self._patch(key, record)
-        await asyncio.to_thread(
-            self.controller.cluster.event, body, "Normal", "Scaled", f"replicas {old} -> {new}: {reason}"
-        )
+        await self.controller.cluster.event(body, "Normal", "Scaled", f"replicas {old} -> {new}: {reason}")
 
     async def _patch(self, key: Key, record: AutoscalingStatus) -> None:
-        await asyncio.to_thread(self.controller.cluster.patch_status, *key, {"autoscaling": dump(record)})
+        await self.controller.cluster.patch_status(*key, {"autoscaling": dump(record)})
         self.written[key] = record
 
     async def _show(self, key: Key, body: Mapping[str, Any], decision: Decision) -> None:

@@ -43,16 +43,17 @@ class Controller:
 
     # ---- watch-driven reconciles ---------------------------------------------------------
 
-    def on_model(self, namespace: str, name: str, coalesce: bool = False) -> reconcile.Plan | None:
+    async def on_model(self, namespace: str, name: str, coalesce: bool = False) -> reconcile.Plan | None:
         """Reconcile from a fresh read, so that concurrent triggers never act on stale objects;
-        with `coalesce`, not at all if a reconcile of the model is already waiting (Store.turn)."""
-        with self.store.turn((namespace, name), coalesce) as turn:
+        with `coalesce`, not at all if a reconcile of the model is already waiting (Store.turn).
+        Other models' reconciles run while this one awaits the API server."""
+        async with self.store.turn((namespace, name), coalesce) as turn:
             if not turn:
                 metrics.COALESCED.inc()
                 return None
             with metrics.RECONCILE_SECONDS.time():
                 try:
-                    plan = self._reconcile((namespace, name))
+                    plan = await self._reconcile((namespace, name))
                 except Exception:
                     metrics.RECONCILES.labels("error").inc()
                     raise
@@ -61,16 +62,16 @@ class Controller:
             count_writes(plan)
         return plan
 
-    def _reconcile(self, key: Key) -> reconcile.Plan | None:
+    async def _reconcile(self, key: Key) -> reconcile.Plan | None:
         """One reconcile; the caller holds the model's turn."""
-        obj = self.cluster.get("VLLMModel", *key)
+        obj = await self.cluster.get("VLLMModel", *key)
         if obj is None:
             self.forget(key)
             return None
         known = self.store.get(key)
         health = known.health if known is not None else None
         try:
-            plan, observed = reconcile.reconcile(self.cluster, obj, self.settings, health)
+            plan, observed = await reconcile.reconcile(self.cluster, obj, self.settings, health)
         except k8s.APIForbiddenError as exc:
             if "being terminated" in exc.message:
                 return None  # the namespace is going away, and the model with it
@@ -80,7 +81,7 @@ class Controller:
             # affinity ...): that is the user's spec, recorded like any invalid spec.
             error = SpecError([f"the API server refused a child: {exc.message or exc.reason}"])
             plan = reconcile.plan_invalid(obj, error, reconcile.utcnow())
-            reconcile.execute(self.cluster, obj, plan)
+            await reconcile.execute(self.cluster, obj, plan)
             return plan
         if observed is not None:
             self.store.state(key).observed = observed
@@ -104,7 +105,7 @@ class Controller:
             await asyncio.sleep(self.child_settle_seconds)
         finally:
             self._settling.discard(key)
-        return await asyncio.to_thread(self.on_model, *key, True)
+        return await self.on_model(*key, True)
 
     def remember(self, body: Obj) -> None:
         """Keep the latest body of a model from the watch, so scrape rounds need no reads."""

@@ -1,4 +1,9 @@
-"""kopf registration only: every handler delegates to the Controller."""
+"""kopf registration only: every handler delegates to the Controller.
+
+Every handler is a coroutine: kopf runs them on its event loop, with the scrape and autoscaling
+loops, and all of them call the API server through one async `k8s.KubeCluster`. No handler
+runs on a thread, so nothing of the operator's own needs a thread lock.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ OURS = {MANAGED_BY_LABEL: "vllm-operator"}
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
@@ -35,7 +40,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.networking.connect_timeout, settings.networking.request_timeout = k8s.API_TIMEOUT
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.execution.max_workers = 8
     # Our resources are known and the CRD comes first (chart, README): no cluster-wide scans,
     # so a namespaced operator needs no cluster-scoped read rights and starts at once.
     settings.scanning.disabled = True
@@ -46,7 +50,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
             "LoRA models' pods roll when the operator restarts (the Helm chart sets one)"
         )
         operator_settings = operator_settings.model_copy(update={"admin_key": secrets.token_hex(32)})
-    memo.controller = Controller(k8s.KubeCluster(k8s.load_config()), operator_settings)
+    # Its HTTP sessions open on first use, on kopf's loop; `disconnect` closes them.
+    memo.kube = k8s.KubeCluster(k8s.load_config())
+    memo.controller = Controller(memo.kube, operator_settings)
 
 
 @kopf.on.startup()
@@ -70,9 +76,16 @@ async def stop_scraping(memo: kopf.Memo, **_: Any) -> None:
             task.cancel()
 
 
-def _run(memo: kopf.Memo, namespace: str, name: str) -> None:
+@kopf.on.cleanup()
+async def disconnect(memo: kopf.Memo, **_: Any) -> None:
+    kube: k8s.KubeCluster | None = memo.get("kube")
+    if kube is not None:
+        await kube.close()
+
+
+async def _run(memo: kopf.Memo, namespace: str, name: str) -> None:
     try:
-        plan = memo.controller.on_model(namespace, name)
+        plan = await memo.controller.on_model(namespace, name)
     except k8s.TransientError as exc:
         raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
     if plan is not None and plan.retry is not None:
@@ -82,12 +95,12 @@ def _run(memo: kopf.Memo, namespace: str, name: str) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-def model_changed(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    _run(memo, namespace or "", name)
+async def model_changed(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    await _run(memo, namespace or "", name)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def model_seen(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+async def model_seen(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     if type == "DELETED":
         memo.controller.forget((body["metadata"]["namespace"], body["metadata"]["name"]))
     else:

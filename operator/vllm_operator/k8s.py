@@ -1,25 +1,29 @@
 """The only module that talks to the Kubernetes API server (the only one importing its client).
 
+Every call is a coroutine on the caller's event loop (aiohttp); the `kubernetes` package only
+loads the configuration (in-cluster or KUBECONFIG) that the address, TLS and token come from.
+
 Errors above this layer are ours: `APIError` and its subclasses by status, built from the
 API server's Status body (code, reason, message clipped), and `TransientError` when the
-server could not be reached or kept failing. The client library's ApiException never leaves
-this module: its text carries the whole response body, which can echo what was sent (a
-Secret's data) into a log or a condition.
+server could not be reached or kept failing. No HTTP library's exception leaves this module:
+the client library's ApiException carried the whole response body, which can echo what was
+sent (a Secret's data) into a log or a condition.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import random
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import aiohttp
 import kubernetes
-import urllib3
 
 from vllm_operator.api import FIELD_MANAGER, GROUP, PLURAL, VERSION
 
@@ -134,8 +138,9 @@ def api_error(status: int, reason: str, body: str, headers: Mapping[str, str] | 
     return cls(status, reason, message, retry_after)
 
 
-def load_config() -> kubernetes.client.ApiClient:
-    """An API client from the in-cluster service account, or KUBECONFIG; ConfigError if neither."""
+def load_config() -> kubernetes.client.Configuration:
+    """The API server's address and credentials from the in-cluster service account, or
+    KUBECONFIG; ConfigError if neither."""
     try:
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
@@ -144,39 +149,52 @@ def load_config() -> kubernetes.client.ApiClient:
             kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
         except (kubernetes.config.ConfigException, OSError) as exc:
             raise ConfigError(str(exc)) from None
-    return api_client(kubernetes.client.Configuration.get_default_copy())
+    return kubernetes.client.Configuration.get_default_copy()
 
 
-def api_client(configuration: kubernetes.client.Configuration) -> kubernetes.client.ApiClient:
-    """An API client that does not retry by itself: `with_retries` does, with backoff and a bound
-    (urllib3's own 3 retries would quadruple every timeout, unseen)."""
-    configuration.retries = 0
-    # One pooled connection per thread that may call at once (kopf's 8 workers, the child
-    # reconciles' threads, the loops): at the default 10, bursts discarded connections and
-    # each new one cost a TLS handshake on both sides (bench-operator logged the discards).
-    configuration.connection_pool_maxsize = CONNECTIONS
-    return kubernetes.client.ApiClient(configuration)
+def ssl_context(configuration: kubernetes.client.Configuration) -> ssl.SSLContext:
+    """The TLS settings the client library would use: the CA, the client certificate, and
+    verification unless the kubeconfig turns it off."""
+    context = ssl.create_default_context(
+        cafile=configuration.ssl_ca_cert or None, cadata=configuration.ca_cert_data or None
+    )
+    if configuration.cert_file:
+        context.load_cert_chain(configuration.cert_file, configuration.key_file or None)
+    if not configuration.verify_ssl:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif configuration.assert_hostname is False:
+        context.check_hostname = False
+    return context
 
 
-def with_retries(
-    call: Callable[[], T], attempts: int = 5, base: float = 0.2, retryable: frozenset[int] = RETRYABLE_STATUS
+# What a lost or broken connection raises: aiohttp's own errors (connect, TLS, a dropped
+# connection, a read timeout) and the OS's and asyncio's timeouts underneath them.
+CONNECTION_ERRORS = (aiohttp.ClientError, ConnectionError, TimeoutError)
+
+
+async def with_retries(
+    call: Callable[[], Awaitable[T]],
+    attempts: int = 5,
+    base: float = 0.2,
+    retryable: frozenset[int] = RETRYABLE_STATUS,
 ) -> T:
     """Run an API call, retrying conflicts, throttling, 5xx and lost connections with backoff."""
     for attempt in range(attempts):
         try:
-            return call()
+            return await call()
         except APIError as exc:
             if exc.status not in retryable:
                 raise
             delay = exc.retry_after or base * 2**attempt
             reason = f"HTTP {exc.status} {exc.reason}"
-        except (urllib3.exceptions.HTTPError, ConnectionError) as exc:
+        except CONNECTION_ERRORS as exc:
             delay, reason = base * 2**attempt, f"connection: {exc.__class__.__name__}"
-        delay *= 1 + random.random() / 2  # jitter, so that many workers do not retry in step
+        delay *= 1 + random.random() / 2  # jitter, so that many callers do not retry in step
         if attempt == attempts - 1:
             raise TransientError(f"API server unavailable after {attempts} attempts ({reason})", delay)
         log.info("retrying in %.2fs after %s", delay, reason)
-        time.sleep(delay)
+        await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -198,24 +216,80 @@ def collection(kind: str, namespace: str | None) -> str:
     )
 
 
-def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The non-empty lines of a stream, however long (aiohttp's own line reader refuses lines
+    over 128 KiB, which a big object's watch event can be)."""
     buffer = b""
-    for chunk in chunks:
+    async for chunk in chunks:
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
-        yield from (line for line in lines if line.strip())
+        for line in lines:
+            if line.strip():
+                yield line
     if buffer.strip():
         yield buffer
 
 
 class KubeCluster:
-    """`reconcile.Cluster` over the client's HTTP layer: plain dicts in, plain dicts out."""
+    """`reconcile.Cluster` over aiohttp: plain dicts in, plain dicts out, on the caller's event loop.
 
-    def __init__(self, api: kubernetes.client.ApiClient, timeout: tuple[float, float] = API_TIMEOUT) -> None:
-        self.api = api
+    Build it anywhere; its HTTP sessions are made on first use, inside the running loop (an
+    aiohttp session belongs to the loop that made it). `close()` (or `async with`) ends them.
+    """
+
+    def __init__(
+        self, configuration: kubernetes.client.Configuration, timeout: tuple[float, float] = API_TIMEOUT
+    ) -> None:
+        self.configuration = configuration
+        self.host = str(configuration.host).rstrip("/")
         self.timeout = timeout
+        self.ssl: ssl.SSLContext | bool = (
+            ssl_context(configuration) if self.host.startswith("https") else False
+        )
+        self.server_hostname: str | None = configuration.tls_server_name or None
+        self.proxy: str | None = configuration.proxy or None
+        self._session: aiohttp.ClientSession | None = None
+        self._watch_session: aiohttp.ClientSession | None = None
 
-    def request(
+    async def __aenter__(self) -> KubeCluster:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for session in (self._session, self._watch_session):
+            if session is not None:
+                await session.close()
+        self._session = self._watch_session = None
+
+    def _calls(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # CONNECTIONS at once: enough for every reconcile, scrape write and scale a busy
+            # operator has in flight; more wait for a free one rather than open a connection
+            # (and a TLS handshake on both sides) each.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=CONNECTIONS, ssl=self.ssl)
+            )
+        return self._session
+
+    def _watches(self) -> aiohttp.ClientSession:
+        if self._watch_session is None or self._watch_session.closed:
+            # A watch holds its connection for minutes: its own unbounded pool, so that watches
+            # never take the calls' connections.
+            self._watch_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=self.ssl))
+        return self._watch_session
+
+    def _headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """`headers` and the bearer token, read per request: the in-cluster config's refresh hook
+        renews a projected service-account token that expires."""
+        out = dict(headers)
+        token = self.configuration.auth_settings().get("BearerToken")
+        if token and token.get("value"):
+            out["Authorization"] = str(token["value"])
+        return out
+
+    async def request(
         self,
         method: str,
         path: str,
@@ -226,43 +300,47 @@ class KubeCluster:
         retryable: frozenset[int] = RETRYABLE_STATUS,
     ) -> Any:
         """One API call with retries of the `retryable` statuses; raises APIError on an HTTP error."""
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        # The client JSON-encodes bodies of JSON content types itself; YAML ones (apply) go as text.
-        payload = json.dumps(body) if body is not None and content_type == APPLY else body
+        # JSON is YAML, so an apply's body is JSON too.
+        payload = json.dumps(body).encode() if body is not None else None
+        # (connect, read): a server that accepts the connection and never answers times out.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout[0], sock_read=self.timeout[1])
 
-        def call() -> Any:
-            _, url, signed, _, _ = self.api.param_serialize(
+        async def call() -> Any:
+            headers = self._headers({"Accept": "application/json", "Content-Type": content_type})
+            async with self._calls().request(
                 method,
-                path,
-                query_params=list((query or {}).items()),
-                header_params=dict(headers),
-                auth_settings=["BearerToken"],
-            )
-            response = self.api.call_api(
-                method, url, header_params=signed, body=payload, _request_timeout=self.timeout
-            )
-            response.read()  # type: ignore[no-untyped-call]
-            text = response.data.decode() if response.data else ""
-            if not 200 <= response.status <= 299:
-                raise api_error(response.status, response.reason or "", text, response.headers)
-            return json.loads(text) if text else None
+                self.host + path,
+                params={key: str(value) for key, value in (query or {}).items()},
+                data=payload,
+                headers=headers,
+                timeout=timeout,
+                server_hostname=self.server_hostname,
+                proxy=self.proxy,
+            ) as response:
+                data = await response.read()
+                if not 200 <= response.status <= 299:
+                    text = data.decode("utf-8", "replace")
+                    raise api_error(response.status, response.reason or "", text, response.headers)
+                return json.loads(data) if data else None
 
-        return with_retries(call, retryable=retryable)
+        return await with_retries(call, retryable=retryable)
 
-    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            result: dict[str, Any] = self.request("GET", f"{PATHS[kind].format(namespace=namespace)}/{name}")
+            result: dict[str, Any] = await self.request(
+                "GET", f"{PATHS[kind].format(namespace=namespace)}/{name}"
+            )
         except APINotFoundError:
             return None
         return result
 
-    def create(self, manifest: Obj) -> bool:
+    async def create(self, manifest: Obj) -> bool:
         """POST an object; False when one of that name exists. Needs only the `create` verb, which
         is all the operator may do to Secrets: it never reads or changes one."""
         meta = manifest["metadata"]
         try:
             # A create's 409 is "already exists", an answer, not a conflict worth retrying.
-            self.request(
+            await self.request(
                 "POST",
                 PATHS[manifest["kind"]].format(namespace=meta["namespace"]),
                 body=dict(manifest),
@@ -273,10 +351,10 @@ class KubeCluster:
         log.info("created %s %s/%s", manifest["kind"], meta["namespace"], meta["name"])
         return True
 
-    def apply(self, manifest: Obj) -> dict[str, Any]:
+    async def apply(self, manifest: Obj) -> dict[str, Any]:
         kind, meta = manifest["kind"], manifest["metadata"]
         log.info("applying %s %s/%s", kind, meta["namespace"], meta["name"])
-        result: dict[str, Any] = self.request(
+        result: dict[str, Any] = await self.request(
             "PATCH",
             f"{PATHS[kind].format(namespace=meta['namespace'])}/{meta['name']}",
             query={"fieldManager": FIELD_MANAGER, "force": "true"},
@@ -285,92 +363,92 @@ class KubeCluster:
         )
         return result
 
-    def list_pods(self, namespace: str, selector: str) -> Sequence[dict[str, Any]]:
-        result = self.request(
+    async def list_pods(self, namespace: str, selector: str) -> Sequence[dict[str, Any]]:
+        result = await self.request(
             "GET", PATHS["Pod"].format(namespace=namespace), query={"labelSelector": selector}
         )
         return result.get("items", [])  # type: ignore[no-any-return]
 
-    def list(self, kind: str, namespace: str | None, selector: str = "") -> tuple[list[dict[str, Any]], str]:
+    async def list(
+        self, kind: str, namespace: str | None, selector: str = ""
+    ) -> tuple[list[dict[str, Any]], str]:
         """Every object of a kind (matching `selector`) and the list's resourceVersion to watch from."""
-        result = self.request(
+        result = await self.request(
             "GET", collection(kind, namespace), query={"labelSelector": selector} if selector else {}
         )
         return result.get("items") or [], str((result.get("metadata") or {}).get("resourceVersion", ""))
 
-    def watch(
+    async def watch(
         self, kind: str, namespace: str | None, selector: str, resource_version: str, seconds: int = 240
-    ) -> Iterator[tuple[str, dict[str, Any]]]:
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """The changes after `resource_version` as (type, object) until the server ends the watch
         after about `seconds`. Raises APIError (APIGoneError: the version is too old, list again)
         or TransientError (the connection failed or broke)."""
-        query: dict[str, Any] = {
+        query: dict[str, str] = {
             "watch": "true",
             "resourceVersion": resource_version,
             "allowWatchBookmarks": "true",
-            "timeoutSeconds": seconds,
+            "timeoutSeconds": str(seconds),
         }
         if selector:
             query["labelSelector"] = selector
-        _, url, signed, _, _ = self.api.param_serialize(
-            "GET",
-            collection(kind, namespace),
-            query_params=list(query.items()),
-            header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"],
-        )
+        # The read timeout outlives the server's own end of the watch: a silent connection is dead.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout[0], sock_read=seconds + 30)
         try:
-            # The read timeout outlives the server's own end of the watch: a silent connection is dead.
-            response = self.api.call_api(
-                "GET", url, header_params=signed, _request_timeout=(self.timeout[0], seconds + 30)
+            response = await self._watches().get(
+                self.host + collection(kind, namespace),
+                params=query,
+                headers=self._headers({"Accept": "application/json"}),
+                timeout=timeout,
+                server_hostname=self.server_hostname,
+                proxy=self.proxy,
             )
-        except (urllib3.exceptions.HTTPError, ConnectionError) as exc:
+        except CONNECTION_ERRORS as exc:
             raise TransientError(f"watch: {exc.__class__.__name__}", 1.0) from None
         try:
             if not 200 <= response.status <= 299:
-                response.read()  # type: ignore[no-untyped-call]
-                body = (response.data or b"").decode("utf-8", "replace")
+                body = (await response.read()).decode("utf-8", "replace")
                 raise api_error(response.status, response.reason or "", body, response.headers)
-            for line in _lines(response.response.stream(64 * 1024, decode_content=True)):
+            async for line in _lines(response.content.iter_any()):
                 event = json.loads(line)
                 if event.get("type") == "ERROR":
                     status = event.get("object") or {}
                     raise api_error(0, str(status.get("reason") or ""), json.dumps(status))
                 yield str(event.get("type")), event.get("object") or {}
-        except (urllib3.exceptions.HTTPError, ConnectionError) as exc:
+        except CONNECTION_ERRORS as exc:
             raise TransientError(f"watch broke: {exc.__class__.__name__}", 1.0) from None
         finally:
-            response.response.release_conn()
+            response.release()
 
-    def write_status(
+    async def write_status(
         self, namespace: str, name: str, status: dict[str, Any], previous: Mapping[str, Any]
     ) -> None:
         # A merge patch keeps keys it does not mention: null out the ones we dropped.
         body: dict[str, Any] = {key: None for key in previous if key not in status}
         body.update(status)
         log.info("writing status of %s/%s: phase %s", namespace, name, status.get("phase"))
-        self.request(
+        await self.request(
             "PATCH",
             f"{PATHS['VLLMModel'].format(namespace=namespace)}/{name}/status",
             body={"status": body},
             content_type=MERGE,
         )
 
-    def patch_status(self, namespace: str, name: str, fields: Mapping[str, Any]) -> None:
+    async def patch_status(self, namespace: str, name: str, fields: Mapping[str, Any]) -> None:
         """Merge `fields` into a model's status, leaving every other key as it is."""
-        self.request(
+        await self.request(
             "PATCH",
             f"{PATHS['VLLMModel'].format(namespace=namespace)}/{name}/status",
             body={"status": dict(fields)},
             content_type=MERGE,
         )
 
-    def scale(self, namespace: str, name: str, replicas: int, expect: int) -> bool:
+    async def scale(self, namespace: str, name: str, replicas: int, expect: int) -> bool:
         """Set a model's `spec.replicas` through its scale subresource, only if it is `expect`
         now (a JSON patch test): False when it is not, so two writers never both act on one
         reading (the autoscaler and the router waking a model at zero)."""
         try:
-            self.request(
+            await self.request(
                 "PATCH",
                 f"{PATHS['VLLMModel'].format(namespace=namespace)}/{name}/scale",
                 # A Scale's spec omits replicas when it is 0 (omitempty): then the test is on
@@ -390,7 +468,7 @@ class KubeCluster:
         log.info("scaled %s/%s from %d to %d replicas", namespace, name, expect, replicas)
         return True
 
-    def event(self, owner: Obj, kind: str, reason: str, message: str) -> None:
+    async def event(self, owner: Obj, kind: str, reason: str, message: str) -> None:
         meta = owner["metadata"]
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
@@ -415,7 +493,7 @@ class KubeCluster:
             "count": 1,
         }
         try:
-            self.request("POST", PATHS["Event"].format(namespace=meta["namespace"]), body=body)
+            await self.request("POST", PATHS["Event"].format(namespace=meta["namespace"]), body=body)
         except (APIError, TransientError) as exc:
             # An event is a courtesy: losing one must not fail the reconcile.
             log.warning("could not post event %s on %s: %s", reason, meta["name"], exc)

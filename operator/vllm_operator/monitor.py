@@ -99,12 +99,13 @@ class Monitor:
         health = dataclasses.replace(health, adapters_ready=adapters_ready, routing=state.routing)
         state.samples = {s.name: s for s in current}
         state.health = health
-        return int(await asyncio.to_thread(self._write_scrape, key, health, scraped_at, events))
+        return int(await self._write_scrape(key, health, scraped_at, events))
 
-    def _write_scrape(
+    async def _write_scrape(
         self, key: Key, health: throughput.Aggregate, now: str, events: list[tuple[str, str, str]]
     ) -> bool:
-        with self.controller.store.lock(key):
+        # The model's lock: a reconcile writing its status meanwhile would be overwritten.
+        async with self.controller.store.lock(key):
             state = self.controller.store.get(key)
             body, observed = (state.body, state.observed) if state is not None else (None, None)
             if body is None or observed is None or body["metadata"].get("deletionTimestamp"):
@@ -114,7 +115,7 @@ class Monitor:
             except SpecError:
                 return False
             plan = reconcile.plan_scrape(body, spec, observed, health, self.controller.settings, now, events)
-            reconcile.execute(self.controller.cluster, body, plan)
+            await reconcile.execute(self.controller.cluster, body, plan)
             count_writes(plan)
             return plan.status is not None
 

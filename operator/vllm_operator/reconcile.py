@@ -17,29 +17,30 @@ CONFLICT_RETRY = 30.0
 
 
 class Cluster(Protocol):
-    """The I/O a reconcile needs; `vllm_operator.k8s` implements it against the API server."""
+    """The I/O a reconcile needs, as coroutines on the operator's one event loop;
+    `vllm_operator.k8s` implements it against the API server."""
 
-    def get(self, kind: str, namespace: str, name: str) -> Obj | None: ...
+    async def get(self, kind: str, namespace: str, name: str) -> Obj | None: ...
 
-    def apply(self, manifest: Obj) -> Obj: ...
+    async def apply(self, manifest: Obj) -> Obj: ...
 
-    def create(self, manifest: Obj) -> bool:
+    async def create(self, manifest: Obj) -> bool:
         """Create an object unless one of that name exists (then False); never reads or changes one."""
         ...
 
-    def list_pods(self, namespace: str, selector: str) -> Sequence[Obj]: ...
+    async def list_pods(self, namespace: str, selector: str) -> Sequence[Obj]: ...
 
-    def write_status(
+    async def write_status(
         self, namespace: str, name: str, status: dict[str, Any], previous: Mapping[str, Any]
     ) -> None: ...
 
-    def event(self, owner: Obj, kind: str, reason: str, message: str) -> None: ...
+    async def event(self, owner: Obj, kind: str, reason: str, message: str) -> None: ...
 
-    def patch_status(self, namespace: str, name: str, fields: Mapping[str, Any]) -> None:
+    async def patch_status(self, namespace: str, name: str, fields: Mapping[str, Any]) -> None:
         """Merge `fields` into the status and leave its other keys alone (the autoscaler's part)."""
         ...
 
-    def scale(self, namespace: str, name: str, replicas: int, expect: int) -> bool:
+    async def scale(self, namespace: str, name: str, replicas: int, expect: int) -> bool:
         """Set spec.replicas through the scale subresource if it is `expect` now; else False."""
         ...
 
@@ -176,7 +177,7 @@ class Observed:
     pods: Sequence[Obj]
 
 
-def reconcile(
+async def reconcile(
     cluster: Cluster,
     obj: Obj,
     settings: OperatorSettings,
@@ -191,29 +192,29 @@ def reconcile(
         spec = parse_spec(obj.get("spec"))
     except SpecError as error:
         plan = plan_invalid(obj, error, now())
-        execute(cluster, obj, plan)
+        await execute(cluster, obj, plan)
         return plan, None
 
     ref = ref_of(obj)
     # Same order as render.children: Service, then Deployment.
-    current = [cluster.get(kind, ref.namespace, ref.name) for kind in ("Service", "Deployment")]
+    current = [await cluster.get(kind, ref.namespace, ref.name) for kind in ("Service", "Deployment")]
     taken = foreign(current, ref.uid)
     if taken:
         plan = plan_conflict(obj, taken, now())
-        execute(cluster, obj, plan)
+        await execute(cluster, obj, plan)
         return plan, None
     children_plan = plan_rollout(ref, spec, settings, current)
     create = plan_admin_secret(ref, spec, settings, children_plan, [])
     for manifest in create:
-        cluster.create(manifest)  # before the Deployment, whose pods read it
-    applied = {m["kind"]: cluster.apply(m) for m in children_plan.apply}
+        await cluster.create(manifest)  # before the Deployment, whose pods read it
+    applied = {m["kind"]: await cluster.apply(m) for m in children_plan.apply}
     # The applied object is the newest; status needs its generation and rollout state.
     deployment = applied.get("Deployment") or current[1]
-    observed = Observed(deployment, cluster.list_pods(ref.namespace, render.selector_string(ref.name)))
+    observed = Observed(deployment, await cluster.list_pods(ref.namespace, render.selector_string(ref.name)))
     if not create:
         create = plan_admin_secret(ref, spec, settings, Plan(), observed.pods)
         for manifest in create:
-            cluster.create(manifest)
+            await cluster.create(manifest)
 
     previous = parse_status(obj.get("status"))
     new = desired_status(obj, spec, observed, health, settings, now())
@@ -223,7 +224,7 @@ def reconcile(
         status=None if status.same(previous, new) else new,
         events=children_plan.events + transition_events(previous, new),
     )
-    execute(cluster, obj, plan)
+    await execute(cluster, obj, plan)
     return plan, observed
 
 
@@ -295,12 +296,12 @@ def transition_events(previous: VLLMModelStatus, new: VLLMModelStatus) -> list[t
     return []
 
 
-def execute(cluster: Cluster, obj: Obj, plan: Plan) -> None:
+async def execute(cluster: Cluster, obj: Obj, plan: Plan) -> None:
     """Write a plan's status and events; its children were applied first, by `reconcile`."""
     meta = obj["metadata"]
     if plan.status is not None:
         new = {k: v for k, v in dump(plan.status).items() if k not in OWN_WRITER}
         previous = {k: v for k, v in (obj.get("status") or {}).items() if k not in OWN_WRITER}
-        cluster.write_status(meta["namespace"], meta["name"], new, previous)
+        await cluster.write_status(meta["namespace"], meta["name"], new, previous)
     for kind, reason, message in plan.events:
-        cluster.event(obj, kind, reason, message)
+        await cluster.event(obj, kind, reason, message)

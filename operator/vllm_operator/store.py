@@ -1,14 +1,16 @@
 """What the operator keeps about each model between events: one state object per model, one
 store that owns them, and one lock per model for the work that must not overlap (a reconcile
-and a status write). Watch handlers (kopf's worker threads), the scrape loop and the
-autoscaler all read and write through it; `forget` drops everything of a model at once."""
+and a status write). Watch handlers, the scrape loop and the autoscaler all read and write
+through it, as coroutines on the operator's one event loop (no threads): only an `await`
+switches between them, and the per-model lock is an asyncio.Lock held across the awaits of
+one reconcile. `forget` drops everything of a model at once."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,31 +40,31 @@ class ModelState:
 
 
 class Store:
+    """Touched only from the event loop: its bookkeeping needs no lock of its own, since nothing
+    here awaits between reading and writing it."""
+
     def __init__(self) -> None:
         self._states: dict[Key, ModelState] = {}
         # Locks outlive a forget: a reconcile still running for a deleted model holds its own.
-        self._locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
+        self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._waiting: Counter[Key] = Counter()
-        self._guard = threading.Lock()
 
     def state(self, key: Key) -> ModelState:
         """The model's state, made empty if the store has none."""
-        with self._guard:
-            state = self._states.get(key)
-            if state is None:
-                state = self._states[key] = ModelState()
-            return state
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = ModelState()
+        return state
 
     def get(self, key: Key) -> ModelState | None:
         """The model's state, or None for a model the store does not know (e.g. deleted)."""
         return self._states.get(key)
 
-    def lock(self, key: Key) -> threading.Lock:
-        with self._guard:
-            return self._locks[key]
+    def lock(self, key: Key) -> asyncio.Lock:
+        return self._locks[key]
 
-    @contextmanager
-    def turn(self, key: Key, coalesce: bool = False) -> Iterator[bool]:
+    @asynccontextmanager
+    async def turn(self, key: Key, coalesce: bool = False) -> AsyncIterator[bool]:
         """Hold the model's lock for a reconcile (True), or, with `coalesce`, skip it (False,
         no lock) when another reconcile of the model is already waiting for the lock.
 
@@ -70,31 +72,29 @@ class Store:
         event comes after the change is stored), so a burst of child events (a Deployment's
         status, each pod's) costs one reconcile while one runs and one waits, not one each.
         """
-        with self._guard:
-            if coalesce and self._waiting[key]:
-                skip = True
-            else:
-                skip = False
-                self._waiting[key] += 1
-                lock = self._locks[key]
-        if skip:
+        if coalesce and self._waiting[key]:
             yield False
             return
-        with lock:
-            with self._guard:
-                self._waiting[key] -= 1
-                if not self._waiting[key]:
-                    del self._waiting[key]
+        lock = self._locks[key]
+        self._waiting[key] += 1
+        try:
+            await lock.acquire()
+        finally:  # acquired, or cancelled while waiting: either way no longer waiting
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
+        try:
             yield True
+        finally:
+            lock.release()
 
     def forget(self, key: Key) -> None:
-        with self._guard:
-            self._states.pop(key, None)
+        self._states.pop(key, None)
 
     def items(self) -> Iterator[tuple[Key, ModelState]]:
-        """A snapshot of (key, state) pairs, safe while other threads add or forget models."""
-        with self._guard:
-            return iter(list(self._states.items()))
+        """A snapshot of (key, state) pairs, safe while models are added or forgotten during
+        the caller's awaits."""
+        return iter(list(self._states.items()))
 
     def bodies(self) -> dict[Key, Mapping[str, Any]]:
         """Every model the watch has shown and not deleted, by key."""

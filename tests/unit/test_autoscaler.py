@@ -23,17 +23,17 @@ class ScalingCluster(FakeCluster):
         self.scales: list[tuple[int, int]] = []
         self.patches: list[dict[str, Any]] = []
 
-    def scale(self, namespace: str, name: str, replicas: int, expect: int) -> bool:
+    async def scale(self, namespace: str, name: str, replicas: int, expect: int) -> bool:
         if self.model["spec"]["replicas"] != expect:
             return False
         self.scales.append((expect, replicas))
         self.model["spec"]["replicas"] = replicas
         return True
 
-    def patch_status(self, namespace: str, name: str, fields: Mapping[str, Any]) -> None:
+    async def patch_status(self, namespace: str, name: str, fields: Mapping[str, Any]) -> None:
         self.patches.append(dict(fields))
 
-    def event(self, owner: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+    async def event(self, owner: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
         self.events.append((kind, reason, message))
 
 

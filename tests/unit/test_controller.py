@@ -4,10 +4,15 @@ all of them; an event after the window gets a reconcile of its own."""
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
+import threading
 import time
 from typing import Any
 
-from vllm_operator import reconcile
+import kubernetes
+
+from vllm_operator import k8s, reconcile
 from vllm_operator.controller import Controller
 from vllm_operator.render import INSTANCE_LABEL
 from vllm_operator.settings import OperatorSettings
@@ -22,9 +27,9 @@ class CountingController(Controller):
         super().__init__(None, OperatorSettings(), child_settle_seconds=SETTLE)  # type: ignore[arg-type]
         self.calls: list[tuple[str, str, float]] = []
 
-    def on_model(self, namespace: str, name: str, coalesce: bool = False) -> reconcile.Plan | None:
+    async def on_model(self, namespace: str, name: str, coalesce: bool = False) -> reconcile.Plan | None:
         self.calls.append((namespace, name, time.monotonic()))
-        time.sleep(0.05)  # a reconcile takes a while: events may arrive during it
+        await asyncio.sleep(0.05)  # a reconcile takes a while: events may arrive during it
         return None
 
 
@@ -75,3 +80,48 @@ async def test_objects_that_are_not_a_models_children_are_ignored() -> None:
     assert await controller.on_child({"metadata": {"namespace": "ns", "labels": {}}}) is None
     assert await controller.on_child({"metadata": {"labels": {INSTANCE_LABEL: "a"}}}) is None
     assert controller.calls == []
+
+
+class SlowModelServer(http.server.BaseHTTPRequestHandler):
+    """An API server on which model `slow` takes until `release` is set to read, and every other
+    model is gone (404): enough for a reconcile to start and to end."""
+
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        if self.path.endswith("/vllmmodels/slow"):
+            self.release.wait(10)
+        body = json.dumps({"kind": "Status", "code": 404, "reason": "NotFound", "message": "gone"}).encode()
+        self.send_response(404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def test_a_slow_api_call_of_one_model_does_not_hold_up_another_models_reconcile() -> None:
+    """One event loop, no worker threads: while one model's reconcile awaits a slow API server,
+    another model's reconcile runs to its end (the old sync layer blocked whatever thread it
+    ran on, and only kopf's 8 workers kept the others going)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowModelServer)
+    SlowModelServer.release.clear()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    config = kubernetes.client.Configuration()
+    config.host = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        async with k8s.KubeCluster(config) as cluster:
+            controller = Controller(cluster, OperatorSettings())
+            slow = asyncio.create_task(controller.on_model("ns", "slow"))
+            await asyncio.sleep(0.1)  # its GET is in flight
+            assert await asyncio.wait_for(controller.on_model("ns", "fast"), 2) is None
+            assert not slow.done()
+            SlowModelServer.release.set()
+            assert await asyncio.wait_for(slow, 5) is None
+    finally:
+        SlowModelServer.release.set()
+        server.shutdown()
+        thread.join()
+        server.server_close()

@@ -7,7 +7,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import kubernetes
 import pytest
@@ -41,13 +41,13 @@ def silent_server() -> Iterator[str]:
 
 
 @pytest.mark.timeout(60)  # the old code hung here forever
-def test_a_server_that_never_answers_cannot_block_a_call_forever(silent_server: str) -> None:
+async def test_a_server_that_never_answers_cannot_block_a_call_forever(silent_server: str) -> None:
     config = kubernetes.client.Configuration()
     config.host = silent_server
-    cluster = k8s.KubeCluster(k8s.api_client(config), timeout=(1.0, 0.5))
     started = time.monotonic()
-    with pytest.raises(k8s.TransientError, match="after 5 attempts"):
-        cluster.get("Service", "default", "x")
+    async with k8s.KubeCluster(config, timeout=(1.0, 0.5)) as cluster:
+        with pytest.raises(k8s.TransientError, match="after 5 attempts"):
+            await cluster.get("Service", "default", "x")
     # 5 reads of 0.5 s plus the backoff between them (0.2 .. 1.6 s, +50 % jitter).
     assert time.monotonic() - started < 10
 
@@ -65,6 +65,7 @@ class Scripted(http.server.BaseHTTPRequestHandler):
 
     def _answer(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.authorization.append(self.headers.get("Authorization"))  # type: ignore[attr-defined]
         status, headers, body = self.server.script.pop(0)  # type: ignore[attr-defined]
         self.send_response(status)
         for key, value in headers.items():
@@ -80,14 +81,16 @@ class Scripted(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def scripted() -> Iterator[tuple[http.server.HTTPServer, k8s.KubeCluster]]:
+async def scripted() -> AsyncIterator[tuple[http.server.HTTPServer, k8s.KubeCluster]]:
     server = http.server.HTTPServer(("127.0.0.1", 0), Scripted)
     server.script = []  # type: ignore[attr-defined]
+    server.authorization = []  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     config = kubernetes.client.Configuration()
     config.host = f"http://127.0.0.1:{server.server_address[1]}"
-    yield server, k8s.KubeCluster(k8s.api_client(config), timeout=(1.0, 2.0))
+    async with k8s.KubeCluster(config, timeout=(1.0, 2.0)) as cluster:
+        yield server, cluster
     server.shutdown()
     thread.join()
     server.server_close()
@@ -109,18 +112,18 @@ def status_body(code: int, reason: str, message: str) -> bytes:
         (501, k8s.APIServerError),
     ],
 )
-def test_an_error_answer_is_our_class_by_status_with_the_status_message(
+async def test_an_error_answer_is_our_class_by_status_with_the_status_message(
     scripted: tuple[http.server.HTTPServer, k8s.KubeCluster], status: int, error: type[k8s.APIError]
 ) -> None:
     server, cluster = scripted
     server.script.append((status, {}, status_body(status, "Nope", 'secrets "x" is refused')))  # type: ignore[attr-defined]
     with pytest.raises(error) as caught:
-        cluster.request("POST", "/api/v1/namespaces/default/secrets", body={"data": {"k": SECRET}})
+        await cluster.request("POST", "/api/v1/namespaces/default/secrets", body={"data": {"k": SECRET}})
     assert type(caught.value) is error
     assert (caught.value.status, caught.value.message) == (status, 'secrets "x" is refused')
 
 
-def test_an_error_never_carries_the_body_that_echoes_the_payload(
+async def test_an_error_never_carries_the_body_that_echoes_the_payload(
     scripted: tuple[http.server.HTTPServer, k8s.KubeCluster],
 ) -> None:
     """The client library's ApiException put the whole body in its text; an API server (or a
@@ -129,13 +132,13 @@ def test_an_error_never_carries_the_body_that_echoes_the_payload(
     echo = json.dumps({"kind": "Status", "code": 422, "message": "invalid: " + "x" * 2000, "details": SECRET})
     server.script.append((422, {}, echo.encode()))  # type: ignore[attr-defined]
     with pytest.raises(k8s.APIInvalidError) as caught:
-        cluster.request("POST", "/api/v1/namespaces/default/secrets", body={"data": {"k": SECRET}})
+        await cluster.request("POST", "/api/v1/namespaces/default/secrets", body={"data": {"k": SECRET}})
     text = f"{caught.value} {caught.value!r} {vars(caught.value)}"
     assert SECRET not in text
     assert len(caught.value.message) == k8s.MAX_MESSAGE
 
 
-def test_throttling_is_retried_after_the_servers_pause_then_succeeds(
+async def test_throttling_is_retried_after_the_servers_pause_then_succeeds(
     scripted: tuple[http.server.HTTPServer, k8s.KubeCluster],
 ) -> None:
     server, cluster = scripted
@@ -144,18 +147,49 @@ def test_throttling_is_retried_after_the_servers_pause_then_succeeds(
         (200, {"Content-Type": "application/json"}, b'{"kind": "Service"}'),
     ]
     started = time.monotonic()
-    assert cluster.request("GET", "/api/v1/namespaces/default/services/x") == {"kind": "Service"}
+    assert await cluster.request("GET", "/api/v1/namespaces/default/services/x") == {"kind": "Service"}
     assert 0.3 <= time.monotonic() - started < 2
 
 
-def test_a_watch_error_event_is_our_class_by_its_code(
+async def test_a_watch_error_event_is_our_class_by_its_code(
     scripted: tuple[http.server.HTTPServer, k8s.KubeCluster],
 ) -> None:
     server, cluster = scripted
     expired = {"type": "ERROR", "object": json.loads(status_body(410, "Expired", "too old resource version"))}
     server.script.append((200, {}, json.dumps(expired).encode() + b"\n"))  # type: ignore[attr-defined]
     with pytest.raises(k8s.APIGoneError, match="too old resource version"):
-        list(cluster.watch("Pod", "default", "", "1", seconds=1))
+        [event async for event in cluster.watch("Pod", "default", "", "1", seconds=1)]
+
+
+async def test_a_watch_event_longer_than_aiohttps_line_limit_arrives_whole(
+    scripted: tuple[http.server.HTTPServer, k8s.KubeCluster],
+) -> None:
+    """aiohttp's line reader refuses lines over 128 KiB; a Pod with big annotations is one."""
+    server, cluster = scripted
+    big = {"metadata": {"name": "p", "resourceVersion": "2", "annotations": {"a": "x" * 300_000}}}
+    events = [{"type": "ADDED", "object": big}, {"type": "DELETED", "object": {"metadata": {"name": "q"}}}]
+    server.script.append((200, {}, b"\n".join(json.dumps(e).encode() for e in events) + b"\n"))  # type: ignore[attr-defined]
+    seen = [event async for event in cluster.watch("Pod", "default", "", "1", seconds=1)]
+    assert seen == [("ADDED", big), ("DELETED", {"metadata": {"name": "q"}})]
+
+
+async def test_the_bearer_token_is_read_for_each_request(
+    scripted: tuple[http.server.HTTPServer, k8s.KubeCluster],
+) -> None:
+    """The in-cluster config renews an expiring service-account token through its refresh hook:
+    a token kept from the first request would be refused after an hour."""
+    server, cluster = scripted
+    renewals = iter(["Bearer first", "Bearer second"])
+
+    def refresh(configuration: kubernetes.client.Configuration) -> None:
+        configuration.api_key["authorization"] = next(renewals)
+
+    cluster.configuration.api_key["authorization"] = "Bearer stale"
+    cluster.configuration.refresh_api_key_hook = refresh
+    server.script += [(200, {}, b"{}"), (200, {}, b"{}")]  # type: ignore[attr-defined]
+    await cluster.request("GET", "/api/v1/namespaces/default/services/x")
+    await cluster.request("GET", "/api/v1/namespaces/default/services/x")
+    assert server.authorization == ["Bearer first", "Bearer second"]  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

@@ -145,19 +145,19 @@ def with_adapters(obj: dict[str, Any], *names: str) -> dict[str, Any]:
     return obj
 
 
-def test_adding_an_adapter_does_not_roll_pods() -> None:
+async def test_adding_an_adapter_does_not_roll_pods() -> None:
     cluster = FakeCluster(with_adapters(model(), "sql"))
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert "sql=/lora/sql" in deployment_args(cluster)
     cluster.model = with_adapters(cluster.model, "sql", "chat")
-    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert plan.apply == []
     cluster.model = with_adapters(cluster.model)
-    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert plan.apply == []
 
 
-def test_a_new_downloaded_adapter_rolls_pods_and_nothing_else_does() -> None:
+async def test_a_new_downloaded_adapter_rolls_pods_and_nothing_else_does() -> None:
     def adapters(*pairs: tuple[str, str]) -> dict[str, Any]:
         obj = copy.deepcopy(cluster.model)
         obj["spec"]["lora"] = {"adapters": [{"name": n, "source": src} for n, src in pairs]}
@@ -166,7 +166,7 @@ def test_a_new_downloaded_adapter_rolls_pods_and_nothing_else_does() -> None:
     cluster = FakeCluster(model())
     s3, hub = ("a", "s3://bucket/a"), ("b", "hf://org/b")
     cluster.model = adapters(hub)
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     steps = [
         ("add s3", [hub, s3], True),  # only an init step can download it
         ("remove s3", [hub], False),  # unloaded; the pods keep the files
@@ -176,18 +176,18 @@ def test_a_new_downloaded_adapter_rolls_pods_and_nothing_else_does() -> None:
     ]
     for step, pairs, rolls in steps:
         cluster.model = adapters(*pairs)
-        plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+        plan, _ = await reconcile.reconcile(cluster, cluster.model, SETTINGS)
         assert [m["kind"] for m in plan.apply] == (["Deployment"] if rolls else []), step
     init = cluster.objects["Deployment"]["spec"]["template"]["spec"]["initContainers"]
     assert [c["args"] for c in init] == [["s3://bucket/a2", "/cache/sources/lora-a"]]
 
 
-def test_a_roll_for_another_reason_starts_pods_with_every_adapter() -> None:
+async def test_a_roll_for_another_reason_starts_pods_with_every_adapter() -> None:
     cluster = FakeCluster(with_adapters(model(), "sql"))
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     cluster.model = with_adapters(cluster.model, "sql", "chat")
     cluster.model["spec"]["maxModelLen"] = 4096
-    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert [m["kind"] for m in plan.apply] == ["Deployment"]
     args = deployment_args(cluster)
     assert "sql=/lora/sql" in args and "chat=/lora/chat" in args
@@ -196,12 +196,12 @@ def test_a_roll_for_another_reason_starts_pods_with_every_adapter() -> None:
 @pytest.mark.parametrize(
     "value", ["5", "null", '"x"', "{}", '{"a": 1}', "[5]", '[{"name": 7}]', "not json", ""]
 )
-def test_a_hand_edited_static_adapters_annotation_never_wedges_the_model(value: str) -> None:
+async def test_a_hand_edited_static_adapters_annotation_never_wedges_the_model(value: str) -> None:
     cluster = FakeCluster(with_adapters(model(), "sql"))
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     cluster.objects["Deployment"]["metadata"]["annotations"][render.STATIC_ADAPTERS] = value
     cluster.model = with_adapters(cluster.model, "sql", "chat")
-    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     # Unreadable, so the pods' adapters are unknown: the Deployment is rendered from the spec again.
     assert [m["kind"] for m in plan.apply] == ["Deployment"]
     assert render.static_adapters(cluster.objects["Deployment"]) is not None

@@ -31,10 +31,10 @@ class FakeCluster:
         self.events: list[tuple[str, str, str]] = []
         self.pods: list[dict[str, Any]] = []
 
-    def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
+    async def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
         return self.objects.get(kind)
 
-    def apply(self, manifest: Mapping[str, Any]) -> Mapping[str, Any]:
+    async def apply(self, manifest: Mapping[str, Any]) -> Mapping[str, Any]:
         stored = copy.deepcopy(dict(manifest))
         stored["metadata"]["uid"] = "child-uid"  # server-added fields must not look like drift
         if stored["kind"] == "Deployment":
@@ -44,23 +44,23 @@ class FakeCluster:
         self.applied.append(stored["kind"])
         return stored
 
-    def create(self, manifest: Mapping[str, Any]) -> bool:
+    async def create(self, manifest: Mapping[str, Any]) -> bool:
         if manifest["kind"] in self.objects:
             return False
         self.objects[manifest["kind"]] = copy.deepcopy(dict(manifest))
         self.created.append(manifest["kind"])
         return True
 
-    def list_pods(self, namespace: str, selector: str) -> Sequence[Mapping[str, Any]]:
+    async def list_pods(self, namespace: str, selector: str) -> Sequence[Mapping[str, Any]]:
         return self.pods
 
-    def write_status(
+    async def write_status(
         self, namespace: str, name: str, status: dict[str, Any], previous: Mapping[str, Any]
     ) -> None:
         self.status_writes.append(status)
         self.model["status"] = status
 
-    def event(self, owner: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+    async def event(self, owner: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
         self.events.append((kind, reason, message))
 
 
@@ -73,9 +73,9 @@ def model(**spec: Any) -> dict[str, Any]:
     }
 
 
-def test_first_reconcile_applies_children_with_owner_and_writes_status() -> None:
+async def test_first_reconcile_applies_children_with_owner_and_writes_status() -> None:
     cluster = FakeCluster(model())
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert cluster.applied == ["Service", "Deployment"]
     for child in cluster.objects.values():
         owner = child["metadata"]["ownerReferences"][0]
@@ -91,56 +91,56 @@ def test_first_reconcile_applies_children_with_owner_and_writes_status() -> None
     assert ("Normal", "Created", "created Deployment llama") in cluster.events
 
 
-def test_noop_reconcile_writes_nothing() -> None:
+async def test_noop_reconcile_writes_nothing() -> None:
     cluster = FakeCluster(model())
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     writes = (len(cluster.applied), len(cluster.status_writes), len(cluster.events))
-    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert plan.apply == [] and plan.status is None and plan.events == []
     assert (len(cluster.applied), len(cluster.status_writes), len(cluster.events)) == writes
 
 
-def test_status_written_once_per_change() -> None:
+async def test_status_written_once_per_change() -> None:
     cluster = FakeCluster(model())
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     cluster.objects["Deployment"]["status"] = {
         "observedGeneration": 1,
         "replicas": 1,
         "updatedReplicas": 1,
         "readyReplicas": 1,
     }
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert len(cluster.status_writes) == 2
     assert cluster.status_writes[-1]["phase"] == "Ready"
     assert ("Normal", "Ready", "1/1 replicas ready") in cluster.events
 
 
-def test_deleted_child_comes_back() -> None:
+async def test_deleted_child_comes_back() -> None:
     cluster = FakeCluster(model())
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     del cluster.objects["Service"]
-    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert [m["kind"] for m in plan.apply] == ["Service"]
 
 
-def test_hand_edited_child_is_repaired() -> None:
+async def test_hand_edited_child_is_repaired() -> None:
     cluster = FakeCluster(model())
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     cluster.objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:latest"
-    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert [m["kind"] for m in plan.apply] == ["Deployment"]
     assert (
         cluster.objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"] != "evil:latest"
     )
 
 
-def test_spec_change_reapplies_deployment() -> None:
+async def test_spec_change_reapplies_deployment() -> None:
     cluster = FakeCluster(model())
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     cluster.model["spec"]["maxModelLen"] = 4096
     cluster.model["metadata"]["generation"] = 2
-    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert [m["kind"] for m in plan.apply] == ["Deployment"]
 
 
@@ -151,10 +151,10 @@ def test_spec_change_reapplies_deployment() -> None:
         {"engineArgs": ["--port=1"]},
     ],
 )
-def test_invalid_spec_recorded_once_as_condition_and_event(spec: dict[str, Any]) -> None:
+async def test_invalid_spec_recorded_once_as_condition_and_event(spec: dict[str, Any]) -> None:
     cluster = FakeCluster(model(**spec))
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert cluster.applied == []
     assert len(cluster.status_writes) == 1
     conditions = {c["type"]: c for c in cluster.status_writes[0]["conditions"]}
@@ -166,30 +166,30 @@ def test_invalid_spec_recorded_once_as_condition_and_event(spec: dict[str, Any])
     assert len(warnings) == 1 and warnings[0][1] == "InvalidSpec"
 
 
-def test_fixing_an_invalid_spec_recovers() -> None:
+async def test_fixing_an_invalid_spec_recovers() -> None:
     cluster = FakeCluster(model(engineArgs=["--port=1"]))
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     cluster.model["spec"]["engineArgs"] = []
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     conditions = {c["type"]: c for c in cluster.status_writes[-1]["conditions"]}
     assert conditions["SpecValid"]["status"] == "True"
     assert cluster.applied == ["Service", "Deployment"]
 
 
-def test_deleting_model_is_left_to_garbage_collection() -> None:
+async def test_deleting_model_is_left_to_garbage_collection() -> None:
     cluster = FakeCluster(model())
     cluster.model["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert plan == reconcile.Plan() and cluster.applied == [] and cluster.status_writes == []
 
 
 @pytest.mark.parametrize("kind", ["Service", "Deployment"])
-def test_a_child_name_taken_by_a_foreign_object_is_never_adopted(kind: str) -> None:
+async def test_a_child_name_taken_by_a_foreign_object_is_never_adopted(kind: str) -> None:
     cluster = FakeCluster(model())
     foreign_object = {"kind": kind, "metadata": {"name": "llama", "namespace": "team-a", "uid": "theirs"}}
     cluster.objects[kind] = copy.deepcopy(foreign_object)
     for _ in range(2):
-        plan, _observed = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+        plan, _observed = await reconcile.reconcile(cluster, cluster.model, SETTINGS)
         assert cluster.objects[kind] == foreign_object  # not applied over, no owner reference added
         assert plan.retry is not None
     assert cluster.applied == []
@@ -201,15 +201,15 @@ def test_a_child_name_taken_by_a_foreign_object_is_never_adopted(kind: str) -> N
     assert len(cluster.status_writes) == 1
 
     del cluster.objects[kind]  # the owner removed it: the model takes the name and recovers
-    plan, _observed = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _observed = await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert plan.retry is None and set(cluster.applied) == {"Service", "Deployment"}
     (degraded,) = [c for c in cluster.model["status"]["conditions"] if c["type"] == "Degraded"]
     assert degraded["status"] == "False"
 
 
-def test_a_lora_model_gets_its_admin_token_secret_created_never_read() -> None:
+async def test_a_lora_model_gets_its_admin_token_secret_created_never_read() -> None:
     cluster = FakeCluster(model(lora={"adapters": [{"name": "sql", "source": "/lora/sql"}]}))
-    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert cluster.created == ["Secret"] and [m["kind"] for m in plan.create] == ["Secret"]
     secret = cluster.objects["Secret"]
     ref = reconcile.ref_of(cluster.model)
@@ -223,7 +223,7 @@ def test_a_lora_model_gets_its_admin_token_secret_created_never_read() -> None:
     } in env
     assert token not in json.dumps(cluster.objects["Deployment"])  # only a reference in the pod spec
 
-    plan, _ = reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    plan, _ = await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert plan.create == [] and cluster.created == ["Secret"]  # nothing to do: nothing created
 
     # The Secret was deleted and a pod cannot start without it: it is created again.
@@ -245,7 +245,7 @@ def test_a_lora_model_gets_its_admin_token_secret_created_never_read() -> None:
             },
         }
     ]
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert cluster.created == ["Secret", "Secret"]
 
 
@@ -258,16 +258,16 @@ def test_admin_tokens_differ_per_model_and_key_and_a_new_key_renames_the_secret(
     assert "one" not in repr(one)  # the key never reaches a log through the settings' repr
 
 
-def test_models_without_lora_get_no_secret() -> None:
+async def test_models_without_lora_get_no_secret() -> None:
     cluster = FakeCluster(model())
-    reconcile.reconcile(cluster, cluster.model, SETTINGS)
+    await reconcile.reconcile(cluster, cluster.model, SETTINGS)
     assert cluster.created == [] and "Secret" not in cluster.objects
 
 
 class TwoModelCluster(FakeCluster):
     """Status writes of model `bad` are refused; the others are recorded."""
 
-    def write_status(
+    async def write_status(
         self, namespace: str, name: str, status: dict[str, Any], previous: Mapping[str, Any]
     ) -> None:
         if name == "bad":

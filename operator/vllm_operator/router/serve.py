@@ -9,8 +9,13 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vllm_operator.router import proxy, table
+
+if TYPE_CHECKING:  # imported when used: static routes need no Kubernetes client
+    from vllm_operator import k8s
+    from vllm_operator.router.watch import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,8 @@ TOKEN_ENV = "VLLM_OPERATOR_ROUTER_TOKEN"
 async def _main(options: Options) -> None:
     loop = asyncio.get_running_loop()
     token = options.token or os.environ.get(TOKEN_ENV, "")
+    watcher: Watcher | None = None
+    cluster: k8s.KubeCluster | None = None
     if options.upstreams:
         router = proxy.Router(table.Table(), max_body=options.max_body_bytes, token=token)
         router.set_table(table.static(options.upstreams, options.strategy))
@@ -48,16 +55,12 @@ async def _main(options: Options) -> None:
         from vllm_operator.router.watch import Watcher
 
         cluster = k8s.KubeCluster(k8s.load_config())
-
-        async def scale(namespace: str, name: str, replicas: int, expect: int) -> bool:
-            return await asyncio.to_thread(cluster.scale, namespace, name, replicas, expect)
-
-        router = proxy.Router(table.Table(), max_body=options.max_body_bytes, scaler=scale, token=token)
-
-        def publish(new: table.Table, ready: bool) -> None:
-            loop.call_soon_threadsafe(router.set_table, new, ready)
-
-        Watcher(cluster, options.namespaces, options.selector, publish).start()
+        router = proxy.Router(
+            table.Table(), max_body=options.max_body_bytes, scaler=cluster.scale, token=token
+        )
+        # The watches run on this loop: each new table goes straight to the router.
+        watcher = Watcher(cluster, options.namespaces, options.selector, router.set_table)
+        watcher.start()
     server = await proxy.serve(router, options.host, options.port)
     log.info("router listening on %s:%d", options.host, options.port)
     stopping = asyncio.Event()
@@ -72,6 +75,10 @@ async def _main(options: Options) -> None:
         await asyncio.sleep(0.1)
     log.info("router stopped with %d request(s) in flight", router.in_flight())
     router.pool.close()
+    if watcher is not None:
+        await watcher.stop()
+    if cluster is not None:
+        await cluster.close()
 
 
 def run(options: Options) -> None:

@@ -1,16 +1,15 @@
 """Keeps the routing table current: list, then watch, VLLMModels and their pods (the Kubernetes edge).
 
-One thread per (kind, namespace) runs list-then-watch; every change rebuilds the table (a pure
-function of what is known) and hands it to the event loop. A watch that ends is resumed from its
-last resourceVersion; one whose version expired (410) lists again. The router reports ready
-once every stream has listed once.
+One asyncio task per (kind, namespace), on the router's event loop, runs list-then-watch; every
+change rebuilds the table (a pure function of what is known) and publishes it. A watch that
+ends is resumed from its last resourceVersion; one whose version expired (410) lists again.
+The router reports ready once every stream has listed once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,41 +33,43 @@ class Watcher:
         publish: Callable[[table.Table, bool], None],
     ) -> None:
         """`namespaces`: the namespaces to serve, or `[None]` for all; `selector`: of the VLLMModels;
-        `publish(table, ready)` is called from the watch threads with every new table."""
+        `publish(table, ready)` is called on the event loop with every new table."""
         self.cluster = cluster
         self.namespaces = namespaces
         self.selector = selector
         self.publish = publish
-        self.lock = threading.Lock()
         self.models: dict[tuple[str, str], Mapping[str, Any]] = {}
         self.pods: dict[tuple[str, str], PodInfo] = {}
         self.synced: set[tuple[str, str | None]] = set()
-        self.stop = threading.Event()
+        self.tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
+        """Start the watches on the running loop."""
         for namespace in self.namespaces:
             for kind in ("VLLMModel", "Pod"):
-                thread = threading.Thread(
-                    target=self._run,
-                    args=(kind, namespace),
-                    name=f"watch-{kind}-{namespace or 'all'}",
-                    daemon=True,
+                self.tasks.append(
+                    asyncio.create_task(self._run(kind, namespace), name=f"watch-{kind}-{namespace or 'all'}")
                 )
-                thread.start()
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
 
     def _key(self, obj: Mapping[str, Any]) -> tuple[str, str]:
         meta = obj.get("metadata") or {}
         return str(meta.get("namespace", "")), str(meta.get("name", ""))
 
     def _replace(self, kind: str, namespace: str | None, items: list[dict[str, Any]]) -> None:
-        with self.lock:
-            store: dict[tuple[str, str], Any] = self.models if kind == "VLLMModel" else self.pods
-            for key in [k for k in store if namespace is None or k[0] == namespace]:
-                del store[key]
-            for item in items:
-                self._put(kind, item)
-            self.synced.add((kind, namespace))
-            self._publish()
+        # No await in here (nor in _apply): the other watches see the maps whole, without a lock.
+        store: dict[tuple[str, str], Any] = self.models if kind == "VLLMModel" else self.pods
+        for key in [k for k in store if namespace is None or k[0] == namespace]:
+            del store[key]
+        for item in items:
+            self._put(kind, item)
+        self.synced.add((kind, namespace))
+        self._publish()
 
     def _put(self, kind: str, obj: Mapping[str, Any]) -> None:
         key = self._key(obj)
@@ -82,27 +83,26 @@ class Watcher:
             self.pods[key] = info
 
     def _apply(self, kind: str, kind_of_event: str, obj: Mapping[str, Any]) -> None:
-        with self.lock:
-            if kind_of_event == "DELETED":
-                (self.models if kind == "VLLMModel" else self.pods).pop(self._key(obj), None)
-            else:
-                self._put(kind, obj)
-            self._publish()
+        if kind_of_event == "DELETED":
+            (self.models if kind == "VLLMModel" else self.pods).pop(self._key(obj), None)
+        else:
+            self._put(kind, obj)
+        self._publish()
 
     def _publish(self) -> None:
         ready = len(self.synced) == 2 * len(self.namespaces)
         self.publish(table.build(self.models.values(), self.pods.values()), ready)
 
-    def _run(self, kind: str, namespace: str | None) -> None:
+    async def _run(self, kind: str, namespace: str | None) -> None:
         selector = self.selector if kind == "VLLMModel" else POD_SELECTOR
         failures = 0
         version = ""
-        while not self.stop.is_set():
+        while True:  # until cancelled (stop)
             try:
                 if not version:
-                    items, version = self.cluster.list(kind, namespace, selector)
+                    items, version = await self.cluster.list(kind, namespace, selector)
                     self._replace(kind, namespace, items)
-                for event, obj in self.cluster.watch(kind, namespace, selector, version):
+                async for event, obj in self.cluster.watch(kind, namespace, selector, version):
                     version = str((obj.get("metadata") or {}).get("resourceVersion", version))
                     if event != "BOOKMARK":  # a bookmark only moves the version on
                         self._apply(kind, event, obj)
@@ -117,9 +117,9 @@ class Watcher:
             except (TransientError, OSError, ValueError) as error:
                 failures += 1
                 log.warning("watching %s in %s: %s", kind, namespace or "all namespaces", error)
-            except Exception as error:  # a watch thread must never die silently
+            except Exception as error:  # a watch task must never die silently
                 failures += 1
                 log.exception("watching %s in %s failed: %s", kind, namespace or "all namespaces", error)
                 version = ""
             if failures:
-                time.sleep(RETRY_SECONDS[min(failures, len(RETRY_SECONDS)) - 1])
+                await asyncio.sleep(RETRY_SECONDS[min(failures, len(RETRY_SECONDS)) - 1])
