@@ -4,7 +4,9 @@ and one Event per new error."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 
 from vllm_operator import lora, throughput
 from vllm_operator.api import ConditionStatus, VLLMModelSpec
@@ -13,6 +15,8 @@ from vllm_operator.store import ModelState
 
 Verdict = tuple[ConditionStatus, str, str]
 """(status, reason, message) of the AdaptersReady condition."""
+Withdraw = Callable[[list[throughput.PodSample], Verdict], Awaitable[None]]
+"""Writes a status in which the given samples are the pods' truth (see `manage_adapters`)."""
 
 
 async def manage_adapters(
@@ -22,11 +26,17 @@ async def manage_adapters(
     targets: list[Target],
     token: str,
     scraper: Scraper,
+    withdraw: Withdraw | None = None,
 ) -> tuple[list[throughput.PodSample], Verdict | None, list[tuple[str, str, str]]]:
     """Load and unload adapters so every healthy pod of a model serves the spec's, calling the
     pods with the model's admin `token`; returns the pods' samples read again after any call
     (the status comes from what the pods say, not from our calls), the AdaptersReady verdict
-    (None without LoRA) and the Events to post."""
+    (None without LoRA) and the Events to post.
+
+    Before any unload, `withdraw` gets the samples without the adapters about to go, so that the
+    status (the router's view) stops listing them first. Otherwise a spec that wants an adapter
+    again while the round that read the old spec unloads it has the router send its requests to
+    pods that no longer serve it, until the round's status write."""
     if spec.lora is None:
         return current, None, []
     wanted = lora.desired(spec)
@@ -36,6 +46,13 @@ async def manage_adapters(
     waiting = {k: v[0] for k, v in waits.items()}
     calls = lora.plan_calls(wanted, current, waiting, now, lora.downloaded(spec), fetched)
     events: list[tuple[str, str, str]] = []
+    going = {(c.pod, c.name) for c in calls if c.action == "unload"}
+    if going and withdraw is not None:
+        kept = [
+            dataclasses.replace(s, adapters=tuple(a for a in s.adapters if (s.name, a) not in going))
+            for s in current
+        ]
+        await withdraw(kept, lora.condition(wanted, kept, errors))
     if calls:
         by_name = {t.name: t for t in targets}
         results = await scraper.call_adapters(calls, {t.name: t.ip for t in targets}, token)

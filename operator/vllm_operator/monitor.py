@@ -91,15 +91,23 @@ class Monitor:
         scraper: Scraper,
         scraped_at: str,
     ) -> int:
-        """Adapters, health and the status write of one model after a round; 1 if it wrote."""
+        """Adapters, health and the status writes of one model after a round; returns how many."""
+        writes = 0
+
+        async def withdraw(samples: list[throughput.PodSample], verdict: adapters.Verdict) -> None:
+            nonlocal writes
+            health = throughput.aggregate(state.samples, samples, scraped_at)
+            health = dataclasses.replace(health, adapters_ready=verdict, routing=state.routing)
+            writes += await self._write_scrape(key, health, scraped_at, [])
+
         current, adapters_ready, events = await adapters.manage_adapters(
-            state, current, model.spec, model.pods, model.token, scraper
+            state, current, model.spec, model.pods, model.token, scraper, withdraw
         )
         health = throughput.aggregate(state.samples, current, scraped_at)
         health = dataclasses.replace(health, adapters_ready=adapters_ready, routing=state.routing)
         state.samples = {s.name: s for s in current}
         state.health = health
-        return int(await self._write_scrape(key, health, scraped_at, events))
+        return writes + int(await self._write_scrape(key, health, scraped_at, events))
 
     async def _write_scrape(
         self, key: Key, health: throughput.Aggregate, now: str, events: list[tuple[str, str, str]]

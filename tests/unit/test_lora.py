@@ -205,3 +205,54 @@ async def test_a_hand_edited_static_adapters_annotation_never_wedges_the_model(v
     # Unreadable, so the pods' adapters are unknown: the Deployment is rendered from the spec again.
     assert [m["kind"] for m in plan.apply] == ["Deployment"]
     assert render.static_adapters(cluster.objects["Deployment"]) is not None
+
+
+class OrderedScraper:
+    """Records the order of the adapter calls and of the status withdrawals around them."""
+
+    def __init__(self, log: list[str], after: list[PodSample]) -> None:
+        self.log, self.after = log, after
+
+    async def call_adapters(self, calls: Any, ips: Any, token: str = "") -> list[str]:
+        self.log += [f"{c.action} {c.name} on {c.pod}" for c in calls]
+        return ["" for _ in calls]
+
+    async def scrape_all(self, targets: Any) -> dict[int, list[PodSample]]:
+        return {0: self.after}
+
+
+async def test_the_status_stops_listing_an_adapter_before_it_is_unloaded() -> None:
+    """The router routes by the status: a pod must drop out of it before its adapter goes, or a
+    spec that wants the adapter again meanwhile sends requests to a pod that no longer has it."""
+    from vllm_operator import adapters
+    from vllm_operator.scrape import Target
+    from vllm_operator.store import ModelState
+
+    spec = parse_spec(
+        model(lora={"maxLoraRank": 8, "adapters": [{"name": "sql", "source": "/lora/sql"}]})["spec"]
+    )
+    log: list[str] = []
+    withdrawn: list[tuple[str, ...]] = []
+
+    async def withdraw(samples: list[PodSample], verdict: adapters.Verdict) -> None:
+        log.append("status written")
+        withdrawn.extend(s.adapters for s in samples)
+
+    scraper = OrderedScraper(log, [pod("p0", "sql")])
+    targets = [Target(name="p0", ip="10.0.0.1", ready=True, lora=True)]
+    current, _, _ = await adapters.manage_adapters(
+        ModelState(),
+        [pod("p0", "sql", "old")],
+        spec,
+        targets,
+        "",
+        scraper,
+        withdraw,  # type: ignore[arg-type]
+    )
+    assert log == ["status written", "unload old on p0"]
+    assert withdrawn == [("sql",)]
+    assert [s.adapters for s in current] == [("sql",)]
+    log.clear()
+    # Loads alone withdraw nothing: a new adapter is listed only once the pod says it serves it.
+    await adapters.manage_adapters(ModelState(), [pod("p0")], spec, targets, "", scraper, withdraw)  # type: ignore[arg-type]
+    assert log == ["load sql on p0"]
