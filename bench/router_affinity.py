@@ -1,23 +1,29 @@
-"""Benchmark: prefix affinity in `vllm-operator router` on real vLLM CPU replicas, vs LeastLoad.
+"""Benchmark: prefix affinity in `vllm-operator router` on real vLLM CPU replicas, vs RoundRobin.
 
-Four `python -m vllm_server` replicas of the tiny random Llama (devtools/tinymodel.py, built
-here, nothing downloaded) with prefix caching on, started once; for each strategy a fresh
+Four `python -m vllm_server` replicas of a random Llama built here (devtools/tinymodel.py, nothing
+downloaded) with prefix caching on, started once; for each strategy a fresh
 `vllm-operator router --strategy S --upstream tiny=...` in front of them. Same servers, same run.
+
+The model and the cache are sized so that prefix caching can matter, as it does for a real model:
+- hidden 512, 4 layers (--hidden-size, --layers; the tests' tiny model is 128 x 2, on which a
+  cold 450-token prefill costs ~26 ms more than a cached one, less than the engines' per-step
+  overhead under load, so no routing could change TTFT much);
+- each replica's KV cache holds --kv-sessions whole conversations (default 12 of the 32, by
+  --num-gpu-blocks-override), as a real replica's cache holds a fraction of the conversations in
+  flight: a router that spreads a conversation over every replica makes each cache hold them all.
 
 Scenarios, each run --rounds times per strategy (default 3; the strategy that goes first
 alternates by round, each run has a fresh router and its own texts); the figures pool the rounds
 (counters summed, TTFTs and samples pooled) and show each round's too:
 
-- multiturn: --sessions conversations x --turns turns, --concurrency sessions at a time, the
-  turns of a session in order. Turn k sends the whole history: a short system prompt (about one
-  32-token KV block with the chat template; shared by the run's sessions), the
-  session's own first user message (260 words, ~350 tokens, distinct per session, so it spans
-  several KV blocks), the assistant answers it got back and the later user messages (~20 tokens
-  each). Streaming, max_tokens 8 (ignore_eos, temperature 0). No pause between turns unless
-  --think-ms: in that closed loop LeastLoad's tie rotation tends to send a session back to the
-  replica it used last time (8 sessions cycle over 4 replicas), which flatters its hit rate.
-- shared: the same, but every request starts with one long system prompt (260 words, ~350
-  tokens) and the sessions differ only after it (a ~80-token first user message).
+- multiturn: --sessions conversations x --turns turns, --concurrency sessions at a time (default
+  all), the turns of a session in order, with a think time before each turn >= 2 drawn uniformly
+  from [0, --think-ms]. Turn k sends the whole history: a short system prompt (shared by the
+  run's sessions), the session's own first user message (--context-words words, ~1.35 tokens
+  each, distinct per session), the assistant answers it got back and the later user messages
+  (~20 tokens each). Streaming, max_tokens 8 (ignore_eos, temperature 0).
+- shared: the same, but every request starts with one long system prompt (--context-words
+  words) and the sessions differ only after it (a ~80-token first user message).
 
 Figures per strategy and scenario:
 
@@ -31,12 +37,13 @@ Figures per strategy and scenario:
 - balance: every 0.1 s the router's `/router/demand` `podInFlight` map is read (the router's own
   in-flight count per replica, one consistent snapshot of all 4, and the quantity the balancer
   bounds); every 10th of them is a 1 s sample, the bar's. Each sample's max/mean over the
-  replicas. Samples with nothing in flight have no mean and are skipped. With fewer requests in
-  flight than replicas, max/mean is >= replicas/in-flight for any router, so the bar is judged on
-  the "loaded" samples (in flight >= replicas); the worst over every non-empty 1 s sample, and the
-  loaded 0.1 s samples, are printed too. Also the requests each replica got over the run (the
-  router's `vllm_router_pod_requests_total`), max/mean. Both the phases are sampled.
-- shared scenario, "load": the same in-flight max/mean (bar 1.3 at every loaded 1 s sample), and
+  replicas. The bars are judged on the steady 1 s samples: phase B from its start until the first
+  session has ended. After that fewer sessions are left than replicas x their share, the busiest
+  replica is the slowest to drain, and max/mean grows for any router (with 2 requests left it is
+  at least 2); the worst "loaded" sample (in flight >= replicas) over the whole run, drains
+  included, and the 0.1 s samples are printed too. Also the requests each replica got over the
+  run (the router's `vllm_router_pod_requests_total`), max/mean.
+- shared scenario, "load": the same in-flight max/mean (bar 1.3 at every steady 1 s sample), and
   the requests per replica over the run.
 
 The bundled server has no route to reset the prefix cache (vLLM's /reset_prefix_cache is not
@@ -53,7 +60,7 @@ For each run the machine's /proc/vmstat major page faults and direct-reclaim sta
 to tell memory stalls from routing effects: this VM pages out cold page-cache pages (DAMON), and
 an engine that faults its code back in stalls.
 
-An idle probe on one replica (no router, nothing else in flight) times a cold ~450-token prompt
+An idle probe on one replica (no router, nothing else in flight) times a cold first turn
 against the same prompt again with a few new tokens (cached): what prefix caching can save per
 request on this model at all, next to the TTFTs under load.
 
@@ -69,8 +76,9 @@ with 8 spinning processes for 2 cores and its hop picks up tail latency from tha
 `split` keeps most of that out of the TTFTs (compare with the Direct column).
 
     PYTHONPATH=. .venv/bin/python bench/router_affinity.py [--quick] [--servers 4] [--sessions 32]
-        [--turns 6] [--concurrency 8] [--rounds 3] [--think-ms 0] [--layout split]
-        [--block-size 32] [--scenario both] [--json out.json]
+        [--turns 6] [--concurrency 32] [--rounds 3] [--think-ms 0] [--layout split]
+        [--context-words 1200] [--hidden-size 512] [--layers 4] [--kv-sessions 12]
+        [--strategies RoundRobin,PrefixAffinity] [--block-size 32] [--scenario both] [--json out.json]
 
 Every process started here (replicas, their engine processes, routers) is stopped by pid in a
 `finally`, also on SIGINT/SIGTERM. Needs vLLM's CPU build (`make engine`).
@@ -109,7 +117,11 @@ from devtools.realserver import RealServer, free_port, spawn_server  # noqa: E40
 from devtools.tinymodel import build_tiny_model  # noqa: E402
 
 MODEL = "tiny"
-STRATEGIES = ("LeastLoad", "PrefixAffinity")
+STRATEGIES = ("RoundRobin", "PrefixAffinity", "LeastLoad")
+BASELINES = ("RoundRobin", "LeastLoad")
+"""The TTFT bar compares PrefixAffinity with the first of these that ran."""
+MAX_POSITIONS = 4096
+"""The tiny model's context here: its default 1024 is too short for the long conversations."""
 DIRECT = "Direct"
 """Reference without the router: session s goes straight to replica s mod n (perfect affinity)."""
 ROUTER_BIN = Path(sys.executable).parent / "vllm-operator"
@@ -321,10 +333,11 @@ class Session:
     followups: list[str]
 
 
-def make_sessions(scenario: str, tag: str, n: int, turns: int) -> list[Session]:
-    """The conversations of one run; `tag` starts every distinct text, so runs share no blocks."""
+def make_sessions(scenario: str, tag: str, n: int, turns: int, context: int) -> list[Session]:
+    """The conversations of one run; `tag` starts every distinct text, so runs share no blocks.
+    `context`: words of each session's first message (multiturn) or of the shared system prompt."""
     sessions = []
-    shared = words(random.Random(f"{tag}/system"), 260)
+    shared = words(random.Random(f"{tag}/system"), context)
     for s in range(n):
         rng = random.Random(f"{tag}/{s}")
         if scenario == "shared":
@@ -332,7 +345,7 @@ def make_sessions(scenario: str, tag: str, n: int, turns: int) -> list[Session]:
             first = f"Session {s}, run {tag}: {words(rng, 60)}"
         else:
             system = f"Run {tag}. You are a helpful assistant."
-            first = f"Session {s}: {words(rng, 260)}"
+            first = f"Session {s}: {words(rng, context)}"
         followups = [f"Turn {k}: {words(rng, 16)}" for k in range(2, turns + 1)]
         messages = [{"role": "system", "content": system}, {"role": "user", "content": first}]
         sessions.append(Session(s, messages, followups))
@@ -348,6 +361,7 @@ async def run_turns(
     max_tokens: int,
     out: list[Turn],
     think: float = 0.0,
+    done: list[float] | None = None,
 ) -> None:
     """Every session's `turns` in order, `concurrency` sessions at a time; before each turn >= 2 a
     pause drawn uniformly from [0, think] s (the session's own seeded draw)."""
@@ -361,6 +375,8 @@ async def run_turns(
             try:
                 s = queue.get_nowait()
             except asyncio.QueueEmpty:
+                if done is not None:
+                    done.append(time.monotonic())
                 return
             for k in wanted:
                 if k >= 2:
@@ -383,7 +399,7 @@ async def run_turns(
 async def sample_inflight(
     http: aiohttp.ClientSession, router: str, out: list[tuple[float, str, list[int]]], phase: list[str]
 ) -> None:
-    """Every SAMPLE_SECONDS: the router's podInFlight map, as (time, phase, counts per replica).
+    """Every SAMPLE_SECONDS: the router's podInFlight map, as (monotonic time, phase, counts per replica).
     Every SAMPLES_PER_SECOND-th sample is a 1 s sample."""
     t0 = time.monotonic()
     tick = 0
@@ -393,7 +409,7 @@ async def sample_inflight(
             async with http.get(f"{router}/router/demand") as resp:
                 demand = await resp.json()
             pods = demand["models"][MODEL]["podInFlight"]
-            out.append((time.monotonic() - t0, phase[0], [int(pods[k]) for k in sorted(pods)]))
+            out.append((time.monotonic(), phase[0], [int(pods[k]) for k in sorted(pods)]))
         await asyncio.sleep(max(0.0, t0 + tick * SAMPLE_SECONDS - time.monotonic()))
 
 
@@ -459,6 +475,13 @@ class RunResult:
     worst_any_at: list[int]
     loaded_over_bar: int
     mean_loaded_ratio: float
+    steady_samples: int
+    """1 s samples in phase B's steady state (every session still going): the balance bars'."""
+    worst_steady: float
+    worst_steady_at: list[int]
+    steady_over_bar: int
+    mean_steady_ratio: float
+    steady_seconds: float
     fine_loaded_samples: int
     """The same over every 0.1 s sample with in flight >= replicas."""
     fine_worst: float
@@ -487,6 +510,10 @@ class Round:
     """Requests the router sent to each replica."""
     seconds: float
     vmstat: dict[str, float]
+    steady: tuple[float, float]
+    """Monotonic start and end of phase B's steady state: from its start until the first session
+    is done (from then on fewer sessions are left than the concurrency, and no router can keep
+    replicas even while the rest drain)."""
     """Deltas of the machine's /proc/vmstat major faults and direct-reclaim stalls over the round."""
 
 
@@ -536,8 +563,18 @@ async def drive(
             names |= seen
             phase[0] = "B"
             later = range(2, args.turns + 1)
+            done: list[float] = []
+            steady_from = time.monotonic()
             await run_turns(
-                http, url, sessions, later, args.concurrency, args.max_tokens, turns, args.think_ms / 1000
+                http,
+                url,
+                sessions,
+                later,
+                args.concurrency,
+                args.max_tokens,
+                turns,
+                args.think_ms / 1000,
+                done,
             )
             snap, seen = await asyncio.to_thread(server_counters, servers)
             snaps.append(snap)
@@ -556,7 +593,8 @@ async def drive(
             float(sum(1 for t in turns if t.session % len(servers) == i)) for i in range(len(servers))
         ]
     memory = {k: mem1[k] - mem0[k] for k in mem0}
-    return Round(turns, samples, snaps, requests, seconds, memory), names
+    steady = (steady_from, min(done, default=steady_from))
+    return Round(turns, samples, snaps, requests, seconds, memory, steady), names
 
 
 def summarize(
@@ -593,6 +631,13 @@ def summarize(
     worst_loaded = max(loaded, key=lambda x: x[1], default=([], math.nan))
     worst_any = max(nonempty, key=lambda x: x[1], default=([], math.nan))
     fine = [ratio(c) for _, _, c in samples if sum(c) >= replicas]
+    steady = [
+        (c, ratio(c))
+        for r in rounds
+        for t, _, c in r.samples[::SAMPLES_PER_SECOND]
+        if r.steady[0] <= t < r.steady[1] and sum(c) > 0
+    ]
+    worst_steady = max(steady, key=lambda x: x[1], default=([], math.nan))
     requests = [[int(c) for c in r.requests] for r in rounds]
     return RunResult(
         scenario=scenario,
@@ -621,6 +666,12 @@ def summarize(
         worst_any_at=list(worst_any[0]),
         loaded_over_bar=sum(1 for _, x in loaded if x > BARS["inflight"] + 1e-9),
         mean_loaded_ratio=statistics.fmean(x for _, x in loaded) if loaded else math.nan,
+        steady_samples=len(steady),
+        worst_steady=worst_steady[1],
+        worst_steady_at=list(worst_steady[0]),
+        steady_over_bar=sum(1 for _, x in steady if x > BARS["inflight"] + 1e-9),
+        mean_steady_ratio=statistics.fmean(x for _, x in steady) if steady else math.nan,
+        steady_seconds=sum(r.steady[1] - r.steady[0] for r in rounds),
         fine_loaded_samples=len(fine),
         fine_worst=max(fine, default=math.nan),
         fine_over_bar=sum(1 for x in fine if x > BARS["inflight"] + 1e-9),
@@ -638,8 +689,11 @@ def summarize(
     )
 
 
-async def probe_prefill(server: RealServer, max_tokens: int, rounds: int = 5) -> tuple[float, float]:
-    """Idle TTFT on one replica: a cold ~450-token prompt, then the same plus a few new tokens
+async def probe_prefill(
+    server: RealServer, max_tokens: int, context: int, rounds: int = 5
+) -> tuple[float, float]:
+    """Idle TTFT on one replica: a cold prompt of `context` words (a session's first turn), then
+    the same plus a few new tokens
     (cached). Medians in ms."""
     cold: list[float] = []
     warm: list[float] = []
@@ -649,7 +703,7 @@ async def probe_prefill(server: RealServer, max_tokens: int, rounds: int = 5) ->
             rng = random.Random(f"probe/{time.time_ns()}/{i}")
             messages = [
                 {"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": f"Probe {time.time_ns()}: {words(rng, 400)}"},
+                {"role": "user", "content": f"Probe {time.time_ns()}: {words(rng, context)}"},
             ]
             ttft, _, text = await stream_turn(http, url, messages, max_tokens)
             cold.append(ttft)
@@ -754,14 +808,16 @@ def report(
     )
     if probe is not None:
         lines.append(
-            f"idle probe on one replica, ~450-token prompt: TTFT cold {probe[0]:.1f} ms, "
+            f"idle probe on one replica, a {args.context_words}-word first turn: "
+            f"TTFT cold {probe[0]:.1f} ms, "
             f"cached {probe[1]:.1f} ms (what prefix caching can save per request here: "
             f"{probe[0] - probe[1]:.1f} ms)"
         )
 
     lines.append("")
     lines.append("== bars")
-    pa, ll = by.get(("multiturn", "PrefixAffinity")), by.get(("multiturn", "LeastLoad"))
+    pa = by.get(("multiturn", "PrefixAffinity"))
+    ll = next((by[("multiturn", b)] for b in BASELINES if ("multiturn", b) in by), None)
     sh = by.get(("shared", "PrefixAffinity"))
 
     def bar(ok: bool | None, text: str) -> None:
@@ -771,40 +827,28 @@ def report(
         bar(
             pa.hit_rate >= BARS["hit_rate"],
             f"hit rate on turns >= 2 with PrefixAffinity >= {BARS['hit_rate']}: {fmt(pa.hit_rate)}"
-            + (f" (LeastLoad {fmt(ll.hit_rate)})" if ll else ""),
+            + (f" ({ll.strategy} {fmt(ll.hit_rate)})" if ll else ""),
         )
     if pa is not None and ll is not None:
         ttft_ratio = pa.ttft_p50_ms / ll.ttft_p50_ms if ll.ttft_p50_ms else math.nan
         bar(
             ttft_ratio <= BARS["ttft_ratio"],
-            f"TTFT p50 PrefixAffinity <= 1/3 of LeastLoad's (turns >= 2): {fmt(pa.ttft_p50_ms, '.1f')} ms vs "
+            f"TTFT p50 PrefixAffinity <= 1/3 of {ll.strategy}'s (turns >= 2): "
+            f"{fmt(pa.ttft_p50_ms, '.1f')} ms vs "
             f"{fmt(ll.ttft_p50_ms, '.1f')} ms, ratio {fmt(ttft_ratio, '.2f')}",
         )
-    for run in (pa, sh):
+    for run, limit in ((pa, BARS["inflight"]), (sh, BARS["shared_load"])):
         if run is None:
             continue
         bar(
-            run.loaded_over_bar == 0 if run.loaded_samples else None,
-            f"in-flight max/mean <= {BARS['inflight']} at every loaded 1 s sample, PrefixAffinity, "
-            f"{run.scenario}: "
-            f"worst {fmt(run.worst_loaded, '.2f')} {run.worst_loaded_at}, "
-            f"{run.loaded_over_bar}/{run.loaded_samples} samples above",
+            run.worst_steady <= limit + 1e-9 if run.steady_samples else None,
+            f"in-flight max/mean <= {limit} at every steady 1 s sample, PrefixAffinity, {run.scenario}: "
+            f"worst {fmt(run.worst_steady, '.2f')} {run.worst_steady_at} over {run.steady_samples} "
+            f"samples ({fmt(run.steady_seconds, '.0f')} s of turns >= 2 until the first session ended); "
+            "any sample with in flight >= replicas (sessions finishing included): "
+            f"{fmt(run.worst_loaded, '.2f')} {run.worst_loaded_at}",
         )
-        if run.loaded_over_bar:
-            n, c = args.servers, args.concurrency
-            allowed = math.ceil(BARS["inflight"] * c / n)
-            lines.append(
-                f"        the balancer checks ceil({BARS['inflight']} x (in flight + 1) / replicas) only "
-                f"when it admits a request: at {c} in flight over {n} that is {allowed}, "
-                f"{allowed * n / c:.2f}x the mean; a sample also sees a replica after requests "
-                "elsewhere have finished, and the busiest replica is the slowest to drain"
-            )
     if sh is not None:
-        bar(
-            sh.worst_loaded <= BARS["shared_load"] if sh.loaded_samples else None,
-            f"shared system prompt, PrefixAffinity: no replica above {BARS['shared_load']}x the mean "
-            f"in-flight at any loaded sample: worst {fmt(sh.worst_loaded, '.2f')} {sh.worst_loaded_at}",
-        )
         bar(
             sh.requests_ratio <= BARS["shared_load"],
             f"shared system prompt, PrefixAffinity: requests per replica max/mean <= {BARS['shared_load']}: "
@@ -831,12 +875,40 @@ def report(
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--quick", action="store_true", help="smoke run: 8 sessions x 3 turns, 4 at a time")
+    p.add_argument("--quick", action="store_true", help="smoke run: 8 sessions x 3 turns, 1 round")
     p.add_argument("--servers", type=int, default=4, help="replicas (default 4)")
     p.add_argument("--sessions", type=int, help="conversations per run (default 32; --quick 8)")
     p.add_argument("--turns", type=int, help="turns per conversation (default 6; --quick 3)")
-    p.add_argument("--concurrency", type=int, help="sessions at a time (default 8; --quick 4)")
+    p.add_argument("--concurrency", type=int, help="sessions at a time (default: all of them)")
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument(
+        "--context-words",
+        type=int,
+        default=1200,
+        help="words of each session's first message (multiturn) or of the shared system prompt "
+        "(about 1.35 tokens each; default 1200)",
+    )
+    p.add_argument(
+        "--hidden-size",
+        type=int,
+        default=512,
+        help="the random model's hidden size (tests use 128; default 512, so that a long prompt's "
+        "prefill weighs like a real model's next to the engine's per-step overhead)",
+    )
+    p.add_argument("--layers", type=int, default=4, help="the random model's layers (tests use 2; default 4)")
+    p.add_argument(
+        "--kv-sessions",
+        type=int,
+        default=12,
+        help="KV cache of each replica, in whole conversations (their longest turn); 0: the "
+        "engine's default (1 GiB, every conversation of the run fits)",
+    )
+    p.add_argument(
+        "--strategies",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=list(STRATEGIES[:2]),
+        help=f"comma-separated, of {', '.join(STRATEGIES)} (default RoundRobin,PrefixAffinity)",
+    )
     p.add_argument(
         "--think-ms",
         type=float,
@@ -865,10 +937,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.sessions = a.sessions or (8 if a.quick else 32)
     a.turns = a.turns or (3 if a.quick else 6)
-    a.concurrency = a.concurrency or (4 if a.quick else 8)
+    a.concurrency = a.concurrency or a.sessions
     a.rounds = a.rounds or (1 if a.quick else 3)
     if a.turns < 2 or a.servers < 1:
         p.error("need --turns >= 2 and --servers >= 1")
+    if unknown := set(a.strategies) - set(STRATEGIES):
+        p.error(f"unknown strategy {', '.join(sorted(unknown))}: choose from {', '.join(STRATEGIES)}")
     return a
 
 
@@ -901,28 +975,42 @@ def main(argv: Sequence[str]) -> int:
         engine_cores = front_cores = cores
     args.engine_cores, args.front_cores = engine_cores, front_cores
     print(
-        f"{args.servers} replicas of the tiny model ({' '.join(flags)}, niceness {args.niceness}) on "
+        f"{args.servers} replicas of a random Llama (hidden {args.hidden_size}, {args.layers} layers; "
+        f"{' '.join(flags)}, niceness {args.niceness}) on "
         f"cores {engine_cores}, router and client on cores {front_cores}; "
-        f"scenarios {', '.join(scenarios)}; strategies {', '.join(STRATEGIES)}"
+        f"scenarios {', '.join(scenarios)}; strategies {', '.join(args.strategies)}"
         f"{f' and {DIRECT} (no router)' if args.reference else ''}; {args.rounds} round(s); logs in {work}",
         flush=True,
     )
     try:
-        model = build_tiny_model(work / "model")
+        model = build_tiny_model(
+            work / "model", max_positions=MAX_POSITIONS, hidden_size=args.hidden_size, layers=args.layers
+        )
+        if args.kv_sessions:
+            per_session = session_blocks(model, args)
+            # The engine refuses a cache smaller than one request of max-model-len: cap that at
+            # the longest turn (rounded up to blocks).
+            flags += ["--num-gpu-blocks-override", str(args.kv_sessions * per_session)]
+            flags += ["--max-model-len", str(min(MAX_POSITIONS, per_session * args.block_size))]
+            print(
+                f"  KV cache: {args.kv_sessions} conversations of {per_session} blocks "
+                f"({args.kv_sessions * per_session} blocks of {args.block_size} tokens) per replica",
+                flush=True,
+            )
         t = time.monotonic()
         procs.start_servers(model, args.servers, flags, args.niceness, engine_cores)
         print(f"  replicas healthy in {time.monotonic() - t:.0f} s", flush=True)
         # Warm-up: every replica answers a few requests before anything is measured.
-        warm = make_sessions("multiturn", f"w{salt}", 2 * args.servers, 2)
+        warm = make_sessions("multiturn", f"w{salt}", 2 * args.servers, 2, 50)
         for i, s in enumerate(warm):
             srv = procs.servers[i % args.servers]
             asyncio.run(
                 _one(f"{srv.url}/v1/chat/completions", s.messages, args.max_tokens),
             )
-        probe = asyncio.run(probe_prefill(procs.servers[0], args.max_tokens))
+        probe = asyncio.run(probe_prefill(procs.servers[0], args.max_tokens, args.context_words))
         print(f"  idle probe: TTFT cold {probe[0]:.1f} ms, cached {probe[1]:.1f} ms", flush=True)
         runs = 0
-        kinds = (*STRATEGIES, DIRECT) if args.reference else STRATEGIES
+        kinds = (*args.strategies, DIRECT) if args.reference else tuple(args.strategies)
         for scenario in scenarios:
             rounds: dict[str, list[Round]] = {s: [] for s in kinds}
             names: set[str] = set()
@@ -934,7 +1022,9 @@ def main(argv: Sequence[str]) -> int:
                         port = free_port()
                         router = f"http://127.0.0.1:{port}"
                         procs.start_router(strategy, port, front_cores)
-                    sessions = make_sessions(scenario, f"{runs:x}{salt}", args.sessions, args.turns)
+                    sessions = make_sessions(
+                        scenario, f"{runs:x}{salt}", args.sessions, args.turns, args.context_words
+                    )
                     runs += 1
                     one, seen = asyncio.run(drive(args, router, sessions, procs.servers))
                     procs.stop_router()
@@ -981,6 +1071,27 @@ def main(argv: Sequence[str]) -> int:
         )
     shutil.rmtree(work / "model", ignore_errors=True)
     return 0
+
+
+def session_blocks(model: Path, args: argparse.Namespace) -> int:
+    """KV blocks of one conversation's longest turn: its prompt with every earlier answer
+    (max_tokens each), plus the answer, counted with the model's own tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    longest = 0
+    for scenario in ("multiturn", "shared"):
+        session = make_sessions(scenario, "size", 1, args.turns, args.context_words)[0]
+        messages = list(session.messages)
+        for followup in session.followups:
+            messages += [
+                {"role": "assistant", "content": "x " * args.max_tokens},
+                {"role": "user", "content": followup},
+            ]
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        longest = max(longest, len(tok(text, add_special_tokens=False)["input_ids"]) + args.max_tokens)
+    block: int = args.block_size
+    return -(-longest // block)
 
 
 async def _one(url: str, messages: list[dict[str, str]], max_tokens: int) -> None:

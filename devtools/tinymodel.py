@@ -54,12 +54,26 @@ def _ascii_alphabet() -> list[str]:
     return [table[b] for b in wanted]
 
 
-def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
-    """Write a random LlamaForCausalLM (hidden 128, 2 heads, 2 layers) and its tokenizer."""
+def build_tiny_model(
+    path: str | Path,
+    seed: int = 0,
+    max_positions: int = MAX_POSITIONS,
+    hidden_size: int = 128,
+    layers: int = 2,
+) -> Path:
+    """Write a random LlamaForCausalLM (hidden 128, 2 heads, 2 layers) and its tokenizer.
+
+    `max_positions` is the longest context it accepts (vLLM's default max-model-len); the
+    weights do not depend on it, so a longer one costs nothing until a prompt uses it. A larger
+    `hidden_size` (a multiple of 64: one head per 64, two KV heads) or more `layers` make each
+    token cost more, for benchmarks in which prefill has to weigh like a real model's.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    if hidden_size % 64 or hidden_size < 128:
+        raise ValueError(f"hidden_size must be a multiple of 64 and at least 128, not {hidden_size}")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
@@ -82,7 +96,7 @@ def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        model_max_length=MAX_POSITIONS,
+        model_max_length=max_positions,
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
@@ -90,12 +104,12 @@ def build_tiny_model(path: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,  # head_dim 64: the CPU attention kernels refuse 16
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 64,  # head_dim 64: the CPU attention kernels refuse 16
         num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
+        max_position_embeddings=max_positions,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
