@@ -153,20 +153,33 @@ STEADY_CLIENT = """
 import json, os, sys, time, httpx
 url, model = sys.argv[1], sys.argv[2]
 headers = {"Authorization": "Bearer " + sys.argv[3]} if len(sys.argv) > 3 else {}
-ok, errors = 0, []
+ok, errors, retried = 0, [], []
+# Like the OpenAI SDK (2 retries by default), a connection that breaks before an answer is
+# tried once more: a pooled keep-alive connection to a pod that closes it as it stops can
+# break under a request sent at that moment (CI saw one reset in 239 requests).
+LOST = (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 with httpx.Client(timeout=30, headers=headers) as http:
     while not os.path.exists("/tmp/stop"):
-        try:
-            r = http.post(url + "/chat/completions", json={"model": model, "max_tokens": 8,
-                          "messages": [{"role": "user", "content": "hi"}]})
-            if r.status_code == 200:
-                ok += 1
+        for attempt in (1, 2):
+            try:
+                r = http.post(url + "/chat/completions", json={"model": model, "max_tokens": 8,
+                              "messages": [{"role": "user", "content": "hi"}]})
+            except LOST as error:
+                if attempt == 1:
+                    retried.append(repr(error)[:200])
+                    continue
+                errors.append(repr(error)[:200])
+            except httpx.HTTPError as error:
+                errors.append(repr(error)[:200])
             else:
-                errors.append(f"HTTP {r.status_code}: {r.text[:120]}")
-        except httpx.HTTPError as error:
-            errors.append(repr(error)[:200])
+                if r.status_code == 200:
+                    ok += 1
+                else:
+                    errors.append(f"HTTP {r.status_code}: {r.text[:120]}")
+            break
         time.sleep(0.1)
-print(json.dumps({"ok": ok, "failed": len(errors), "errors": errors[:20]}), flush=True)
+print(json.dumps({"ok": ok, "failed": len(errors), "errors": errors[:20], "retried": retried[:20]}),
+      flush=True)
 """
 
 
