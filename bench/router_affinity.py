@@ -21,7 +21,10 @@ alternates by round, each run has a fresh router and its own texts); the figures
   from [0, --think-ms]. Turn k sends the whole history: a short system prompt (shared by the
   run's sessions), the session's own first user message (--context-words words, ~1.35 tokens
   each, distinct per session), the assistant answers it got back and the later user messages
-  (~20 tokens each). Streaming, max_tokens 8 (ignore_eos, temperature 0).
+  (~20 tokens each). Streaming, --max-tokens 1 (ignore_eos, temperature 0): TTFT is the figure,
+  and with longer answers a TTFT here is mostly the decode steps of the requests already running
+  (4 engines on one core), which prefix caching does not shorten: with 8-token answers even
+  Direct (below) gets only 0.64x RoundRobin's TTFT.
 - shared: the same, but every request starts with one long system prompt (--context-words
   words) and the sessions differ only after it (a ~80-token first user message).
 
@@ -731,8 +734,8 @@ def report(
         if not runs:
             continue
         title = {
-            "multiturn": "multi-turn, a distinct ~350-token first message per session",
-            "shared": "one shared ~350-token system prompt, sessions differ after it",
+            "multiturn": f"multi-turn, a distinct {args.context_words}-word first message per session",
+            "shared": f"one shared {args.context_words}-word system prompt, sessions differ after it",
         }[scenario]
         lines.append("")
         lines.append(
@@ -854,18 +857,15 @@ def report(
             f"shared system prompt, PrefixAffinity: requests per replica max/mean <= {BARS['shared_load']}: "
             f"{fmt(sh.requests_ratio, '.2f')} (worst round; rounds {sh.requests_per_replica})",
         )
-    if pa is not None and ll is not None and probe is not None:
-        saving = probe[0] - probe[1]
+    direct = by.get(("multiturn", DIRECT))
+    if pa is not None and ll is not None and direct is not None and ll.ttft_p50_ms:
         lines.append("")
         lines.append(
-            f"note: TTFT here is mostly queueing and CPU contention, not prefill: idle, a cached prefix "
-            f"saves {saving:.1f} ms of a {probe[0]:.1f} ms TTFT, while under this load LeastLoad's TTFT "
-            f"p50 is {ll.ttft_p50_ms:.1f} ms ({args.servers} engine(s) on cores {args.engine_cores}, the "
-            f"router and this client on cores {args.front_cores}). What affinity gains here is mostly "
-            "engines doing less prefill work while they contend for the cores, so the TTFT ratio "
-            "measures this machine's contention as much as prefix caching. It becomes meaningful when "
-            "prefill dominates TTFT: a real model (0.5-8B) with long prompts, a core set or GPU per "
-            "replica, the router and the client on cores of their own."
+            f"note: {DIRECT} (perfect affinity, no router) has TTFT p50 {direct.ttft_p50_ms:.1f} ms, "
+            f"{direct.ttft_p50_ms / ll.ttft_p50_ms:.2f}x {ll.strategy}'s: about the most any routing "
+            f"gains on this trace here (with --max-tokens 8 it was 0.64x: a TTFT is then mostly the "
+            f"decode steps of the requests already running on {args.servers} engines on cores "
+            f"{args.engine_cores}, which prefix caching does not shorten)."
         )
     return lines
 
@@ -880,7 +880,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--sessions", type=int, help="conversations per run (default 32; --quick 8)")
     p.add_argument("--turns", type=int, help="turns per conversation (default 6; --quick 3)")
     p.add_argument("--concurrency", type=int, help="sessions at a time (default: all of them)")
-    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1,
+        help="tokens per answer (default 1: TTFT is the figure, and on these CPU engines every decode "
+        "step of the requests already running adds to each TTFT; 8 shows that)",
+    )
     p.add_argument(
         "--context-words",
         type=int,
@@ -1075,23 +1081,23 @@ def main(argv: Sequence[str]) -> int:
 
 def session_blocks(model: Path, args: argparse.Namespace) -> int:
     """KV blocks of one conversation's longest turn: its prompt with every earlier answer
-    (max_tokens each), plus the answer, counted with the model's own tokenizer and chat template."""
+    (max_tokens each), plus the answer, counted with the model's own tokenizer and chat template
+    over a few sample conversations of each scenario, with 64 tokens to spare (random words
+    tokenize to different lengths; a run's prompts were seen up to ~15 tokens longer)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model))
     longest = 0
     for scenario in ("multiturn", "shared"):
-        session = make_sessions(scenario, "size", 1, args.turns, args.context_words)[0]
-        messages = list(session.messages)
-        for followup in session.followups:
-            messages += [
-                {"role": "assistant", "content": "x " * args.max_tokens},
-                {"role": "user", "content": followup},
-            ]
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        longest = max(longest, len(tok(text, add_special_tokens=False)["input_ids"]) + args.max_tokens)
+        for session in make_sessions(scenario, "size", 8, args.turns, args.context_words):
+            messages = list(session.messages)
+            for followup in session.followups:
+                answer = {"role": "assistant", "content": "x " * args.max_tokens}
+                messages += [answer, {"role": "user", "content": followup}]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            longest = max(longest, len(tok(text, add_special_tokens=False)["input_ids"]) + args.max_tokens)
     block: int = args.block_size
-    return -(-longest // block)
+    return -(-(longest + 64) // block)
 
 
 async def _one(url: str, messages: list[dict[str, str]], max_tokens: int) -> None:
