@@ -150,12 +150,16 @@ class Balancer:
             return usable[0]
         if key is not None:
             return self._by_key(eligible, usable, key, load_factor)
+        return self._in_turn(usable, rotate)
+
+    def _in_turn(self, usable: Sequence[Endpoint], rotate: bool = False) -> Endpoint:
+        """The next pod in turn (`rotate`), or the least loaded with ties going round, so that an
+        idle pool still spreads its requests."""
         self._turn += 1
         n = len(usable)
         best = usable[self._turn % n]
         if rotate:
             return best
-        # Least loaded; ties go round, so that an idle pool still spreads its requests.
         best_load = self.in_flight.get(best.address, 0)
         for i in range(1, n):
             candidate = usable[(self._turn + i) % n]
@@ -166,7 +170,7 @@ class Balancer:
 
     def _by_key(
         self, eligible: Sequence[Endpoint], usable: Sequence[Endpoint], key: str, load_factor: float
-    ) -> Endpoint | None:
+    ) -> Endpoint:
         """The key's last pod, else the first on its ring, within the bound; else the least loaded."""
         by_address = {e.address: e for e in usable}
         total = sum(self.in_flight.get(a, 0) for a in by_address)
@@ -185,9 +189,7 @@ class Balancer:
                 chosen = by_address[addr]
                 break
         if chosen is None:
-            chosen = self.pick(usable)
-            if chosen is None:  # pragma: no cover - usable is not empty
-                return None
+            chosen = self._in_turn(usable)
         self._homes[point] = chosen.address
         self._homes.move_to_end(point)
         if len(self._homes) > HOMES:
