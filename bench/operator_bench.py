@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -104,18 +105,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def api_writes(cluster: LocalCluster) -> dict[str, float]:
-    """Write requests the API server has served so far, by resource (from its /metrics)."""
+def api_requests(cluster: LocalCluster, verbs: set[str] | None = None) -> dict[str, float]:
+    """Requests the API server has served so far ("VERB resource": count, from its /metrics),
+    of `verbs` only if given."""
     text = cluster.kubectl("get", "--raw", "/metrics", check=True, timeout=60).stdout
     counts: dict[str, float] = {}
     for line in text.splitlines():
         if not line.startswith("apiserver_request_total{"):
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-        if labels.get("verb") in WRITE_VERBS and labels.get("resource") in WATCHED:
+        if (verbs is None or labels.get("verb") in verbs) and labels.get("resource") in WATCHED:
             key = f"{labels['verb']} {labels['resource']}"
             counts[key] = counts.get(key, 0) + float(line.rsplit(" ", 1)[1])
     return counts
+
+
+def growth(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0) for k in sorted(after) if after[k] != before.get(k, 0)}
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -151,7 +157,17 @@ class DeploymentWatch:
         self.proc.terminate()
 
 
-def run(count: int, idle_seconds: int) -> dict[str, Any]:
+def profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling the operator (100 Hz, idle waits left out) into collapsed stacks (one
+    line per stack and its sample count; speedscope and flamegraph.pl read them)."""
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        raise SystemExit(f"--profile needs py-spy in the venv ({spy}): pip install -e '.[dev]'")
+    argv = [str(spy), "record", "--pid", str(pid), "--rate", "100", "--format", "raw"]
+    return subprocess.Popen([*argv, "--output", str(out)], stdout=subprocess.DEVNULL)
+
+
+def run(count: int, idle_seconds: int, profile: Path | None = None) -> dict[str, Any]:
     gpu_nodes = max(2, -(-count // 8) + 1)
     cluster = LocalCluster(ROOT / ".local" / "bench", ClusterSpec(gpu_nodes=gpu_nodes))
     print(f"starting a local cluster with {gpu_nodes} fake GPU nodes ...", flush=True)
@@ -169,6 +185,8 @@ def run(count: int, idle_seconds: int) -> dict[str, Any]:
         # Applied at once, as the floor applies its children: one server-side apply of all.
         # (Ten client-side applies of 20 took ~13 s by themselves, and the operator kept up
         # with them: that measured kubectl, not the operator.)
+        spy = profiler(operator.pid, profile) if profile else None
+        requests_before = api_requests(cluster)
         started, models_applied_s = apply_at_once(cluster, namespace, "bench", [model(n) for n in names])
         applied = dict.fromkeys(names, started)
         print(f"applied {count} models in {models_applied_s:.1f}s")
@@ -190,13 +208,20 @@ def run(count: int, idle_seconds: int) -> dict[str, Any]:
         latencies = [watch.seen[n] - applied[n] for n in names if n in watch.seen]
         last_deployment = max(watch.seen.values()) - started if watch.seen else float("nan")
         reconciled = reconciles(operator)
+        # Everything the API server served for these resources from the apply until all were
+        # Ready: the operator's calls, kubectl's apply, the controllers' and kwok's, and this
+        # loop's one LIST of vllmmodels a second.
+        requests = growth(requests_before, api_requests(cluster))
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            spy.wait(timeout=60)
+            print(f"profile of the operator from the apply until all were Ready: {profile}")
 
         time.sleep(5)  # let the last status writes land before the idle window
-        before = api_writes(cluster)
+        before = api_requests(cluster, WRITE_VERBS)
         print(f"idle for {idle_seconds}s, counting API writes ...", flush=True)
         time.sleep(idle_seconds)
-        after = api_writes(cluster)
-        idle = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+        idle = growth(before, api_requests(cluster, WRITE_VERBS))
         rss, cpu = round(peak_rss_mib(operator.pid), 1), cpu_seconds(operator.pid)
         operator.stop()  # the floor runs with no operator
         straight = floor(cluster, names)
@@ -213,6 +238,7 @@ def run(count: int, idle_seconds: int) -> dict[str, Any]:
             "floor_objects": straight["objects"],
             "last_deployment_vs_floor": round(last_deployment / straight["last_deployment_s"], 2),
             "reconciles_until_ready": reconciled,
+            "api_requests_until_ready": requests,
             "all_ready_s": round(all_ready, 1),
             "idle_writes_per_minute": round(sum(idle.values()) * 60 / idle_seconds, 1),
             "idle_writes_by_kind": idle,
@@ -234,8 +260,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", type=int, default=200)
     parser.add_argument("--idle-seconds", type=int, default=60)
+    parser.add_argument(
+        "--profile", type=Path, metavar="FILE",
+        help="record the operator with py-spy from the apply until all are Ready (collapsed stacks)",
+    )  # fmt: skip
     args = parser.parse_args()
-    result = run(args.models, args.idle_seconds)
+    result = run(args.models, args.idle_seconds, args.profile)
     width = max(len(k) for k in result)
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")

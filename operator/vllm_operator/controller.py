@@ -5,12 +5,14 @@ calls `adapters`, the autoscaler `autoscaler`; all share this controller's store
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 from vllm_operator import k8s, metrics, reconcile, render
 from vllm_operator.api import SpecError
+from vllm_operator.cache import CachedCluster
 from vllm_operator.settings import OperatorSettings
 from vllm_operator.store import Key, Store
 
@@ -22,6 +24,11 @@ Obj = Mapping[str, Any]
 # Deployment's status, each pod's), and each event used to cost a reconcile: 1,608 for 200
 # models in bench-operator. The status shows a child's change this much later.
 CHILD_SETTLE_SECONDS = 0.5
+# A child's reconcile (status from the children) waits while reconciles of models' own changes
+# (children to create or change) are under way, at most this long. 200 models applied at once
+# are a stream of spec reconciles; status reconciles between them only slow the API server
+# that is creating the rest (and each waiting model's events keep gathering meanwhile).
+SPEC_FIRST_SECONDS = 10.0
 
 
 class Controller:
@@ -33,30 +40,47 @@ class Controller:
         cluster: reconcile.Cluster,
         settings: OperatorSettings,
         child_settle_seconds: float = CHILD_SETTLE_SECONDS,
+        spec_first_seconds: float = SPEC_FIRST_SECONDS,
     ) -> None:
         self.cluster = cluster
         self.settings = settings
         self.store = Store()
         self.child_settle_seconds = child_settle_seconds
+        self.spec_first_seconds = spec_first_seconds
         # Models whose child events are gathering (touched on the event loop only).
         self._settling: set[Key] = set()
+        # Reconciles of models' own changes waiting or running, and an Event set when none is.
+        self._spec_work = 0
+        self._no_spec_work = asyncio.Event()
+        self._no_spec_work.set()
 
     # ---- watch-driven reconciles ---------------------------------------------------------
 
     async def on_model(self, namespace: str, name: str, coalesce: bool = False) -> reconcile.Plan | None:
-        """Reconcile from a fresh read, so that concurrent triggers never act on stale objects;
-        with `coalesce`, not at all if a reconcile of the model is already waiting (Store.turn).
-        Other models' reconciles run while this one awaits the API server."""
-        async with self.store.turn((namespace, name), coalesce) as turn:
-            if not turn:
-                metrics.COALESCED.inc()
-                return None
-            with metrics.RECONCILE_SECONDS.time():
-                try:
-                    plan = await self._reconcile((namespace, name))
-                except Exception:
-                    metrics.RECONCILES.labels("error").inc()
-                    raise
+        """Reconcile from the newest the watches have shown of the model and its children (see
+        `cache`), which is how each trigger's change reaches it; with `coalesce`, not at all if
+        a reconcile of the model is already waiting (Store.turn). Other models' reconciles run
+        while this one awaits the API server."""
+        spec = not coalesce
+        if spec:
+            self._spec_work += 1
+            self._no_spec_work.clear()
+        try:
+            async with self.store.turn((namespace, name), coalesce) as turn:
+                if not turn:
+                    metrics.COALESCED.inc()
+                    return None
+                with metrics.RECONCILE_SECONDS.time():
+                    try:
+                        plan = await self._reconcile((namespace, name))
+                    except Exception:
+                        metrics.RECONCILES.labels("error").inc()
+                        raise
+        finally:
+            if spec:
+                self._spec_work -= 1
+                if not self._spec_work:
+                    self._no_spec_work.set()
         metrics.RECONCILES.labels("ok" if plan is not None else "gone").inc()
         if plan is not None:
             count_writes(plan)
@@ -64,14 +88,18 @@ class Controller:
 
     async def _reconcile(self, key: Key) -> reconcile.Plan | None:
         """One reconcile; the caller holds the model's turn."""
-        obj = await self.cluster.get("VLLMModel", *key)
-        if obj is None:
-            self.forget(key)
-            return None
         known = self.store.get(key)
-        health = known.health if known is not None else None
+        obj = known.body if known is not None else None
+        if obj is None:  # not seen on the watch yet: read it
+            obj = await self.cluster.get("VLLMModel", *key)
+            if obj is None:
+                self.forget(key)
+                return None
+            self.store.state(key).see(obj)
+        state = self.store.state(key)
+        cluster = CachedCluster(self.cluster, state)
         try:
-            plan, observed = await reconcile.reconcile(self.cluster, obj, self.settings, health)
+            plan, observed = await reconcile.reconcile(cluster, obj, self.settings, state.health)
         except k8s.APIForbiddenError as exc:
             if "being terminated" in exc.message:
                 return None  # the namespace is going away, and the model with it
@@ -81,36 +109,41 @@ class Controller:
             # affinity ...): that is the user's spec, recorded like any invalid spec.
             error = SpecError([f"the API server refused a child: {exc.message or exc.reason}"])
             plan = reconcile.plan_invalid(obj, error, reconcile.utcnow())
-            await reconcile.execute(self.cluster, obj, plan)
+            await reconcile.execute(cluster, obj, plan)
             return plan
         if observed is not None:
-            self.store.state(key).observed = observed
+            state.observed = observed
         return plan
 
-    async def on_child(self, child: Obj) -> reconcile.Plan | None:
-        """A Deployment, Service or Pod of ours changed: reconcile its model once the burst has
-        settled. Events of the model's children within `child_settle_seconds` of the first share
-        that reconcile (None for them): it reads after all of their changes, since a watch
-        event comes after its change is stored. An event after the window opens its own."""
+    async def on_child(self, child: Obj, gone: bool = False) -> reconcile.Plan | None:
+        """A Deployment, Service or Pod of ours changed (or is `gone`): keep it (see `cache`),
+        and reconcile its model once the burst has settled and no reconcile of a model's own
+        change is under way (`spec_first_seconds` at most). Events of the model's children
+        until then share that reconcile (None for them): it reads after all of their changes.
+        An event after it has started opens another."""
         meta = child.get("metadata") or {}
         name = (meta.get("labels") or {}).get(render.INSTANCE_LABEL)
         if not name or not meta.get("namespace"):
             return None
         key = (meta["namespace"], name)
+        self.store.state(key).see_child(child, gone)
         if key in self._settling:
             metrics.COALESCED.inc()
             return None
         self._settling.add(key)
         try:
             await asyncio.sleep(self.child_settle_seconds)
+            if self._spec_work:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._no_spec_work.wait(), self.spec_first_seconds)
         finally:
             self._settling.discard(key)
         return await self.on_model(*key, True)
 
     def remember(self, body: Obj) -> None:
-        """Keep the latest body of a model from the watch, so scrape rounds need no reads."""
+        """Keep the latest body of a model from the watch: reconciles and scrape rounds read it."""
         meta = body["metadata"]
-        self.store.state((meta["namespace"], meta["name"])).body = body
+        self.store.state((meta["namespace"], meta["name"])).see(body)
 
     def forget(self, key: Key) -> None:
         self.store.forget(key)

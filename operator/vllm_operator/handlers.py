@@ -104,14 +104,16 @@ async def model_seen(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: An
     if type == "DELETED":
         memo.controller.forget((body["metadata"]["namespace"], body["metadata"]["name"]))
     else:
-        memo.controller.remember(body)
+        memo.controller.remember(dict(body))  # kopf's view of the event's object, as a dict
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=OURS)
 @kopf.on.event("v1", "services", labels=OURS)
 @kopf.on.event("v1", "pods", labels=OURS)
-async def child_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+async def child_changed(
+    body: kopf.Body, type: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
     try:
-        await memo.controller.on_child(body)
+        await memo.controller.on_child(dict(body), gone=type == "DELETED")
     except Exception as exc:
         logger.warning("reconcile after a change of %s failed: %s", body.get("kind"), exc)

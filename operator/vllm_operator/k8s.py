@@ -422,17 +422,18 @@ class KubeCluster:
 
     async def write_status(
         self, namespace: str, name: str, status: dict[str, Any], previous: Mapping[str, Any]
-    ) -> None:
+    ) -> dict[str, Any]:
         # A merge patch keeps keys it does not mention: null out the ones we dropped.
         body: dict[str, Any] = {key: None for key in previous if key not in status}
         body.update(status)
         log.info("writing status of %s/%s: phase %s", namespace, name, status.get("phase"))
-        await self.request(
+        written: dict[str, Any] = await self.request(
             "PATCH",
             f"{PATHS['VLLMModel'].format(namespace=namespace)}/{name}/status",
             body={"status": body},
             content_type=MERGE,
         )
+        return written
 
     async def patch_status(self, namespace: str, name: str, fields: Mapping[str, Any]) -> None:
         """Merge `fields` into a model's status, leaving every other key as it is."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from vllm_operator import adapters, metrics, reconcile, render, throughput
 from vllm_operator.api import RoutingStatus, SpecError, VLLMModelSpec, parse_spec
+from vllm_operator.cache import CachedCluster
 from vllm_operator.controller import Controller, count_writes
 from vllm_operator.scrape import Scraper, Target, targets_of
 from vllm_operator.store import Key, ModelState
@@ -115,15 +116,18 @@ class Monitor:
         # The model's lock: a reconcile writing its status meanwhile would be overwritten.
         async with self.controller.store.lock(key):
             state = self.controller.store.get(key)
-            body, observed = (state.body, state.observed) if state is not None else (None, None)
-            if body is None or observed is None or body["metadata"].get("deletionTimestamp"):
+            if state is None or state.body is None or state.observed is None:
+                return False
+            body, observed = state.body, state.observed
+            if body["metadata"].get("deletionTimestamp"):
                 return False
             try:
                 spec = parse_spec(body.get("spec"))
             except SpecError:
                 return False
             plan = reconcile.plan_scrape(body, spec, observed, health, self.controller.settings, now, events)
-            await reconcile.execute(self.controller.cluster, body, plan)
+            # Through the cache, so that the next reconcile compares with what this wrote.
+            await reconcile.execute(CachedCluster(self.controller.cluster, state), body, plan)
             count_writes(plan)
             return plan.status is not None
 

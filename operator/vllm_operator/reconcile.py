@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,6 +13,8 @@ from vllm_operator.api import SpecError, VLLMModelSpec, VLLMModelStatus, dump, p
 from vllm_operator.settings import OperatorSettings
 
 Obj = Mapping[str, Any]
+CHILD_KINDS = ("Service", "Deployment")
+"""A model's children, in render.children's order."""
 # A foreign object blocking a child is not watched (it lacks our labels): look again this often.
 CONFLICT_RETRY = 30.0
 
@@ -32,7 +35,9 @@ class Cluster(Protocol):
 
     async def write_status(
         self, namespace: str, name: str, status: dict[str, Any], previous: Mapping[str, Any]
-    ) -> None: ...
+    ) -> Obj | None:
+        """Write the status (a merge patch from `previous`): the model as written, if known."""
+        ...
 
     async def event(self, owner: Obj, kind: str, reason: str, message: str) -> None: ...
 
@@ -72,15 +77,17 @@ def ref_of(obj: Obj) -> render.ModelRef:
 
 
 def plan_children(desired: Sequence[dict[str, Any]], observed: Sequence[Obj | None]) -> Plan:
-    """Children to apply: those missing or drifted from what we render."""
-    apply, events = [], []
+    """Children to apply: those missing or drifted from what we render, with one Event for
+    those created ("created Service llama and Deployment llama") and one for those updated."""
+    apply: list[dict[str, Any]] = []
+    done: dict[str, list[str]] = {"Created": [], "Updated": []}
     for manifest, current in zip(desired, observed, strict=True):
-        if current is None:
+        if current is None or not render.is_subset(manifest, current):
             apply.append(manifest)
-            events.append(("Normal", "Created", f"created {manifest['kind']} {manifest['metadata']['name']}"))
-        elif not render.is_subset(manifest, current):
-            apply.append(manifest)
-            events.append(("Normal", "Updated", f"updated {manifest['kind']} {manifest['metadata']['name']}"))
+            done["Created" if current is None else "Updated"].append(
+                f"{manifest['kind']} {manifest['metadata']['name']}"
+            )
+    events = [("Normal", why, f"{why.lower()} {' and '.join(what)}") for why, what in done.items() if what]
     return Plan(apply=apply, events=events)
 
 
@@ -197,7 +204,7 @@ async def reconcile(
 
     ref = ref_of(obj)
     # Same order as render.children: Service, then Deployment.
-    current = [await cluster.get(kind, ref.namespace, ref.name) for kind in ("Service", "Deployment")]
+    current = list(await asyncio.gather(*(cluster.get(k, ref.namespace, ref.name) for k in CHILD_KINDS)))
     taken = foreign(current, ref.uid)
     if taken:
         plan = plan_conflict(obj, taken, now())
@@ -210,7 +217,10 @@ async def reconcile(
     applied = {m["kind"]: await cluster.apply(m) for m in children_plan.apply}
     # The applied object is the newest; status needs its generation and rollout state.
     deployment = applied.get("Deployment") or current[1]
-    observed = Observed(deployment, await cluster.list_pods(ref.namespace, render.selector_string(ref.name)))
+    # A Deployment created just now has no pods yet; their events bring the next reconcile.
+    new_deployment = current[1] is None and "Deployment" in applied
+    pods = [] if new_deployment else await cluster.list_pods(ref.namespace, render.selector_string(ref.name))
+    observed = Observed(deployment, pods)
     if not create:
         create = plan_admin_secret(ref, spec, settings, Plan(), observed.pods)
         for manifest in create:

@@ -21,10 +21,31 @@ Key = tuple[str, str]
 """(namespace, name) of a VLLMModel."""
 
 
+def not_older(current: Mapping[str, Any] | None, candidate: Mapping[str, Any]) -> bool:
+    """Whether `candidate` is the same version of an object as `current` or a later one.
+
+    A watch event can arrive after the answer to the operator's own write of a later version;
+    it must not take the store back. resourceVersions are etcd revisions, which only grow;
+    one that is not a number is taken as newer.
+    """
+    if current is None:
+        return True
+    mine = str((current.get("metadata") or {}).get("resourceVersion", ""))
+    theirs = str((candidate.get("metadata") or {}).get("resourceVersion", ""))
+    if not (mine.isdigit() and theirs.isdigit()):
+        return True
+    return int(theirs) >= int(mine)
+
+
 @dataclass
 class ModelState:
     body: Mapping[str, Any] | None = None
-    """The latest body from the watch, so that scrape rounds need no reads."""
+    """The model as the watch or the operator's last status write showed it: reconciles and
+    scrape rounds read it here, not from the API server."""
+    children: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    """The model's Service and Deployment by kind, as their watches or the operator's own
+    applies last showed them. Only labelled children come through the watches: an object of
+    somebody else's with the name is read from the API server each time."""
     observed: reconcile.Observed | None = None
     """The children the last reconcile saw."""
     health: throughput.Aggregate | None = None
@@ -37,6 +58,21 @@ class ModelState:
     """The last error of each adapter, so that an Event is posted once per new error."""
     routing: RoutingStatus | None = None
     """The router's view of the model, from its last /router/demand."""
+
+    def see(self, body: Mapping[str, Any]) -> None:
+        """Keep a newer body of the model."""
+        if not_older(self.body, body):
+            self.body = body
+
+    def see_child(self, child: Mapping[str, Any], gone: bool = False) -> None:
+        """Keep a newer version of a cached child, or drop it when it is `gone` (deleted)."""
+        kind = child.get("kind", "")
+        if kind not in reconcile.CHILD_KINDS or not not_older(self.children.get(kind), child):
+            return
+        if gone:
+            self.children.pop(kind, None)
+        else:
+            self.children[kind] = child
 
 
 class Store:

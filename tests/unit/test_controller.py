@@ -4,6 +4,7 @@ all of them; an event after the window gets a reconcile of its own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import threading
@@ -125,3 +126,46 @@ async def test_a_slow_api_call_of_one_model_does_not_hold_up_another_models_reco
         server.shutdown()
         thread.join()
         server.server_close()
+
+
+class TimedController(Controller):
+    """Records when each reconcile starts and ends (model, start, end); a reconcile of model
+    `spec` takes `spec_seconds`, the others none."""
+
+    def __init__(self, spec_seconds: float, spec_first_seconds: float = 10.0) -> None:
+        super().__init__(
+            None,  # type: ignore[arg-type]
+            OperatorSettings(),
+            child_settle_seconds=SETTLE,
+            spec_first_seconds=spec_first_seconds,
+        )
+        self.spec_seconds = spec_seconds
+        self.runs: list[tuple[str, float, float]] = []
+
+    async def _reconcile(self, key: tuple[str, str]) -> reconcile.Plan | None:
+        started = time.monotonic()
+        await asyncio.sleep(self.spec_seconds if key[1] == "spec" else 0)
+        self.runs.append((key[1], started, time.monotonic()))
+        return None
+
+
+async def test_a_childs_reconcile_waits_while_a_models_own_change_is_reconciled() -> None:
+    """Status from children waits for children to be created: 200 models applied at once are
+    created first, and their status reconciles do not slow the API server meanwhile."""
+    controller = TimedController(spec_seconds=SETTLE * 3)
+    spec = asyncio.create_task(controller.on_model("ns", "spec"))
+    await controller.on_child(child("a"))
+    await spec
+    runs = {name: (start, end) for name, start, end in controller.runs}
+    assert runs["a"][0] >= runs["spec"][1]
+
+
+async def test_a_childs_reconcile_waits_for_spec_work_only_so_long() -> None:
+    controller = TimedController(spec_seconds=5, spec_first_seconds=SETTLE)
+    spec = asyncio.create_task(controller.on_model("ns", "spec"))
+    started = time.monotonic()
+    await asyncio.wait_for(controller.on_child(child("a")), 2)
+    assert time.monotonic() - started < 1 and not spec.done()
+    spec.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await spec

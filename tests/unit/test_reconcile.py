@@ -88,7 +88,8 @@ async def test_first_reconcile_applies_children_with_owner_and_writes_status() -
     written = cluster.status_writes[0]
     assert written["observedGeneration"] == 1
     assert written["endpoint"] == "http://llama.team-a.svc:8000/v1"
-    assert ("Normal", "Created", "created Deployment llama") in cluster.events
+    # One Event for both children: 200 models applied at once post 200, not 400.
+    assert cluster.events == [("Normal", "Created", "created Service llama and Deployment llama")]
 
 
 async def test_noop_reconcile_writes_nothing() -> None:
