@@ -28,14 +28,10 @@ OURS = {MANAGED_BY_LABEL: "vllm-operator"}
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    # Only event handlers: kopf keeps no progress or diff-base annotations on our objects and
+    # adds no finalizer (Controller.seen decides what a model's event means).
     # Our own Events say what happened; kopf's per-handler chatter would only add API writes.
     settings.posting.level = logging.WARNING
-    settings.networking.error_backoffs = [1, 2, 5, 10, 30, 60]
     # kopf's own calls (patches, events) get the same bound as ours (k8s.API_TIMEOUT).
     settings.networking.connect_timeout, settings.networking.request_timeout = k8s.API_TIMEOUT
     settings.watching.server_timeout = 300
@@ -78,33 +74,23 @@ async def stop_scraping(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def disconnect(memo: kopf.Memo, **_: Any) -> None:
+    controller: Controller | None = memo.get("controller")
+    if controller is not None:
+        controller.close()
     kube: k8s.KubeCluster | None = memo.get("kube")
     if kube is not None:
         await kube.close()
 
 
-async def _run(memo: kopf.Memo, namespace: str, name: str) -> None:
-    try:
-        plan = await memo.controller.on_model(namespace, name)
-    except k8s.TransientError as exc:
-        raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
-    if plan is not None and plan.retry is not None:
-        raise kopf.TemporaryError(plan.retry[1], delay=plan.retry[0])
-
-
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-async def model_changed(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    await _run(memo, namespace or "", name)
-
-
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def model_seen(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Every event of a model, including those kopf lists at start: a new spec is reconciled
+    (Controller.seen; no kopf change handler, so no diff-base annotation to patch)."""
+    meta = body["metadata"]
     if type == "DELETED":
-        memo.controller.forget((body["metadata"]["namespace"], body["metadata"]["name"]))
-    else:
-        memo.controller.remember(dict(body))  # kopf's view of the event's object, as a dict
+        memo.controller.forget((meta["namespace"], meta["name"]))
+    elif memo.controller.seen(dict(body)):  # kopf's view of the event's object, as a dict
+        await memo.controller.on_spec(meta["namespace"], meta["name"])
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=OURS)

@@ -42,6 +42,8 @@ class ModelState:
     body: Mapping[str, Any] | None = None
     """The model as the watch or the operator's last status write showed it: reconciles and
     scrape rounds read it here, not from the API server."""
+    spec_generation: int | None = None
+    """The generation of the model's spec that this process last reconciled for."""
     children: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     """The model's Service and Deployment by kind, as their watches or the operator's own
     applies last showed them. Only labelled children come through the watches: an object of

@@ -204,7 +204,7 @@ def rules(manifests: list[Manifest]) -> list[dict[str, Any]]:
 # Exactly what the operator calls; tests/chart/test_install.py runs it with these and no more.
 EXPECTED_RULES = [
     {"apiGroups": ["serving.vllm-operator.io"], "resources": ["vllmmodels"],
-     "verbs": ["get", "list", "watch", "patch"]},
+     "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["serving.vllm-operator.io"], "resources": ["vllmmodels/status"], "verbs": ["patch"]},
     {"apiGroups": ["serving.vllm-operator.io"], "resources": ["vllmmodels/scale"], "verbs": ["patch"]},
     {"apiGroups": ["apps"], "resources": ["deployments"],

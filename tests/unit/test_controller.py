@@ -1,5 +1,6 @@
-"""Controller.on_child: a burst of a model's child events costs one reconcile, which runs after
-all of them; an event after the window gets a reconcile of its own."""
+"""Controller: a burst of a model's child events costs one reconcile, which runs after all of
+them; an event after the window gets a reconcile of its own; a model's own change is reconciled
+once per generation and retried while it fails."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import http.server
 import json
 import threading
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kubernetes
+import pytest
 
+from tests.unit.test_reconcile import FakeCluster, model
+from vllm_operator import controller as controller_module
 from vllm_operator import k8s, reconcile
 from vllm_operator.controller import Controller
 from vllm_operator.render import INSTANCE_LABEL
@@ -169,3 +174,77 @@ async def test_a_childs_reconcile_waits_for_spec_work_only_so_long() -> None:
     spec.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await spec
+
+
+def model_event(generation: int, status: dict[str, Any] | None = None) -> dict[str, Any]:
+    body = model()
+    body["metadata"]["generation"] = generation
+    return {**body, "status": status or {}}
+
+
+def test_a_models_event_brings_a_reconcile_only_for_a_spec_new_to_the_process() -> None:
+    controller = Controller(None, OperatorSettings())  # type: ignore[arg-type]
+    assert controller.seen(model_event(1))  # the first event of it (also the listing at start)
+    assert not controller.seen(model_event(1, {"phase": "Ready"}))  # a status write
+    assert controller.seen(model_event(2))  # a new spec
+    controller.forget(("team-a", "llama"))
+    assert controller.seen(model_event(2))  # deleted and created again
+
+
+class FlakyCluster(FakeCluster):
+    """Refuses the first `failures` applies with `error`."""
+
+    def __init__(self, failures: int, error: Exception) -> None:
+        super().__init__(model())
+        self.failures, self.error = failures, error
+        self.reads = 0
+
+    async def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
+        self.reads += 1
+        return await super().get(kind, namespace, name)
+
+    async def apply(self, manifest: Mapping[str, Any]) -> Mapping[str, Any]:
+        if self.failures:
+            self.failures -= 1
+            raise self.error
+        return await super().apply(manifest)
+
+
+async def wait_for(predicate: Callable[[], bool], seconds: float = 3) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "not in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_failed_reconcile_is_retried_until_it_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(controller_module, "RETRY_BACKOFF", (0.05, 0.1))
+    cluster = FlakyCluster(2, RuntimeError("the API server refused"))
+    controller = Controller(cluster, OperatorSettings())
+    controller.seen(cluster.model)
+    assert await controller.on_spec("team-a", "llama") is None
+    await wait_for(lambda: cluster.applied == ["Service", "Deployment"])
+    # Each failure is on the model, as kopf's handler failures were.
+    assert [e[1] for e in cluster.events if e[0] == "Warning"] == ["ReconcileFailed"] * 2
+    assert "refused" in cluster.events[0][2]
+
+
+async def test_a_transient_error_is_retried_after_its_own_delay() -> None:
+    cluster = FlakyCluster(1, k8s.TransientError("API server busy", delay=0.05))
+    controller = Controller(cluster, OperatorSettings())
+    controller.seen(cluster.model)
+    await controller.on_spec("team-a", "llama")
+    await wait_for(lambda: cluster.applied == ["Service", "Deployment"])
+    assert not [e for e in cluster.events if e[0] == "Warning"]
+
+
+async def test_a_deleted_model_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(controller_module, "RETRY_BACKOFF", (0.05,))
+    cluster = FlakyCluster(1, RuntimeError("refused"))
+    controller = Controller(cluster, OperatorSettings())
+    controller.seen(cluster.model)
+    await controller.on_spec("team-a", "llama")
+    reads = cluster.reads
+    controller.forget(("team-a", "llama"))
+    await asyncio.sleep(0.2)
+    assert cluster.applied == [] and cluster.reads == reads  # no attempt after the deletion

@@ -150,7 +150,7 @@ the operator never reads, lists or changes a Secret (pods read them through the 
 {{- define "vllm-operator.rules" -}}
 - apiGroups: ["serving.vllm-operator.io"]
   resources: ["vllmmodels"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["serving.vllm-operator.io"]
   resources: ["vllmmodels/status"]
   verbs: ["patch"]
