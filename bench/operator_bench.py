@@ -68,7 +68,7 @@ def reconciles(operator: OperatorProcess) -> float:
     )
 
 
-def floor(cluster: LocalCluster, names: list[str]) -> dict[str, float]:
+def floor(cluster: LocalCluster, names: list[str]) -> dict[str, Any]:
     """The same models' children created straight, with no operator: one server-side apply of
     all of them (owner references dropped: there is no VLLMModel to own them here)."""
     namespace = "floor"
@@ -91,8 +91,10 @@ def floor(cluster: LocalCluster, names: list[str]) -> dict[str, float]:
     # What the operator's path pays before it can start: the 200 VLLMModels themselves (CRD
     # schema and CEL rules checked per object), applied the same way with no operator.
     cluster.kubectl("create", "namespace", "floor-models", check=True)
+    before = api_requests(cluster)
     _, models_alone = apply_at_once(cluster, "floor-models", "floor", [model(n) for n in names])
     return {
+        "models_alone_requests": growth(before, api_requests(cluster)),
         "objects": len(manifests),
         "kubectl_s": round(applied, 2),
         "last_deployment_s": round(last, 2),
@@ -239,6 +241,7 @@ def run(count: int, idle_seconds: int, profile: Path | None = None) -> dict[str,
             "last_deployment_vs_floor": round(last_deployment / straight["last_deployment_s"], 2),
             "reconciles_until_ready": reconciled,
             "api_requests_until_ready": requests,
+            "models_alone_api_requests": straight["models_alone_requests"],
             "all_ready_s": round(all_ready, 1),
             "idle_writes_per_minute": round(sum(idle.values()) * 60 / idle_seconds, 1),
             "idle_writes_by_kind": idle,
