@@ -31,6 +31,7 @@ from devtools.autoscaling import (  # noqa: E402
 )
 from devtools.cluster import LOOPBACK_POD_CIDR, ClusterSpec, LocalCluster  # noqa: E402
 from devtools.operator_process import install_crd  # noqa: E402
+from devtools.processes import exit_on_signals  # noqa: E402
 
 
 def bar(name: str, ok: bool, figures: str) -> dict[str, Any]:
@@ -162,6 +163,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer cycles and rounds")
     args = parser.parse_args(argv)
+    exit_on_signals()
     results = run(args.quick)
     print(json.dumps(results, indent=2))
     return 0 if all(r["pass"] for r in results) else 1

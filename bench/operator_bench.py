@@ -26,6 +26,7 @@ from typing import Any
 
 from devtools.cluster import ClusterSpec, LocalCluster, kubectl_binary
 from devtools.operator_process import OperatorProcess, install_crd
+from devtools.processes import exit_on_signals
 from vllm_operator import render
 from vllm_operator.api import parse_spec
 from vllm_operator.settings import OperatorSettings
@@ -268,6 +269,7 @@ def main() -> int:
         help="record the operator with py-spy from the apply until all are Ready (collapsed stacks)",
     )  # fmt: skip
     args = parser.parse_args()
+    exit_on_signals()
     result = run(args.models, args.idle_seconds, args.profile)
     width = max(len(k) for k in result)
     for key, value in result.items():

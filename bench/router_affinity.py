@@ -107,7 +107,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 import aiohttp
 import httpx
@@ -115,7 +114,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from devtools.processes import terminate  # noqa: E402
+from devtools.processes import exit_on_signals, terminate  # noqa: E402
 from devtools.realserver import RealServer, free_port, spawn_server  # noqa: E402
 from devtools.tinymodel import build_tiny_model  # noqa: E402
 
@@ -952,18 +951,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return a
 
 
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     if not ROUTER_BIN.exists():
         print(f"no {ROUTER_BIN}; install the project (make venv)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
+    exit_on_signals()
     work = Path(tempfile.mkdtemp(prefix="router-affinity-"))
     procs = Procs(work)
     results: list[RunResult] = []

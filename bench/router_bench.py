@@ -40,10 +40,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from router_bench_net import HOST, MODEL, nofile_limit, split_url, threads, tree_pids
+
+from devtools.processes import exit_on_signals
 
 ROUTER_CORE = 0
 LOAD_CORE = 1
@@ -497,10 +498,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if len(os.sched_getaffinity(0) | {ROUTER_CORE, LOAD_CORE}) > len(os.sched_getaffinity(0)):
@@ -516,9 +513,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
     os.sched_setaffinity(0, {LOAD_CORE})  # this script, the upstream and the clients: core 1
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)
+    exit_on_signals()
 
     logdir = Path(tempfile.mkdtemp(prefix="router-bench-"))
     procs = Procs(logdir)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from devtools.processes import exit_on_signals
 from vllm_operator import reconcile
 from vllm_operator.controller import Controller
 from vllm_operator.monitor import Monitor
@@ -192,6 +193,7 @@ def main() -> int:
     parser.add_argument("--pods-per-model", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
+    exit_on_signals()
     stand_in = subprocess.Popen(
         [sys.executable, "-c", STAND_IN, realistic_page_head(), str(PORT)], stdout=subprocess.PIPE, text=True
     )

@@ -32,6 +32,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from devtools.processes import exit_on_signals  # noqa: E402
 from devtools.realserver import RealServer, start_server  # noqa: E402
 from devtools.tinymodel import build_tiny_model  # noqa: E402
 
@@ -220,6 +221,7 @@ def main() -> int:
     )
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = p.parse_args()
+    exit_on_signals()
 
     work = Path(tempfile.mkdtemp(prefix="server-bench-"))
     model = build_tiny_model(work / "model")

@@ -27,6 +27,19 @@ def terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
         proc.wait(10)
 
 
+def exit_on_signals() -> None:
+    """SIGTERM and SIGHUP raise SystemExit (128 + the signal) and SIGINT KeyboardInterrupt, so a
+    bench's `finally` stops what it started when it is stopped (by default a SIGTERM ends
+    Python at once: bench-operator's killed run left its etcd behind)."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with it ignored
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     return free_ports(1)[0]
