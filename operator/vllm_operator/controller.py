@@ -58,6 +58,8 @@ class Controller:
         self._no_spec_work.set()
         # A model's next attempt after a failure or a plan's retry, one at most per model.
         self._retries: dict[Key, asyncio.Task[None]] = {}
+        # Status reconciles that spec reconciles asked for (status_soon), until they end.
+        self._soon: set[asyncio.Task[reconcile.Plan | None]] = set()
 
     # ---- a model's own changes -----------------------------------------------------------
 
@@ -124,9 +126,11 @@ class Controller:
             task.cancel()
 
     def close(self) -> None:
-        """Cancel every pending retry (the operator is stopping)."""
+        """Cancel every pending retry and status reconcile (the operator is stopping)."""
         for key in list(self._retries):
             self._cancel_retry(key)
+        for task in list(self._soon):
+            task.cancel()
 
     # ---- watch-driven reconciles ---------------------------------------------------------
 
@@ -146,7 +150,7 @@ class Controller:
                     return None
                 with metrics.RECONCILE_SECONDS.time():
                     try:
-                        plan = await self._reconcile((namespace, name))
+                        plan = await self._reconcile((namespace, name), status_later=spec)
                     except Exception:
                         metrics.RECONCILES.labels("error").inc()
                         raise
@@ -160,8 +164,11 @@ class Controller:
             count_writes(plan)
         return plan
 
-    async def _reconcile(self, key: Key) -> reconcile.Plan | None:
-        """One reconcile; the caller holds the model's turn."""
+    async def _reconcile(self, key: Key, status_later: bool = False) -> reconcile.Plan | None:
+        """One reconcile; the caller holds the model's turn. With `status_later` (a model's own
+        change), one that applies children leaves the status to a status reconcile soon, which
+        waits while other models' changes are reconciled: 200 models applied at once get their
+        children first and their status after, rather than each a status write between."""
         known = self.store.get(key)
         obj = known.body if known is not None else None
         if obj is None:  # not seen on the watch yet: read it
@@ -173,7 +180,9 @@ class Controller:
         state = self.store.state(key)
         cluster = CachedCluster(self.cluster, state)
         try:
-            plan, observed = await reconcile.reconcile(cluster, obj, self.settings, state.health)
+            plan, observed = await reconcile.reconcile(
+                cluster, obj, self.settings, state.health, status_later=status_later
+            )
         except k8s.APIForbiddenError as exc:
             if "being terminated" in exc.message:
                 return None  # the namespace is going away, and the model with it
@@ -187,7 +196,15 @@ class Controller:
             return plan
         if observed is not None:
             state.observed = observed
+        if plan.status_later:
+            self.status_soon(key)
         return plan
+
+    def status_soon(self, key: Key) -> None:
+        """Reconcile the model's status soon, as a child's event would (see `on_child`)."""
+        task = asyncio.create_task(self._settled(key))
+        self._soon.add(task)
+        task.add_done_callback(self._soon.discard)
 
     async def on_child(self, child: Obj, gone: bool = False) -> reconcile.Plan | None:
         """A Deployment, Service or Pod of ours changed (or is `gone`): keep it (see `cache`),
@@ -201,6 +218,9 @@ class Controller:
             return None
         key = (meta["namespace"], name)
         self.store.state(key).see_child(child, gone)
+        return await self._settled(key)
+
+    async def _settled(self, key: Key) -> reconcile.Plan | None:
         if key in self._settling:
             metrics.COALESCED.inc()
             return None

@@ -65,6 +65,8 @@ class Plan:
     events: list[tuple[str, str, str]] = field(default_factory=list)
     retry: tuple[float, str] | None = None
     """Reconcile again after this many seconds, and why: what blocks it is not watched."""
+    status_later: bool = False
+    """Children were applied and the status (with its Events) is left to a reconcile soon."""
 
 
 def utcnow() -> str:
@@ -190,8 +192,11 @@ async def reconcile(
     settings: OperatorSettings,
     health: throughput.Aggregate | None = None,
     now: Callable[[], str] = utcnow,
+    status_later: bool = False,
 ) -> tuple[Plan, Observed | None]:
-    """Bring the children in line with the spec and the status in line with the children."""
+    """Bring the children in line with the spec and the status in line with the children; with
+    `status_later`, a reconcile that applies children stops there (Plan.status_later), and the
+    caller runs another soon, which their changes would bring anyway."""
     meta = obj["metadata"]
     if meta.get("deletionTimestamp"):
         return Plan(), None
@@ -215,6 +220,10 @@ async def reconcile(
     for manifest in create:
         await cluster.create(manifest)  # before the Deployment, whose pods read it
     applied = {m["kind"]: await cluster.apply(m) for m in children_plan.apply}
+    if applied and status_later:
+        plan = Plan(apply=children_plan.apply, create=create, events=children_plan.events, status_later=True)
+        await execute(cluster, obj, plan)
+        return plan, None
     # The applied object is the newest; status needs its generation and rollout state.
     deployment = applied.get("Deployment") or current[1]
     # A Deployment created just now has no pods yet; their events bring the next reconcile.

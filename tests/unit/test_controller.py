@@ -147,7 +147,7 @@ class TimedController(Controller):
         self.spec_seconds = spec_seconds
         self.runs: list[tuple[str, float, float]] = []
 
-    async def _reconcile(self, key: tuple[str, str]) -> reconcile.Plan | None:
+    async def _reconcile(self, key: tuple[str, str], status_later: bool = False) -> reconcile.Plan | None:
         started = time.monotonic()
         await asyncio.sleep(self.spec_seconds if key[1] == "spec" else 0)
         self.runs.append((key[1], started, time.monotonic()))
@@ -248,3 +248,29 @@ async def test_a_deleted_model_is_not_retried(monkeypatch: pytest.MonkeyPatch) -
     controller.forget(("team-a", "llama"))
     await asyncio.sleep(0.2)
     assert cluster.applied == [] and cluster.reads == reads  # no attempt after the deletion
+
+
+async def test_a_spec_reconcile_that_applied_children_leaves_the_status_to_one_soon() -> None:
+    """No child event needed: the status follows even if the apply changed nothing (a drift the
+    API server normalises away brings no watch event)."""
+    cluster = FakeCluster(model())
+    controller = Controller(cluster, OperatorSettings(), child_settle_seconds=SETTLE)
+    controller.remember(cluster.model)
+    plan = await controller.on_model("team-a", "llama")
+    assert plan is not None and plan.status_later and plan.status is None
+    assert cluster.applied == ["Service", "Deployment"] and cluster.status_writes == []
+    assert [e[1] for e in cluster.events] == ["Created"]
+    await wait_for(lambda: len(cluster.status_writes) == 1)
+    assert cluster.status_writes[0]["observedGeneration"] == 1
+
+
+async def test_a_spec_reconcile_that_applies_nothing_writes_the_status_itself() -> None:
+    cluster = FakeCluster(model())
+    controller = Controller(cluster, OperatorSettings(), child_settle_seconds=60)
+    controller.remember(cluster.model)
+    await controller.on_model("team-a", "llama", coalesce=True)  # children and status
+    cluster.model["metadata"]["generation"] = 2  # a change that touches no child
+    controller.remember(cluster.model)
+    plan = await controller.on_model("team-a", "llama")
+    assert plan is not None and not plan.status_later
+    assert [w["observedGeneration"] for w in cluster.status_writes] == [1, 2]
