@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from devtools.cluster import ClusterSpec, LocalCluster, kubectl_binary
+from devtools.cluster import COMPONENTS, ClusterSpec, LocalCluster, kubectl_binary
 from devtools.operator_process import OperatorProcess, install_crd
 from devtools.processes import exit_on_signals
 from vllm_operator import render
@@ -81,8 +81,9 @@ def floor(cluster: LocalCluster, names: list[str]) -> dict[str, Any]:
         for child in render.children(ref, parse_spec(model(name)["spec"]), settings):
             child["metadata"].pop("ownerReferences", None)
             manifests.append(child)
-    watch = DeploymentWatch(cluster, namespace)
+    watch = DeploymentWatch(cluster, namespace, len(names))
     time.sleep(1)
+    cpu_before = cpu_by_process(cluster)
     started, applied = apply_at_once(cluster, namespace, "floor", manifests)
     deadline = time.monotonic() + 120
     while len(watch.seen) < len(names) and time.monotonic() < deadline:
@@ -95,6 +96,7 @@ def floor(cluster: LocalCluster, names: list[str]) -> dict[str, Any]:
     before = api_requests(cluster)
     _, models_alone = apply_at_once(cluster, "floor-models", "floor", [model(n) for n in names])
     return {
+        "cpu_until_last_deployment": growth(cpu_before, watch.cpu_at_last),
         "models_alone_requests": growth(before, api_requests(cluster)),
         "objects": len(manifests),
         "kubectl_s": round(applied, 2),
@@ -124,7 +126,7 @@ def api_requests(cluster: LocalCluster, verbs: set[str] | None = None) -> dict[s
 
 
 def growth(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {k: after[k] - before.get(k, 0) for k in sorted(after) if after[k] != before.get(k, 0)}
+    return {k: round(after[k] - before.get(k, 0), 2) for k in sorted(after) if after[k] != before.get(k, 0)}
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -134,10 +136,27 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-class DeploymentWatch:
-    """Records when each Deployment is first seen, through `kubectl get -w`."""
+def cpu_by_process(cluster: LocalCluster, operator: OperatorProcess | None = None) -> dict[str, float]:
+    """CPU seconds each control-plane process (and the operator) has used so far."""
+    pids = {name: cluster.supervisor.pid(name) for name in COMPONENTS}
+    if operator is not None:
+        pids["operator"] = operator.pid
+    return {name: cpu_seconds(pid) for name, pid in pids.items() if pid}
 
-    def __init__(self, cluster: LocalCluster, namespace: str) -> None:
+
+class DeploymentWatch:
+    """Records when each Deployment is first seen, through `kubectl get -w`, and the processes'
+    CPU seconds when the `expected`-th is (`cpu_at_last`)."""
+
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        namespace: str,
+        expected: int = 0,
+        operator: OperatorProcess | None = None,
+    ) -> None:
+        self.cluster, self.expected, self.operator = cluster, expected, operator
+        self.cpu_at_last: dict[str, float] = {}
         self.seen: dict[str, float] = {}
         self.proc = subprocess.Popen(
             [
@@ -155,6 +174,8 @@ class DeploymentWatch:
             name = line.strip()
             if name and name not in self.seen:
                 self.seen[name] = time.monotonic()
+                if len(self.seen) == self.expected:
+                    self.cpu_at_last = cpu_by_process(self.cluster, self.operator)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -181,7 +202,7 @@ def run(count: int, idle_seconds: int, profile: Path | None = None) -> dict[str,
         namespace = "bench"
         cluster.kubectl("create", "namespace", namespace, check=True)
         operator.start()
-        watch = DeploymentWatch(cluster, namespace)
+        watch = DeploymentWatch(cluster, namespace, count, operator)
         time.sleep(1)
 
         names = [f"model-{i:03d}" for i in range(count)]
@@ -190,6 +211,7 @@ def run(count: int, idle_seconds: int, profile: Path | None = None) -> dict[str,
         # with them: that measured kubectl, not the operator.)
         spy = profiler(operator.pid, profile) if profile else None
         requests_before = api_requests(cluster)
+        cpu_before = cpu_by_process(cluster, operator)
         started, models_applied_s = apply_at_once(cluster, namespace, "bench", [model(n) for n in names])
         applied = dict.fromkeys(names, started)
         print(f"applied {count} models in {models_applied_s:.1f}s")
@@ -241,6 +263,10 @@ def run(count: int, idle_seconds: int, profile: Path | None = None) -> dict[str,
             "floor_objects": straight["objects"],
             "last_deployment_vs_floor": round(last_deployment / straight["last_deployment_s"], 2),
             "reconciles_until_ready": reconciled,
+            # CPU seconds by process from the apply until the last Deployment was seen: what
+            # the operator's path costs the machine beside the floor's.
+            "cpu_until_last_deployment": growth(cpu_before, watch.cpu_at_last),
+            "floor_cpu_until_last_deployment": straight["cpu_until_last_deployment"],
             "api_requests_until_ready": requests,
             "models_alone_api_requests": straight["models_alone_requests"],
             "all_ready_s": round(all_ready, 1),
