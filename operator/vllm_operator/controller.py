@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -59,7 +60,7 @@ class Controller:
         # A model's next attempt after a failure or a plan's retry, one at most per model.
         self._retries: dict[Key, asyncio.Task[None]] = {}
         # Status reconciles that spec reconciles asked for (status_soon), until they end.
-        self._soon: set[asyncio.Task[reconcile.Plan | None]] = set()
+        self._soon: set[asyncio.Task[None]] = set()
 
     # ---- a model's own changes -----------------------------------------------------------
 
@@ -201,10 +202,23 @@ class Controller:
         return plan
 
     def status_soon(self, key: Key) -> None:
-        """Reconcile the model's status soon, as a child's event would (see `on_child`)."""
-        task = asyncio.create_task(self._settled(key))
+        """Reconcile the model's status soon, as a child's event would (see `on_child`), and
+        again while that fails (RETRY_BACKOFF): the spec reconcile that asked for it wrote none."""
+        task = asyncio.create_task(self._status(key))
         self._soon.add(task)
         task.add_done_callback(self._soon.discard)
+
+    async def _status(self, key: Key) -> None:
+        for failures in itertools.count():
+            try:
+                await self._settled(key)
+                return
+            except Exception as exc:
+                delay = RETRY_BACKOFF[min(failures, len(RETRY_BACKOFF) - 1)]
+                log.warning("status of %s/%s again in %.0fs: %s: %s", *key, delay, type(exc).__name__, exc)
+            await asyncio.sleep(delay)
+            if key not in self.store:
+                return
 
     async def on_child(self, child: Obj, gone: bool = False) -> reconcile.Plan | None:
         """A Deployment, Service or Pod of ours changed (or is `gone`): keep it (see `cache`),

@@ -274,3 +274,31 @@ async def test_a_spec_reconcile_that_applies_nothing_writes_the_status_itself() 
     plan = await controller.on_model("team-a", "llama")
     assert plan is not None and not plan.status_later
     assert [w["observedGeneration"] for w in cluster.status_writes] == [1, 2]
+
+
+class FailingStatusCluster(FakeCluster):
+    """Refuses the first `failures` status writes."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(model())
+        self.failures = failures
+
+    async def write_status(
+        self, namespace: str, name: str, status: dict[str, Any], previous: Mapping[str, Any]
+    ) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise k8s.APIServerError(500, "InternalError", "etcd is away")
+        await super().write_status(namespace, name, status, previous)
+
+
+async def test_the_status_a_spec_reconcile_left_is_retried_until_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(controller_module, "RETRY_BACKOFF", (0.05,))
+    cluster = FailingStatusCluster(2)
+    controller = Controller(cluster, OperatorSettings(), child_settle_seconds=0.01)
+    controller.remember(cluster.model)
+    await controller.on_model("team-a", "llama")
+    await wait_for(lambda: len(cluster.status_writes) == 1)
+    assert cluster.failures == 0
