@@ -15,7 +15,7 @@ from vllm_operator import k8s, metrics, reconcile, render
 from vllm_operator.api import SpecError
 from vllm_operator.cache import CachedCluster
 from vllm_operator.settings import OperatorSettings
-from vllm_operator.store import Key, Store
+from vllm_operator.store import Key, ModelState, Store
 
 log = logging.getLogger(__name__)
 Obj = Mapping[str, Any]
@@ -72,10 +72,8 @@ class Controller:
         (its diff-base) on every model they handle: a write and a watch event each, 200 of
         them while bench-operator's 200 models are applied.
         """
-        meta = body["metadata"]
-        state = self.store.state((meta["namespace"], meta["name"]))
-        state.see(body)
-        generation = meta.get("generation")
+        state = self.remember(body)
+        generation = body["metadata"].get("generation")
         if state.spec_generation == generation:
             return False
         state.spec_generation = generation
@@ -170,15 +168,14 @@ class Controller:
         change), one that applies children leaves the status to a status reconcile soon, which
         waits while other models' changes are reconciled: 200 models applied at once get their
         children first and their status after, rather than each a status write between."""
-        known = self.store.get(key)
-        obj = known.body if known is not None else None
-        if obj is None:  # not seen on the watch yet: read it
+        state = self.store.get(key)
+        obj = state.body if state is not None else None
+        if state is None or obj is None:  # not seen on the watch yet: read it
             obj = await self.cluster.get("VLLMModel", *key)
             if obj is None:
                 self.forget(key)
                 return None
-            self.store.state(key).see(obj)
-        state = self.store.state(key)
+            state = self.remember(obj)
         cluster = CachedCluster(self.cluster, state)
         try:
             plan, observed = await reconcile.reconcile(
@@ -248,10 +245,12 @@ class Controller:
             self._settling.discard(key)
         return await self.on_model(*key, True)
 
-    def remember(self, body: Obj) -> None:
-        """Keep the latest body of a model: reconciles and scrape rounds read it."""
+    def remember(self, body: Obj) -> ModelState:
+        """Keep the latest body of a model (reconciles and scrape rounds read it); its state."""
         meta = body["metadata"]
-        self.store.state((meta["namespace"], meta["name"])).see(body)
+        state = self.store.state((meta["namespace"], meta["name"]))
+        state.see(body)
+        return state
 
     def forget(self, key: Key) -> None:
         self._cancel_retry(key)

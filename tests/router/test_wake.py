@@ -137,17 +137,30 @@ def test_fifty_held_requests_wake_the_model_once_and_all_go_out_when_a_pod_is_re
         published = time.monotonic()
         running_router.use(autoscaled("tiny", [(address, pod)], replicas=1))
         responses = [f.result() for f in futures]
+        # The same 50 requests to the pod now ready, in the same run: what a release may cost
+        # on this machine at this moment (CI on 10dfdef: the held 50 took 550 ms on a loaded
+        # machine, with the release itself event-driven).
+        held_answered, answered = answered, []
+        fresh_start = time.monotonic()
+        fresh = [f.result() for f in [pool.submit(one, n) for n in range(50)]]
+        fresh_seconds = max(answered) - fresh_start
 
-    failed = [r.text for r in responses if r.status_code != 200]
+    failed = [r.text for r in responses + fresh if r.status_code != 200]
     assert not failed, failed
-    assert {r.json()["pod"] for r in responses} == {"a"} and len(pod.seen) == 50
+    assert {r.json()["pod"] for r in responses} == {"a"} and len(pod.seen) == 100
     assert scaler.calls == [("ns", "tiny", 1, 0)]
     assert running_router.router.holds.wake_writes == 1
     to_scale = scaler.times[0] - min(sent)
-    to_answer = max(answered) - published
-    print(f"scale write {to_scale * 1e3:.0f} ms after the 1st request; last answer {to_answer * 1e3:.0f} ms")
-    assert to_scale < 0.2, to_scale
-    assert min(answered) >= published and to_answer < 0.5, to_answer
+    to_answer = max(held_answered) - published
+    print(
+        f"scale write {to_scale * 1e3:.0f} ms after the 1st request; last held answer"
+        f" {to_answer * 1e3:.0f} ms after the pod; 50 fresh requests {fresh_seconds * 1e3:.0f} ms"
+    )
+    # Both bounds are the fresh batch plus a margin: a wake-up or a release that waited for a
+    # poll (or for the 30 s hold timeout) would add its period; load alone adds to both sides.
+    assert to_scale < fresh_seconds + 0.2, (to_scale, fresh_seconds)
+    assert min(held_answered) >= published, "a held request went out before a pod was ready"
+    assert to_answer < fresh_seconds + 0.5, (to_answer, fresh_seconds)
 
 
 def test_a_hold_that_times_out_answers_503_with_retry_after(running_router: RunningRouter) -> None:
