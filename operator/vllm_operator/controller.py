@@ -35,6 +35,12 @@ SPEC_FIRST_SECONDS = 10.0
 RETRY_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
+def retry_delay(failures: int) -> float:
+    """The wait after a failure, with `failures` failures in a row before it: RETRY_BACKOFF's
+    entry of that index, its last one from then on."""
+    return RETRY_BACKOFF[min(failures, len(RETRY_BACKOFF) - 1)]
+
+
 class Controller:
     """Reconciles models on their own changes and on changes of the objects they own; owns the
     store of what the operator knows about each model."""
@@ -94,7 +100,7 @@ class Controller:
         except k8s.TransientError as exc:
             delay, why = exc.delay, str(exc)
         except Exception as exc:
-            delay, why = RETRY_BACKOFF[min(failures, len(RETRY_BACKOFF) - 1)], f"{type(exc).__name__}: {exc}"
+            delay, why = retry_delay(failures), f"{type(exc).__name__}: {exc}"
             await self._report(key, why)
         else:
             if plan is None or plan.retry is None:
@@ -211,7 +217,7 @@ class Controller:
                 await self._settled(key)
                 return
             except Exception as exc:
-                delay = RETRY_BACKOFF[min(failures, len(RETRY_BACKOFF) - 1)]
+                delay = retry_delay(failures)
                 log.warning("status of %s/%s again in %.0fs: %s: %s", *key, delay, type(exc).__name__, exc)
             await asyncio.sleep(delay)
             if key not in self.store:
